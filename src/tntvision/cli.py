@@ -1,0 +1,133 @@
+"""The `tnt` command: argument parsing only, one small function per sub-command.
+
+Contract (DESIGN.md): every sub-command takes --help; with --json, stdout carries exactly one JSON object;
+logs and progress go to stderr; a user error exits 2 with a one-line message; exit 1 means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .errors import UserError
+
+
+def emit(args: argparse.Namespace, obj: Any, text: str | Callable[[], str]) -> None:
+    """Print ``obj`` as one JSON object with --json, else the human-readable ``text``."""
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    else:
+        sys.stdout.write((text() if callable(text) else text).rstrip("\n") + "\n")
+
+
+def log(msg: str) -> None:
+    """A line for the user on stderr (stdout is kept for results)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from . import list_models
+
+    names = list_models(args.pattern)
+    emit(args, {"models": names}, "\n".join(names))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .tools.info import model_info
+
+    info = model_info(args.model, img_size=args.img_size)
+
+    def text() -> str:
+        lines = [
+            f"model       {info['model']}",
+            f"params      {info['params']:,} trainable ({info['params_total']:,} total)",
+            f"MACs        {info['macs'] / 1e9:.3f} G at {info['img_size']}x{info['img_size']}",
+            "config",
+        ]
+        lines += [f"  {k:<16}{v}" for k, v in info["config"].items()]
+        lines += ["input"] + [f"  {k:<16}{v}" for k, v in info["meta"].items()]
+        return "\n".join(lines)
+
+    emit(args, info, text)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .models import create_model, save_model
+    from .models.convert import describe_state_dict, read_state_dict, to_tntvision_keys
+    from .models.io import find_variant
+
+    name = args.model or find_variant(args.src)
+    sd, _ = read_state_dict(args.src, use_ema=not args.no_ema)
+    info = describe_state_dict(to_tntvision_keys(sd)[0])
+    overrides: dict[str, Any] = {"num_classes": info.num_classes}
+    side = int(round(info.num_patches**0.5))
+    if side * side == info.num_patches:
+        overrides["img_size"] = side * create_model(name, num_classes=0).patch_size
+    if info.in_chans != 3:
+        overrides["in_chans"] = info.in_chans
+    model = create_model(name, **overrides)
+    from .models.convert import load_pretrained
+
+    report = load_pretrained(model, args.src, use_ema=not args.no_ema)
+    out = save_model(model, args.out)
+    for line in report.lines():
+        log(line)
+    result = {"model": name, "out": str(out), "num_classes": info.num_classes, "img_size": model.cfg.img_size}
+    emit(args, result, f"wrote {out} ({name}, {info.num_classes} classes, {model.cfg.img_size}px)")
+
+
+# ------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tnt", description="Transformer-iN-Transformer vision models.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"tntvision {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("models", help="list registered model names")
+    p.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'tnt_s*'")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("info", help="parameters, MACs and config of a model")
+    p.add_argument("model", help="a registered model name (see `tnt models`)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="weights of the authors' code / timm -> a tntvision model folder")
+    p.add_argument("src", help="weights file (.pth, .pth.tar, .bin, .safetensors) or folder")
+    p.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
+    p.add_argument("--model", default=None, help="registered name (default: matched from the weights)")
+    p.add_argument(
+        "--no-ema", action="store_true", help="take 'state_dict' even when 'state_dict_ema' exists"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except UserError as e:
+        print(f"tnt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tnt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,23 @@
+"""TNT model family: the models, their registry, and checkpoint handling."""
+
+from ..errors import UnknownModelError
+from . import tnt  # noqa: F401  (registers the variants)
+from .convert import CheckpointError, LoadReport, load_pretrained
+from .io import load_model, save_model
+from .registry import ModelMeta, create_model, list_models
+from .tnt import TNT, TNTConfig, record_attention
+
+__all__ = [
+    "TNT",
+    "CheckpointError",
+    "LoadReport",
+    "ModelMeta",
+    "TNTConfig",
+    "UnknownModelError",
+    "create_model",
+    "list_models",
+    "load_model",
+    "load_pretrained",
+    "record_attention",
+    "save_model",
+]

@@ -1,0 +1,321 @@
+"""Checkpoint reading and adaptation: every TNT weight layout people have -> our model.
+
+One entry point, :func:`load_pretrained`, reads a file safely (safetensors, or ``torch.load`` with
+``weights_only=True``), unwraps training checkpoints, maps the authors' key names to ours (spec section 6),
+detects the structure (official / legacy) and the widths, resamples the patch position table to the
+model's grid, adapts the first conv to another channel count, replaces a head of another size by a fresh
+one, and refuses anything else with a message that says what the checkpoint is and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .layers import resample_pos_embed
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "LoadReport",
+    "adapt_state_dict",
+    "describe_state_dict",
+    "load_pretrained",
+    "read_state_dict",
+    "to_tntvision_keys",
+]
+
+# Containers that training scripts wrap weights in, most preferred first (EMA weights are what the
+# authors and timm evaluate).
+_WRAPPERS = ("state_dict_ema", "model_ema", "ema", "state_dict", "model")
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+# Authors' (huawei-noah Efficient-AI-Backbones tnt_pytorch) name segment -> ours (= timm's).
+_AUTHOR_SEGMENTS = {
+    "outer_pos": "patch_pos",
+    "inner_pos": "pixel_pos",
+    "patch_embed": "pixel_embed",
+    "proj_norm1": "norm1_proj",
+    "proj_norm2": "norm2_proj",
+    "inner_norm1": "norm_in",
+    "inner_attn": "attn_in",
+    "inner_norm2": "norm_mlp_in",
+    "inner_mlp": "mlp_in",
+    "outer_norm1": "norm_out",
+    "outer_attn": "attn_out",
+    "outer_norm2": "norm_mlp",
+    "outer_mlp": "mlp",
+    "se_layer": "se",
+}
+_AUTHOR_ONLY = {"outer_tokens"}  # a frozen zero tensor the authors register and never use
+
+
+@dataclass
+class CheckpointInfo:
+    """What a TNT state dict (in our key layout) is."""
+
+    embed_dim: int
+    inner_dim: int
+    depth: int
+    in_chans: int
+    words_per_side: int
+    num_patches: int
+    num_classes: int  # 0 when there is no head
+    legacy: bool | None  # None: no block has an inner transformer, so the structure cannot be told
+    inner_blocks: tuple[int, ...]
+    se: bool
+
+    def describe(self) -> str:
+        structure = {True: "legacy", False: "official", None: "unknown"}[self.legacy]
+        return (
+            f"{structure}-structure TNT with embed_dim={self.embed_dim}, inner_dim={self.inner_dim}, "
+            f"depth={self.depth}, in_chans={self.in_chans}, {self.num_patches} patches, "
+            f"{self.num_classes} classes{', SE' if self.se else ''}"
+        )
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did to make the weights fit."""
+
+    source: str = ""
+    layout: str = ""  # "tntvision/timm" or "authors"
+    wrapper: str | None = None
+    dropped: list[str] = field(default_factory=list)
+    resampled_pos: tuple[int, int] | None = None  # old grid, when the patch table was resampled
+    adapted_in_chans: tuple[int, int] | None = None
+    head_reset: bool = False
+
+    def lines(self) -> list[str]:
+        out = [
+            f"loaded {self.source} ({self.layout} layout{', from ' + self.wrapper if self.wrapper else ''})"
+        ]
+        if self.dropped:
+            out.append(f"dropped unused keys: {', '.join(self.dropped)}")
+        if self.resampled_pos:
+            out.append(
+                f"resampled patch position table from a {self.resampled_pos[0]}x{self.resampled_pos[1]} grid"
+            )
+        if self.adapted_in_chans:
+            out.append(
+                f"adapted first conv from {self.adapted_in_chans[0]} to {self.adapted_in_chans[1]} channels"
+            )
+        if self.head_reset:
+            out.append("classifier head has another size: replaced by a fresh one")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- read
+
+
+def _resolve_weights_file(path: Path) -> Path:
+    if path.is_dir():
+        for cand in (path / "model.safetensors", path / "model" / "model.safetensors"):
+            if cand.is_file():
+                return cand
+        raise CheckpointError(f"{path}: a folder without model.safetensors or model/model.safetensors")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    return path
+
+
+def read_state_dict(path: str | Path, *, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Read tensors from a weights file (or a model/run folder) without unpickling arbitrary objects.
+
+    Returns the flat state dict and the name of the wrapper it was taken from (``state_dict_ema`` ...).
+    """
+    path = _resolve_weights_file(Path(path))
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any decoding failure is the file's fault
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable weights file ({first[:200]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    wrapper = None
+    wrappers = _WRAPPERS if use_ema else tuple(w for w in _WRAPPERS if "ema" not in w)
+    for key in wrappers:
+        if isinstance(obj.get(key), dict) and obj[key]:
+            obj, wrapper = obj[key], key
+            break
+    sd = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            continue  # epoch counters, args, ... next to the weights
+        for prefix in _STRIP_PREFIXES:
+            if k.startswith(prefix):
+                k = k[len(prefix) :]
+        sd[k] = v
+    if not sd:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return sd, wrapper
+
+
+# ------------------------------------------------------------------------------------------- adapt
+
+
+def _is_authors_layout(sd: dict[str, torch.Tensor]) -> bool:
+    return (
+        "outer_pos" in sd or "inner_pos" in sd or any(".inner_attn." in k or ".outer_attn." in k for k in sd)
+    )
+
+
+def to_tntvision_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str, list[str]]:
+    """Map a state dict in the authors' or timm's layout to ours (timm's names).
+
+    Returns (state dict, layout name, dropped keys).
+    """
+    if "patch_pos" in sd and "pixel_embed.proj.weight" in sd:
+        return dict(sd), "tntvision/timm", []
+    if not _is_authors_layout(sd):
+        sample = ", ".join(list(sd)[:5])
+        raise CheckpointError(f"not a TNT state dict (first keys: {sample})")
+    out, dropped = {}, []
+    for k, v in sd.items():
+        if k in _AUTHOR_ONLY:
+            dropped.append(k)
+            continue
+        k = ".".join(_AUTHOR_SEGMENTS.get(seg, seg) for seg in k.split("."))
+        if k == "pixel_pos" and v.ndim == 3:  # (1, m, c) -> (1, c, side, side)
+            side = math.isqrt(v.shape[1])
+            v = v.permute(0, 2, 1).reshape(v.shape[0], v.shape[2], side, side)
+        out[k] = v
+    return out, "authors", dropped
+
+
+def describe_state_dict(sd: dict[str, torch.Tensor]) -> CheckpointInfo:
+    """Widths, depth and structure of a state dict in our key layout."""
+    try:
+        patch_pos, pixel_pos = sd["patch_pos"], sd["pixel_pos"]
+        conv = sd["pixel_embed.proj.weight"]
+    except KeyError as e:
+        raise CheckpointError(f"not a TNT state dict: missing {e.args[0]!r}") from None
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    inner = tuple(sorted(i for i in blocks if f"blocks.{i}.attn_in.qk.weight" in sd))
+    legacy = None
+    if inner:
+        legacy = f"blocks.{inner[0]}.norm2_proj.weight" not in sd
+    head = sd.get("head.weight")
+    return CheckpointInfo(
+        embed_dim=patch_pos.shape[-1],
+        inner_dim=pixel_pos.shape[1],
+        depth=max(blocks) + 1 if blocks else 0,
+        in_chans=conv.shape[1],
+        words_per_side=pixel_pos.shape[-1],
+        num_patches=patch_pos.shape[1] - 1,
+        num_classes=head.shape[0] if head is not None else 0,
+        legacy=legacy,
+        inner_blocks=inner,
+        se=any(".se." in k for k in sd),
+    )
+
+
+def _adapt_in_chans(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """First-conv weight (c, C, k, k) -> (c, in_chans, k, k), keeping the response to grey inputs."""
+    C = weight.shape[1]
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = math.ceil(in_chans / C)
+    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (C / in_chans)
+
+
+def adapt_state_dict(
+    sd: dict[str, torch.Tensor], model: nn.Module, report: LoadReport | None = None
+) -> dict[str, torch.Tensor]:
+    """Make a state dict (any supported layout) fit ``model``, or raise :class:`CheckpointError`."""
+    report = report if report is not None else LoadReport()
+    sd, report.layout, report.dropped = to_tntvision_keys(sd)
+    info = describe_state_dict(sd)
+    cfg = model.cfg
+    name = getattr(model, "model_name", type(model).__name__)
+    model_legacy = cfg.legacy if cfg.inner_blocks else None
+    if info.legacy is not None and model_legacy is not None and info.legacy != model_legacy:
+        want = "legacy" if model_legacy else "official"
+        hint = (
+            "tnt_s_legacy_patch16_224" if info.legacy else "tnt_s_patch16_224 (or another official variant)"
+        )
+        raise CheckpointError(
+            f"checkpoint is a {info.describe()}, but {name} has the {want} structure; "
+            f"weights of one structure do not fit the other (try {hint})"
+        )
+    widths = (info.embed_dim, info.inner_dim, info.depth)
+    if widths != (cfg.embed_dim, cfg.inner_dim, cfg.depth) or info.se != (cfg.se_ratio > 0):
+        raise CheckpointError(
+            f"checkpoint is a {info.describe()}; {name} expects embed_dim={cfg.embed_dim}, "
+            f"inner_dim={cfg.inner_dim}, depth={cfg.depth}{', SE' if cfg.se_ratio > 0 else ''}"
+        )
+    if tuple(info.inner_blocks) != tuple(cfg.inner_blocks):
+        raise CheckpointError(
+            f"checkpoint has inner transformers in blocks {list(info.inner_blocks)}, "
+            f"{name} in blocks {list(cfg.inner_blocks)}"
+        )
+    if sd["pixel_pos"].shape != model.pixel_pos.shape:
+        raise CheckpointError(
+            f"checkpoint has {info.words_per_side}x{info.words_per_side} words per patch, "
+            f"{name} has {model.pixel_embed.words_per_side}x{model.pixel_embed.words_per_side}"
+        )
+    if sd["patch_pos"].shape != model.patch_pos.shape:
+        side = math.isqrt(info.num_patches)
+        if side * side != info.num_patches:
+            raise CheckpointError(
+                f"checkpoint position table has {info.num_patches} patches, not a square grid"
+            )
+        sd["patch_pos"] = resample_pos_embed(sd["patch_pos"], model.grid_size, old_grid=(side, side))
+        report.resampled_pos = (side, side)
+    if info.in_chans != cfg.in_chans:
+        key = "pixel_embed.proj.weight"
+        sd[key] = _adapt_in_chans(sd[key], cfg.in_chans)
+        report.adapted_in_chans = (info.in_chans, cfg.in_chans)
+    head_shape = tuple(model.head.weight.shape) if isinstance(model.head, nn.Linear) else None
+    if head_shape != (tuple(sd["head.weight"].shape) if "head.weight" in sd else None):
+        sd.pop("head.weight", None)
+        sd.pop("head.bias", None)
+        report.head_reset = head_shape is not None
+    return sd
+
+
+def load_pretrained(model: nn.Module, path: str | Path, *, use_ema: bool = True) -> LoadReport:
+    """Load weights from ``path`` (any supported layout) into ``model``; see the module docstring.
+
+    Missing or unexpected keys after adaptation raise :class:`CheckpointError` listing them: they are
+    never silently ignored.
+    """
+    sd, wrapper = read_state_dict(path, use_ema=use_ema)
+    report = LoadReport(source=str(path), wrapper=wrapper)
+    sd = adapt_state_dict(sd, model, report)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if report.head_reset or (not isinstance(model.head, nn.Linear)):
+        missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        parts = [
+            f"{what} {len(keys)} keys ({', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''})"
+            for what, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
+        name = getattr(model, "model_name", "the model")
+        raise CheckpointError(f"{path}: weights do not match {name}: " + "; ".join(parts))
+    model.load_report = report
+    return report
+
+
+def read_model_config(folder: Path) -> dict | None:
+    """The ``config.json`` written by :func:`tntvision.save_model`, or None."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        return None
+    try:
+        return json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: unreadable model config ({e})") from None

@@ -1,0 +1,143 @@
+"""Saving and loading models as ``model.safetensors`` + ``config.json`` (enough to rebuild them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .convert import CheckpointError, describe_state_dict, load_pretrained, read_model_config, read_state_dict
+from .registry import ModelMeta, create_model, get_model_entry, list_models
+
+__all__ = ["atomic_write", "find_variant", "load_model", "save_model"]
+
+FORMAT = "tntvision/1"
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Write ``path`` via ``write(tmp_path)`` and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DDP / torch.compile / feature wrappers."""
+    while True:
+        for attr in ("module", "_orig_mod", "model"):
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module) and hasattr(inner, "cfg") is not hasattr(model, "cfg"):
+                model = inner
+                break
+        else:
+            return model
+
+
+def save_model(model: nn.Module, folder: str | Path, class_names: list[str] | None = None) -> Path:
+    """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder.
+
+    ``config.json`` holds the registered name, the architecture config, the input metadata (size,
+    mean/std, crop) and the class names, so :func:`load_model` can rebuild the model alone.
+    """
+    from safetensors.torch import save_file
+
+    model = _unwrap(model)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if class_names is not None and model.cfg.num_classes and len(class_names) != model.cfg.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {model.cfg.num_classes} classes")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
+    meta = getattr(model, "meta", None) or ModelMeta().resolved(
+        in_chans=model.cfg.in_chans, img_size=model.cfg.img_size
+    )
+    config: dict[str, Any] = {
+        "format": FORMAT,
+        "model": getattr(model, "model_name", None),
+        "config": dataclasses.asdict(model.cfg),
+        "meta": dataclasses.asdict(meta),
+        "class_names": list(class_names) if class_names is not None else None,
+    }
+    atomic_write(
+        folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n")
+    )
+    return folder
+
+
+def find_variant(path: str | Path) -> str:
+    """The registered variant whose architecture matches the weights at ``path`` (any layout)."""
+    from .convert import to_tntvision_keys
+
+    sd, _ = read_state_dict(path)
+    sd, _, _ = to_tntvision_keys(sd)
+    info = describe_state_dict(sd)
+    for name in list_models():
+        cfg = get_model_entry(name).config
+        inner = tuple(range(cfg.depth)) if cfg.inner_blocks is None else tuple(cfg.inner_blocks)
+        if (
+            (cfg.embed_dim, cfg.inner_dim, cfg.depth) == (info.embed_dim, info.inner_dim, info.depth)
+            and (cfg.se_ratio > 0) == info.se
+            and inner == info.inner_blocks
+            and (info.legacy is None or cfg.legacy == info.legacy)
+        ):
+            return name
+    raise CheckpointError(f"no registered model matches this checkpoint ({info.describe()}); name one")
+
+
+def load_model(path: str | Path, **overrides: Any) -> nn.Module:
+    """Rebuild a model from a run folder, a ``model/`` folder, or a weights file.
+
+    A folder (or a file with ``config.json`` beside it) gives the exact architecture, metadata and class
+    names (``model.class_names``); a bare weights file is matched to a registered variant by its shapes.
+    ``overrides`` change config fields (e.g. ``num_classes`` to get a fresh head).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    folder = path if path.is_dir() else path.parent
+    if (
+        path.is_dir()
+        and not (folder / "config.json").is_file()
+        and (folder / "model" / "config.json").is_file()
+    ):
+        folder = folder / "model"
+    saved = read_model_config(folder)
+    class_names = None
+    if saved is not None:
+        if not isinstance(saved, dict) or "config" not in saved:
+            raise CheckpointError(f"{folder / 'config.json'}: not a tntvision model config")
+        name = saved.get("model")
+        config = {**saved["config"], **overrides}
+        if name is None or name not in list_models():
+            raise CheckpointError(f"{folder / 'config.json'}: unknown model {name!r}")
+        try:
+            model = create_model(name, **config)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+        if saved.get("meta"):
+            meta = dict(saved["meta"])
+            meta = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()}
+            model.meta = ModelMeta(**meta)
+        class_names = saved.get("class_names")
+        weights = path if path.is_file() else folder / "model.safetensors"
+    else:
+        name = find_variant(path)
+        model = create_model(name, **overrides)
+        weights = path
+    if class_names is not None and len(class_names) != model.num_classes:
+        class_names = None  # head was changed by an override
+    load_pretrained(model, weights)
+    model.class_names = class_names
+    return model

@@ -1,0 +1,150 @@
+"""A strict model registry: names map to factories, duplicates and unknown arguments raise.
+
+Unlike timm's registry (which warns and overwrites on a duplicate name), registering a name twice is an
+error, and asking for an unknown name or argument raises with close matches suggested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError, UnknownModelError
+
+__all__ = [
+    "ModelMeta",
+    "UnknownModelError",
+    "create_model",
+    "get_model_entry",
+    "list_models",
+    "register_model",
+]
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a model expects of its input, kept apart from the architecture (like timm's pretrained_cfg).
+
+    Attributes:
+        input_size: (channels, height, width) the variant is defined for.
+        mean, std: per-channel normalisation applied after scaling pixels to [0, 1].
+        crop_pct: evaluation resize = input size / crop_pct on the short side, then centre crop.
+        interpolation: resize interpolation ("bicubic" or "bilinear").
+    """
+
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    crop_pct: float = 0.9
+    interpolation: str = "bicubic"
+
+    def resolved(self, *, in_chans: int | None = None, img_size: int | None = None) -> ModelMeta:
+        """This metadata adapted to another channel count or image size."""
+        c, h, w = self.input_size
+        mean, std = self.mean, self.std
+        if in_chans is not None and in_chans != c:
+            # Average the per-channel statistics when the channel count changes (e.g. RGB -> grey).
+            mean = (sum(mean) / len(mean),) * in_chans
+            std = (sum(std) / len(std),) * in_chans
+            c = in_chans
+        if img_size is not None:
+            h = w = img_size
+        return dataclasses.replace(self, input_size=(c, h, w), mean=mean, std=std)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    factory: Callable[..., nn.Module]
+    config: Any  # the variant's frozen config dataclass
+    meta: ModelMeta
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_model(name: str, factory: Callable[..., nn.Module], config: Any, meta: ModelMeta) -> None:
+    """Register ``factory(config, **overrides)`` under ``name``; a name may be registered once only."""
+    if name in _REGISTRY:
+        raise ValueError(f"model name {name!r} is already registered")
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"config of {name!r} must be a dataclass instance, got {type(config).__name__}")
+    _REGISTRY[name] = _Entry(name=name, factory=factory, config=config, meta=meta)
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered model names, sorted; ``pattern`` is a shell-style wildcard (``"tnt_s*"``)."""
+    names = sorted(_REGISTRY)
+    if pattern:
+        names = [n for n in names if fnmatch.fnmatch(n, pattern)]
+    return names
+
+
+def _unknown_name_message(kind: str, name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown {kind} {name!r}{hint}"
+
+
+def get_model_entry(name: str) -> _Entry:
+    """The registry entry of ``name``; raises :class:`UnknownModelError` with suggestions."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        msg = _unknown_name_message("model", name, list(_REGISTRY))
+        raise UnknownModelError(msg + " (see `tnt models`)") from None
+
+
+def resolve_config(name: str, **overrides: Any) -> Any:
+    """The variant's config with ``overrides`` applied; unknown keys raise :class:`ConfigError`."""
+    entry = get_model_entry(name)
+    fields = {f.name for f in dataclasses.fields(entry.config)}
+    for key in overrides:
+        if key not in fields:
+            raise ConfigError(_unknown_name_message(f"argument for {name}:", key, sorted(fields)))
+    return dataclasses.replace(entry.config, **overrides)
+
+
+def create_model(
+    name: str,
+    pretrained: str | None = None,
+    *,
+    features_only: bool = False,
+    out_indices: tuple[int, ...] | list[int] | int | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: a name from :func:`list_models`.
+        pretrained: path to weights in any supported layout (ours, timm's or the authors', either
+            structure); position tables are resampled, a head of another size is replaced by a fresh one,
+            and weights of another structure or width are refused with a message.
+        features_only: return a wrapper whose forward gives a list of NCHW feature maps.
+        out_indices: with ``features_only``, which blocks to return (default: the last four, or all
+            if fewer). An int ``n`` means the last ``n`` blocks.
+        **overrides: config fields to change (``num_classes``, ``img_size``, ``in_chans``,
+            ``drop_path_rate``, ...). Unknown names raise :class:`ConfigError`.
+    """
+    entry = get_model_entry(name)
+    cfg = resolve_config(name, **overrides)
+    model = entry.factory(cfg)
+    model.model_name = name
+    model.meta = entry.meta.resolved(in_chans=cfg.in_chans, img_size=cfg.img_size)
+    if pretrained is not None:
+        from .convert import load_pretrained  # local import: convert imports the model modules
+
+        load_pretrained(model, pretrained)
+    if features_only:
+        from .features import FeatureExtractor
+
+        model = FeatureExtractor(model, out_indices=out_indices)
+    elif out_indices is not None:
+        raise ConfigError("out_indices is only used with features_only=True")
+    return model

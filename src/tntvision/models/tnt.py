@@ -1,0 +1,566 @@
+"""Transformer iN Transformer (TNT), Han et al., NeurIPS 2021 (arXiv:2103.00112).
+
+An image is cut into patches ("visual sentences") and every patch into smaller "visual words". Each block
+runs an inner transformer over the words of every patch (shared weights, all patches at once), adds a
+projection of a patch's words into that patch's embedding, then runs an outer transformer over the patch
+embeddings and a class token.
+
+Parameter names follow timm's official-structure TNT (itself a renaming of the authors' code), so timm's
+state dicts load as they are; `convert.py` maps the authors' names and the legacy structure.
+
+Shapes below: B images, N = gh*gw patches, m = words per patch, c = inner (word) dim, d = outer dim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import ConfigError, InputError
+from .layers import Attention, DropPath, Mlp, SqueezeExcite, resample_pos_embed
+from .registry import ModelMeta, register_model
+
+__all__ = ["TNT", "TNTBlock", "TNTConfig", "WordEmbed", "record_attention"]
+
+
+# --------------------------------------------------------------------------------------------- blocks
+
+
+class WordEmbed(nn.Module):
+    """Image -> visual words (B*N, m, c), word position table included.
+
+    Official structure: a ``k x k`` / stride ``s`` / pad ``k//2`` conv runs on each patch on its own (zero
+    padding at every patch border). That equals one linear map of the flattened patch (C*P*P values) to
+    its m*c word features, whose weight is built from the conv kernel: for word (i, j) the kernel sits at
+    offset (i*s - pad, j*s - pad) inside the patch, clipped at the border. We run that single GEMM
+    (``fused=True``); ``fused=False`` runs the per-patch conv the way the paper writes it (a test oracle,
+    and what MAC counts are taken from).
+
+    Legacy structure: the conv runs over the whole image and words are cut from its output afterwards,
+    so border words see pixels of the neighbouring patch.
+    """
+
+    def __init__(
+        self,
+        *,
+        patch_size: int,
+        in_chans: int,
+        inner_dim: int,
+        word_stride: int,
+        word_kernel: int,
+        legacy: bool,
+    ) -> None:
+        super().__init__()
+        pad = word_kernel // 2
+        side = (patch_size + 2 * pad - word_kernel) // word_stride + 1  # words per patch side
+        if legacy and patch_size % word_stride:
+            raise ConfigError(f"legacy structure needs patch_size ({patch_size}) divisible by word_stride")
+        self.patch_size = patch_size
+        self.words_per_side = side
+        self.num_words = side * side
+        self.inner_dim = inner_dim
+        self.legacy = legacy
+        self.fused = not legacy
+        self.proj = nn.Conv2d(in_chans, inner_dim, word_kernel, stride=word_stride, padding=pad)
+        if not legacy:
+            self.register_buffer("fold_index", self._fold_index(in_chans), persistent=False)
+
+    def _fold_index(self, in_chans: int) -> torch.Tensor:
+        """Index into ``cat([conv.weight.flatten(), 0])`` giving the (m*c, C*P*P) folded weight."""
+        c, P, side = self.inner_dim, self.patch_size, self.words_per_side
+        k, s, pad = self.proj.kernel_size[0], self.proj.stride[0], self.proj.padding[0]
+        zero_slot = c * in_chans * k * k
+        i, j, o, ci, py, px = torch.meshgrid(
+            *(torch.arange(n) for n in (side, side, c, in_chans, P, P)), indexing="ij"
+        )
+        ky, kx = py - (i * s - pad), px - (j * s - pad)  # kernel tap that pixel (py, px) meets
+        inside = (ky >= 0) & (ky < k) & (kx >= 0) & (kx < k)
+        flat = ((o * in_chans + ci) * k + ky.clamp(0, k - 1)) * k + kx.clamp(0, k - 1)
+        idx = torch.where(inside, flat, torch.full_like(flat, zero_slot))  # (side, side, c, C, P, P)
+        return idx.reshape(side * side * c, in_chans * P * P)  # rows word-major: word*c + channel
+
+    def folded_weight(self) -> torch.Tensor:
+        """The (m*c, C*P*P) linear weight equal to the per-patch conv (differentiable in the kernel)."""
+        w = self.proj.weight.flatten()
+        return torch.cat([w, w.new_zeros(1)])[self.fold_index]
+
+    def forward(self, x: torch.Tensor, word_pos: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        P, side, c = self.patch_size, self.words_per_side, self.inner_dim
+        gh, gw = H // P, W // P
+        pos = word_pos.reshape(c, side * side).t()  # (m, c) from (1, c, side, side)
+        if self.legacy:
+            y = self.proj(x)  # (B, c, gh*side, gw*side)
+            y = y.view(B, c, gh, side, gw, side).permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, side, side, c)
+            return y.reshape(B * gh * gw, side * side, c) + pos  # (B*N, m, c)
+        patches = x.view(B, C, gh, P, gw, P).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, P, P)
+        if self.fused:
+            patches = patches.reshape(B * gh * gw, C * P * P)  # (B*N, C*P*P)
+            bias = (self.proj.bias + pos).reshape(-1)  # (m*c,), word-major
+            words = F.linear(patches, self.folded_weight(), bias)  # (B*N, m*c)
+            return words.view(B * gh * gw, side * side, c)  # (B*N, m, c)
+        patches = patches.reshape(B * gh * gw, C, P, P)  # (B*N, C, P, P)
+        words = self.proj(patches).flatten(2).transpose(1, 2)  # (B*N, m, c)
+        return words + pos
+
+
+class TNTBlock(nn.Module):
+    """Inner transformer over words, words -> patch projection, outer transformer over patches.
+
+    ``inner_dim == 0`` gives a plain ViT block (the paper's TNT-S variants with fewer inner blocks); words
+    then pass through unchanged.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        inner_dim: int,
+        num_words: int,
+        num_heads: int,
+        inner_num_heads: int,
+        mlp_ratio: float,
+        inner_mlp_ratio: float,
+        qkv_bias: bool,
+        proj_drop: float,
+        attn_drop: float,
+        drop_path: float,
+        legacy: bool,
+        se_ratio: float,
+    ) -> None:
+        super().__init__()
+        self.has_inner = inner_dim > 0
+        self.legacy = legacy
+        attn_kw = dict(qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        if self.has_inner:
+            self.norm_in = nn.LayerNorm(inner_dim)
+            self.attn_in = Attention(inner_dim, num_heads=inner_num_heads, **attn_kw)
+            self.norm_mlp_in = nn.LayerNorm(inner_dim)
+            self.mlp_in = Mlp(inner_dim, hidden_dim=int(inner_dim * inner_mlp_ratio), drop=proj_drop)
+            if legacy:  # LN per word, flatten, Linear with bias, no LN after
+                self.norm1_proj = nn.LayerNorm(inner_dim)
+                self.proj = nn.Linear(num_words * inner_dim, dim, bias=True)
+                self.norm2_proj = None
+            else:  # LN over all m*c values of a patch, Linear without bias, LN
+                self.norm1_proj = nn.LayerNorm(num_words * inner_dim)
+                self.proj = nn.Linear(num_words * inner_dim, dim, bias=False)
+                self.norm2_proj = nn.LayerNorm(dim)
+        self.norm_out = nn.LayerNorm(dim)
+        self.attn_out = Attention(dim, num_heads=num_heads, **attn_kw)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, hidden_dim=int(dim * mlp_ratio), drop=proj_drop)
+        self.se = SqueezeExcite(dim, hidden_ratio=se_ratio) if se_ratio > 0 else None
+        self.drop_path = DropPath(drop_path)
+
+    def words_to_patches(self, words: torch.Tensor, batch: int) -> torch.Tensor:
+        """The projection of each patch's words that is added to its embedding: (B, N, d)."""
+        if self.norm2_proj is None:  # legacy
+            return self.proj(self.norm1_proj(words).reshape(batch, -1, self.proj.in_features))
+        flat = words.reshape(batch, -1, self.proj.in_features)  # (B, N, m*c), word-major
+        return self.norm2_proj(self.proj(self.norm1_proj(flat)))
+
+    def forward(self, words: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # words (B*N, m, c); patches (B, 1+N, d) with the class token first
+        if self.has_inner:
+            words = words + self.drop_path(self.attn_in(self.norm_in(words)))
+            words = words + self.drop_path(self.mlp_in(self.norm_mlp_in(words)))
+            add = self.words_to_patches(words, patches.shape[0])  # (B, N, d); no drop path here
+            patches = torch.cat([patches[:, :1], patches[:, 1:] + add], dim=1)  # class token untouched
+        patches = patches + self.drop_path(self.attn_out(self.norm_out(patches)))
+        h = self.mlp(self.norm_mlp(patches))
+        if self.se is not None:
+            h = h + self.se(h)
+        patches = patches + self.drop_path(h)
+        return words, patches
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class TNT(nn.Module):
+    """Transformer iN Transformer, with timm's backbone contract.
+
+    Accepts any input whose height and width are multiples of ``patch_size``; the patch position table is
+    resampled on the fly for a grid other than the one it was built for.
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int = 224,
+        patch_size: int = 16,
+        word_stride: int = 4,
+        word_kernel: int = 7,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 384,
+        inner_dim: int = 24,
+        depth: int = 12,
+        num_heads: int = 6,
+        inner_num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        inner_mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        inner_blocks: Sequence[int] | None = None,
+        se_ratio: float = 0.0,
+        legacy: bool = False,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        inner_blocks = tuple(range(depth)) if inner_blocks is None else tuple(sorted(set(inner_blocks)))
+        self.cfg = TNTConfig(**{k: v for k, v in locals().items() if k in TNTConfig.__dataclass_fields__})
+        self.cfg.validate()
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.patch_size = patch_size
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.in_chans = in_chans
+        self.grad_checkpointing = False
+
+        self.pixel_embed = WordEmbed(
+            patch_size=patch_size,
+            in_chans=in_chans,
+            inner_dim=inner_dim,
+            word_stride=word_stride,
+            word_kernel=word_kernel,
+            legacy=legacy,
+        )
+        side, m = self.pixel_embed.words_per_side, self.pixel_embed.num_words
+        num_patches = self.grid_size[0] * self.grid_size[1]
+        # Initial patch embedding from the words: LN(m*c) -> Linear (with bias) -> LN(d), both structures.
+        self.norm1_proj = nn.LayerNorm(m * inner_dim)
+        self.proj = nn.Linear(m * inner_dim, embed_dim)
+        self.norm2_proj = nn.LayerNorm(embed_dim)
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.patch_pos = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))  # row 0: class token
+        self.pixel_pos = nn.Parameter(torch.zeros(1, inner_dim, side, side))  # shared by all patches
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 1 else [drop_path_rate]
+        self.blocks = nn.ModuleList(
+            TNTBlock(
+                dim=embed_dim,
+                inner_dim=inner_dim if i in inner_blocks else 0,
+                num_words=m,
+                num_heads=num_heads,
+                inner_num_heads=inner_num_heads,
+                mlp_ratio=mlp_ratio,
+                inner_mlp_ratio=inner_mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=rates[i],
+                legacy=legacy,
+                se_ratio=se_ratio,
+            )
+            for i in range(depth)
+        )
+        self.feature_info = [
+            dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)
+        ]
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # ------------------------------------------------------------------------------------ init & misc
+
+    def init_weights(self) -> None:
+        """The authors' init: trunc-normal(.02) Linear weights and tables, zero biases, unit LayerNorms.
+
+        The word-embedding conv keeps PyTorch's default init, as in the authors' code.
+        """
+        for t in (self.cls_token, self.patch_pos, self.pixel_pos):
+            nn.init.trunc_normal_(t, std=0.02)
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.trunc_normal_(mod.weight, std=0.02)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.LayerNorm):
+                nn.init.ones_(mod.weight)
+                nn.init.zeros_(mod.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept out of weight decay besides norms and biases."""
+        return {"cls_token", "patch_pos", "pixel_pos"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Regexes grouping parameters into stem / blocks / final norm (layer-wise lr decay)."""
+        return dict(
+            stem=r"^cls_token|^patch_pos|^pixel_pos|^pixel_embed|^norm[12]_proj|^proj",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head by a fresh one with ``num_classes`` outputs (0: no head)."""
+        if global_pool is not None:
+            if global_pool not in ("", "token", "avg"):
+                raise ConfigError(f"global_pool must be '', 'token' or 'avg', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        ref = self.norm.weight
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        self.head.to(device=ref.device, dtype=ref.dtype).train(self.training)
+        self.cfg = self.cfg.replace(num_classes=num_classes, global_pool=self.global_pool)
+
+    # ---------------------------------------------------------------------------------------- forward
+
+    def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
+        if x.ndim != 4:
+            raise InputError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        _, C, H, W = x.shape
+        if self.in_chans != C:
+            raise InputError(f"model takes {self.in_chans} input channels, got {C} (shape {tuple(x.shape)})")
+        P = self.patch_size
+        if H % P or W % P:
+            raise InputError(f"image size {H}x{W} is not a multiple of the patch size {P}")
+        return H // P, W // P
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (words (B*N, m, c), patches (B, 1+N, d)) with position tables added."""
+        gh, gw = self._check_input(x)
+        B = x.shape[0]
+        words = self.pixel_embed(x, self.pixel_pos)  # (B*N, m, c)
+        patches = words.reshape(B, gh * gw, -1)  # (B, N, m*c), word-major
+        patches = self.norm2_proj(self.proj(self.norm1_proj(patches)))  # (B, N, d)
+        patches = torch.cat([self.cls_token.expand(B, -1, -1), patches], dim=1)  # (B, 1+N, d)
+        pos = self.patch_pos
+        if (gh, gw) != self.grid_size:
+            pos = resample_pos_embed(pos, (gh, gw), old_grid=self.grid_size)
+        return words, self.pos_drop(patches + pos)
+
+    def _run_block(self, i: int, words: torch.Tensor, patches: torch.Tensor):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self.blocks[i], words, patches, use_reentrant=False)
+        return self.blocks[i](words, patches)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> normalised tokens (B, 1+N, d), class token first."""
+        words, patches = self._embed(x)
+        for i in range(len(self.blocks)):
+            words, patches = self._run_block(i, words, patches)
+        return self.norm(patches)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, 1+N, d) -> logits (B, classes), or pooled features (B, d) with ``pre_logits``."""
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
+        elif self.global_pool == "token":
+            x = x[:, 0]
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        *,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Outputs of chosen blocks as feature maps, and optionally the final tokens.
+
+        Args:
+            indices: block indices (negative counts from the end), or an int n for the last n blocks;
+                default: every block.
+            norm: apply the final LayerNorm to each intermediate.
+            stop_early: skip blocks after the last one asked for (only with ``intermediates_only``).
+            output_fmt: ``"NCHW"`` (B, d, gh, gw) maps or ``"NLC"`` (B, N, d) tokens, class token dropped.
+            intermediates_only: return only the list.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ConfigError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = feature_take_indices(len(self.blocks), indices)
+        gh, gw = self._check_input(x)
+        words, patches = self._embed(x)
+        last = max(take) if (stop_early and intermediates_only) else len(self.blocks) - 1
+        feats = []
+        for i in range(last + 1):
+            words, patches = self._run_block(i, words, patches)
+            if i in take:
+                y = (self.norm(patches) if norm else patches)[:, self.num_prefix_tokens :]  # (B, N, d)
+                if output_fmt == "NCHW":
+                    y = y.reshape(y.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous()  # (B, d, gh, gw)
+                feats.append(y)
+        if intermediates_only:
+            return feats
+        return self.norm(patches), feats
+
+
+def feature_take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
+    """Normalise ``indices`` (None: all; int n: last n; list: negative from the end) to sorted blocks."""
+    if indices is None:
+        return list(range(depth))
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ConfigError(f"cannot take the last {indices} of {depth} blocks")
+        return list(range(depth - indices, depth))
+    out = []
+    for i in indices:
+        j = i + depth if i < 0 else i
+        if not 0 <= j < depth:
+            raise ConfigError(f"block index {i} out of range for {depth} blocks")
+        out.append(j)
+    return sorted(set(out))
+
+
+@contextlib.contextmanager
+def record_attention(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Keep the attention maps of forward passes run inside the ``with`` block.
+
+    Yields a dict that each forward fills with module name (``blocks.3.attn_in``) -> softmax weights:
+    inner attention (B*N, heads, m, m), outer attention (B, heads, 1+N, 1+N). The maps come from the
+    model's own attention modules (an explicit softmax replaces the fused kernel while recording).
+    """
+    maps: dict[str, torch.Tensor] = {}
+    mods = {name: mod for name, mod in model.named_modules() if isinstance(mod, Attention)}
+    handles = []
+    for name, mod in mods.items():
+        mod.keep_attn = True
+        handles.append(
+            mod.register_forward_hook(lambda m, _i, _o, name=name: maps.__setitem__(name, m.last_attn))
+        )
+    try:
+        yield maps
+    finally:
+        for handle in handles:
+            handle.remove()
+        for mod in mods.values():
+            mod.keep_attn, mod.last_attn = False, None
+
+
+# -------------------------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class TNTConfig:
+    """Architecture of one TNT variant; ``TNT(**asdict(cfg))`` builds it.
+
+    ``inner_blocks`` lists the 0-based blocks that have an inner transformer (None: every block; ``()``:
+    none, a ViT on TNT's word-based patch embedding). ``se_ratio > 0`` adds the paper's SE gate to the outer
+    MLP. ``legacy`` selects the structure of older checkpoints (spec section 7).
+    """
+
+    img_size: int = 224
+    patch_size: int = 16
+    word_stride: int = 4
+    word_kernel: int = 7
+    in_chans: int = 3
+    num_classes: int = 1000
+    global_pool: str = "token"
+    embed_dim: int = 384
+    inner_dim: int = 24
+    depth: int = 12
+    num_heads: int = 6
+    inner_num_heads: int = 4
+    mlp_ratio: float = 4.0
+    inner_mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    inner_blocks: tuple[int, ...] | None = None
+    se_ratio: float = 0.0
+    legacy: bool = False
+    drop_rate: float = 0.0
+    pos_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+
+    def replace(self, **changes) -> TNTConfig:
+        return TNTConfig(**{**asdict(self), **changes})
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for a config that cannot build a model."""
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.patch_size > 0 and self.img_size > 0, "img_size and patch_size must be positive")
+        need(
+            self.img_size % self.patch_size == 0,
+            f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}",
+        )
+        need(self.in_chans > 0, f"in_chans must be positive, got {self.in_chans}")
+        need(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
+        need(self.global_pool in ("", "token", "avg"), f"global_pool {self.global_pool!r} unknown")
+        need(self.embed_dim % self.num_heads == 0, "embed_dim must be divisible by num_heads")
+        need(self.inner_dim % self.inner_num_heads == 0, "inner_dim must be divisible by inner_num_heads")
+        need(self.word_kernel % 2 == 1, "word_kernel must be odd")
+        for i in self.inner_blocks or ():
+            need(0 <= i < self.depth, f"inner_blocks index {i} out of range for depth {self.depth}")
+        for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
+            rate = getattr(self, name)
+            need(0.0 <= rate < 1.0, f"{name} must be in [0, 1), got {rate}")
+
+
+def build_tnt(cfg: TNTConfig) -> TNT:
+    """Factory used by the registry."""
+    return TNT(**asdict(cfg))
+
+
+_IMAGENET = ModelMeta()  # mean = std = 0.5, bicubic, crop 0.9: the released weights' preprocessing
+_FASHION = ModelMeta(
+    input_size=(1, 28, 28), mean=(0.2860,), std=(0.3530,), crop_pct=1.0, interpolation="bilinear"
+)
+
+_TNT_S = TNTConfig(embed_dim=384, inner_dim=24, num_heads=6, inner_num_heads=4)
+_TNT_MINI = TNTConfig(
+    img_size=28,
+    patch_size=4,
+    word_stride=1,  # 16 one-pixel words per 4x4 patch
+    word_kernel=3,
+    in_chans=1,
+    num_classes=10,
+    embed_dim=128,
+    inner_dim=16,
+    depth=6,
+    num_heads=4,
+    inner_num_heads=2,
+)
+
+VARIANTS: dict[str, tuple[TNTConfig, ModelMeta]] = {
+    "tnt_ti_patch16_224": (TNTConfig(embed_dim=192, inner_dim=12, num_heads=3, inner_num_heads=2), _IMAGENET),
+    "tnt_s_patch16_224": (_TNT_S, _IMAGENET),
+    "tnt_b_patch16_224": (TNTConfig(embed_dim=640, inner_dim=40, num_heads=10, inner_num_heads=4), _IMAGENET),
+    "tnt_s_legacy_patch16_224": (_TNT_S.replace(legacy=True), _IMAGENET),
+    "tnt_s_se_patch16_224": (_TNT_S.replace(se_ratio=0.25), _IMAGENET),
+    "tnt_mini_patch4_28": (_TNT_MINI, _FASHION),
+    "vit_mini_patch4_28": (_TNT_MINI.replace(inner_blocks=()), _FASHION),
+}
+
+for _name, (_cfg, _meta) in VARIANTS.items():
+    register_model(_name, build_tnt, _cfg, _meta)

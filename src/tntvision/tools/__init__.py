@@ -1,0 +1,1 @@
+"""Small modules behind the CLI's sub-commands (info, bench, predict, visualize, export, ...)."""
