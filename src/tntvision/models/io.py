@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -11,10 +12,18 @@ from typing import Any
 
 from torch import nn
 
-from .convert import CheckpointError, describe_state_dict, load_pretrained, read_model_config, read_state_dict
+from .convert import (
+    CheckpointError,
+    CheckpointInfo,
+    describe_state_dict,
+    load_pretrained,
+    read_model_config,
+    read_state_dict,
+    to_tntvision_keys,
+)
 from .registry import ModelMeta, create_model, get_model_entry, list_models
 
-__all__ = ["atomic_write", "find_variant", "load_model", "save_model"]
+__all__ = ["atomic_write", "find_variant", "load_model", "model_from_weights", "save_model"]
 
 FORMAT = "tntvision/1"
 
@@ -78,11 +87,15 @@ def save_model(model: nn.Module, folder: str | Path, class_names: list[str] | No
 
 def find_variant(path: str | Path) -> str:
     """The registered variant whose architecture matches the weights at ``path`` (any layout)."""
-    from .convert import to_tntvision_keys
+    return _match_variant(_checkpoint_info(path))
 
-    sd, _ = read_state_dict(path)
-    sd, _, _ = to_tntvision_keys(sd)
-    info = describe_state_dict(sd)
+
+def _checkpoint_info(path: str | Path, *, use_ema: bool = True) -> CheckpointInfo:
+    sd, _ = read_state_dict(path, use_ema=use_ema)
+    return describe_state_dict(to_tntvision_keys(sd)[0])
+
+
+def _match_variant(info: CheckpointInfo) -> str:
     for name in list_models():
         cfg = get_model_entry(name).config
         inner = tuple(range(cfg.depth)) if cfg.inner_blocks is None else tuple(cfg.inner_blocks)
@@ -94,6 +107,26 @@ def find_variant(path: str | Path) -> str:
         ):
             return name
     raise CheckpointError(f"no registered model matches this checkpoint ({info.describe()}); name one")
+
+
+def model_from_weights(
+    path: str | Path, *, name: str | None = None, use_ema: bool = True, **overrides: Any
+) -> nn.Module:
+    """Build the model a bare weights file (ours, timm's or the authors') holds, and load it.
+
+    The variant is matched from the weights' shapes unless ``name`` is given; the class count, input
+    size (square grids) and channel count come from the weights unless ``overrides`` set them.
+    """
+    info = _checkpoint_info(path, use_ema=use_ema)
+    name = name or _match_variant(info)
+    patch = get_model_entry(name).config.patch_size
+    side = math.isqrt(info.num_patches)
+    found: dict[str, Any] = {"num_classes": info.num_classes, "in_chans": info.in_chans}
+    if side * side == info.num_patches:
+        found["img_size"] = side * patch
+    model = create_model(name, **{**found, **overrides})
+    load_pretrained(model, path, use_ema=use_ema)
+    return model
 
 
 def load_model(path: str | Path, **overrides: Any) -> nn.Module:
@@ -132,12 +165,10 @@ def load_model(path: str | Path, **overrides: Any) -> nn.Module:
             model.meta = ModelMeta(**meta)
         class_names = saved.get("class_names")
         weights = path if path.is_file() else folder / "model.safetensors"
+        if class_names is not None and len(class_names) != model.num_classes:
+            class_names = None  # the head was changed by an override
+        load_pretrained(model, weights)
     else:
-        name = find_variant(path)
-        model = create_model(name, **overrides)
-        weights = path
-    if class_names is not None and len(class_names) != model.num_classes:
-        class_names = None  # head was changed by an override
-    load_pretrained(model, weights)
+        model = model_from_weights(path, **overrides)
     model.class_names = class_names
     return model
