@@ -132,3 +132,20 @@ def test_unreadable_and_unsafe_files_are_refused(tmp_path):
         tntvision.create_model("tnt_mini_patch4_28", pretrained=str(evil))
     with pytest.raises(CheckpointError, match="no such file"):
         tntvision.create_model("tnt_mini_patch4_28", pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_se_variant_authors_layout_and_gate(tmp_path):
+    src = tntvision.create_model("tnt_s_se_patch16_224", img_size=32).eval()
+    sd = to_authors_layout(src.state_dict(), num_patches=4, embed_dim=384)
+    assert "blocks.0.se_layer.fc.1.weight" in sd  # the authors' SE names
+    path = tmp_path / "tnt_s_se.pth"
+    torch.save({"state_dict": sd}, path)
+    model = tntvision.create_model("tnt_s_se_patch16_224", img_size=32, pretrained=str(path)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x), rtol=0, atol=0)
+        # the gate as the paper's code writes it: h + tanh(fc(LN(mean_tokens(h)))) * h
+        se, h = model.blocks[0].se, torch.randn(2, 5, 384)
+        fc = se.fc
+        gate = torch.tanh(fc[3](torch.relu(fc[1](fc[0](h.mean(1, keepdim=True))))))
+        torch.testing.assert_close(h + se(h), h + gate * h)
