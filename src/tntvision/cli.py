@@ -82,6 +82,23 @@ def cmd_convert(args: argparse.Namespace) -> None:
     emit(args, result, f"wrote {out} ({name}, {info.num_classes} classes, {model.cfg.img_size}px)")
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .models import load_model
+    from .tools.predict import predict_images
+
+    model = load_model(args.checkpoint)
+    report = predict_images(model, args.images, topk=args.topk, batch_size=args.batch_size, warn=log)
+
+    def text() -> str:
+        lines = []
+        for p in report.predictions:
+            top = ", ".join(f"{lab} {prob:.3f}" for lab, prob in zip(p.labels, p.probs, strict=True))
+            lines.append(f"{p.path}: {top}")
+        return "\n".join(lines) or "no images"
+
+    emit(args, report.to_dict(), text)
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 
@@ -112,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("predict", help="top-k classes of image files and folders")
+    p.add_argument("--checkpoint", required=True, help="run folder, model/ folder or weights file")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (walked)")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 
