@@ -99,6 +99,38 @@ def cmd_predict(args: argparse.Namespace) -> None:
     emit(args, report.to_dict(), text)
 
 
+def _int_list(text: str | None, what: str) -> list[int] | None:
+    """'1,6,12' -> [1, 6, 12]; a user error for anything else."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        from .errors import InputError
+
+        raise InputError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_visualize(args: argparse.Namespace) -> None:
+    from .models import create_model, load_model
+    from .tools.visualize import visualize
+
+    model = load_model(args.checkpoint) if args.checkpoint is not None else create_model(args.model)
+    report = visualize(
+        model,
+        args.image,
+        args.out,
+        blocks=_int_list(args.blocks, "--blocks"),
+        patch=_int_list(args.patch, "--patch"),
+        words=[_int_list(w, "--words") for w in args.words] if args.words else None,
+        img_size=args.img_size,
+        warn=log,
+    )
+    if args.checkpoint is None:
+        log(f"note: {args.model} has random weights; the figures show structure, not learned attention")
+    emit(args, report.to_dict(), lambda: "\n".join(f"wrote {p}" for p in report.figures.values()))
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 
@@ -137,6 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("visualize", help="PNG figures of attention, word embeddings and feature maps")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="run folder, model/ folder or weights file")
+    src.add_argument("--model", help="a registered model name (random weights)")
+    p.add_argument("image", help="any image file Pillow reads")
+    p.add_argument("--out", required=True, help="folder for the PNG figures")
+    p.add_argument("--blocks", help="1-based blocks to show, e.g. 1,6,12 (default: first, middle, last)")
+    p.add_argument("--patch", help="ROW,COL of the patch for inner and outer attention (default: centre)")
+    p.add_argument("--words", nargs="+", metavar="ROW,COL", help="query words in that patch (0-based)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_visualize)
     return parser
 
 
