@@ -11,7 +11,9 @@ import tntvision
 from tntvision.cli import main
 from tntvision.data import eval_transform, open_image
 from tntvision.errors import InputError
-from tntvision.tools.visualize import FIGURES, capture, visualize
+from tntvision.tools.visualize import FIGURES, capture, default_blocks, visualize
+
+from .conftest import ALL_MODELS, small_input_size
 
 
 def photo(path, size, *, mode="RGB", seed=0):
@@ -114,6 +116,19 @@ def test_blocks_without_inner_part_are_left_out_of_inner_figure(tmp_path):
     report = visualize(model, image, tmp_path / "b", blocks=[3, 6])
     assert "inner_attention" not in report.figures
     assert "blocks [1] do" in report.skipped["inner_attention"]
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_capture_works_for_every_registered_model(name):
+    """Every variant (legacy, SE, ViT-only ...) gives its own attention at a small input size."""
+    size = small_input_size(name)
+    model = tntvision.create_model(name, img_size=size).eval()
+    x = torch.randn(1, model.in_chans, size, size)
+    blocks = [b - 1 for b in default_blocks(len(model.blocks))]
+    cap = capture(model, x, blocks=blocks)
+    assert sorted(cap.attn_out) == blocks == sorted(cap.features)
+    assert sorted(cap.attn_in) == [b for b in blocks if model.blocks[b].has_inner]
+    check_attention_is_the_models(model, x, cap)
 
 
 def test_capture_needs_one_image():
