@@ -116,9 +116,10 @@ def capture(model: nn.Module, x: torch.Tensor, *, blocks: Sequence[int]) -> Capt
     """
     if x.ndim != 4 or x.shape[0] != 1:
         raise InputError(f"capture takes one image (1, C, H, W), got shape {tuple(x.shape)}")
+    blocks = sorted(set(blocks))  # the order forward_intermediates returns them in
     model = model.eval()
     with record_attention(model) as maps, _keep_words(model) as words:
-        final, feats = model.forward_intermediates(x, list(blocks), output_fmt="NCHW")
+        final, feats = model.forward_intermediates(x, blocks, output_fmt="NCHW")
         logits = model.forward_head(final)  # (1, classes) or (1, d) without a head
     mean = torch.tensor(model.meta.mean).view(-1, 1, 1)
     std = torch.tensor(model.meta.std).view(-1, 1, 1)
@@ -131,7 +132,7 @@ def capture(model: nn.Module, x: torch.Tensor, *, blocks: Sequence[int]) -> Capt
         probs=logits[0].float().softmax(-1) if getattr(model, "num_classes", 0) else None,
     )
     cap.words[-1] = words[-1]
-    for i, f in zip(sorted(blocks), feats, strict=True):
+    for i, f in zip(blocks, feats, strict=True):
         cap.features[i] = f[0]  # (d, gh, gw)
         cap.attn_out[i] = maps[f"blocks.{i}.attn_out"][0]  # (heads, 1+N, 1+N)
         if model.blocks[i].has_inner:
