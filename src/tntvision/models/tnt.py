@@ -102,9 +102,11 @@ class WordEmbed(nn.Module):
         patches = x.view(B, C, gh, P, gw, P).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, P, P)
         if self.fused:
             patches = patches.reshape(B * gh * gw, C * P * P)  # (B*N, C*P*P)
-            bias = (self.proj.bias + pos).reshape(-1)  # (m*c,), word-major
+            bias = self.proj.bias.repeat(side * side)  # (m*c,), word-major
             words = F.linear(patches, self.folded_weight(), bias)  # (B*N, m*c)
-            return words.view(B * gh * gw, side * side, c)  # (B*N, m, c)
+            # the table is added outside the GEMM so that under autocast the words stay in the table's
+            # precision (fp32), as in the reference: LayerNorm over rows of c is also faster in fp32
+            return words.view(B * gh * gw, side * side, c) + pos  # (B*N, m, c)
         patches = patches.reshape(B * gh * gw, C, P, P)  # (B*N, C, P, P)
         words = self.proj(patches).flatten(2).transpose(1, 2)  # (B*N, m, c)
         return words + pos

@@ -1,0 +1,354 @@
+"""`tnt bench`: inference throughput, batch-1 latency, training-step speed and peak memory of a model.
+
+Timings of two implementations are only comparable when they share the machine's state, so a comparison
+(``compare=["timm"]``: timm's model of the same name, with our weights copied in) runs both models in this
+process, interleaved round by round (A B, then B A, ...), and reports ratios of the medians. Peak memory
+cannot be told apart inside one process (the allocator keeps freed pages), so it is measured in a fresh
+child process per model: on CPU the RSS high-water mark (VmHWM) of that process, and the part of it
+added by the timed work (peak minus the RSS just before the first step); on CUDA
+``torch.cuda.max_memory_allocated``.
+
+timm is a development dependency: it is imported lazily here, only when a comparison asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import multiprocessing as mp
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import create_model
+from ..models.registry import get_model_entry
+
+__all__ = ["Impl", "bench_model", "format_report"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation to time: ``"ours"``, ``"timm"`` (same name) or ``"timm:NAME"`` (another model)."""
+
+    spec: str
+
+    @property
+    def label(self) -> str:
+        return self.spec
+
+    def build(self, model_name: str, *, weights_from: nn.Module | None = None) -> nn.Module:
+        """A fresh model; timm's model of our name gets ``weights_from``'s weights (same layout)."""
+        if self.spec == "ours":
+            return create_model(model_name)
+        timm = _import_timm()
+        name = model_name if self.spec == "timm" else self.spec.split(":", 1)[1]
+        if name not in timm.list_models():
+            raise ConfigError(f"timm has no model {name!r} to compare with")
+        model = timm.create_model(name)
+        if self.spec == "timm" and weights_from is not None:
+            model.load_state_dict(weights_from.state_dict(), strict=True)
+        return model
+
+
+def _import_timm():
+    try:
+        return importlib.import_module("timm")
+    except ImportError as e:
+        raise ConfigError("--compare timm needs timm installed (pip install 'tntvision[dev]')") from e
+
+
+def _parse_impls(compare: Sequence[str]) -> list[Impl]:
+    impls = [Impl("ours")]
+    for spec in compare:
+        if spec != "timm" and not (spec.startswith("timm:") and len(spec) > 5):
+            raise ConfigError(f"--compare takes 'timm' or 'timm:MODEL_NAME', got {spec!r}")
+        impls.append(Impl(spec))
+    return impls
+
+
+def _autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=DTYPES[dtype])
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------ workloads
+
+
+def _inference_fn(model: nn.Module, x: torch.Tensor, device: str, dtype: str) -> Callable[[], None]:
+    model.eval()
+
+    def run() -> None:
+        with torch.inference_mode(), _autocast(device, dtype):
+            model(x)
+        _sync(device)
+
+    return run
+
+
+def _train_fn(model: nn.Module, x: torch.Tensor, device: str, dtype: str) -> Callable[[], None]:
+    """One step: forward, cross-entropy on random labels, backward, AdamW update."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    num_classes = model.num_classes
+    target = torch.randint(0, num_classes, (x.shape[0],), device=x.device)
+
+    def run() -> None:
+        with _autocast(device, dtype):
+            loss = F.cross_entropy(model(x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+
+    return run
+
+
+def _time_interleaved(
+    fns: dict[str, Callable[[], None]], *, warmup: int, rounds: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, run round-robin with the order reversed every other round."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else reversed(names):
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def _memory_probe(
+    impl_spec: str,
+    model_name: str,
+    batch: int,
+    dtype: str,
+    train: bool,
+    steps: int,
+    device: str,
+    threads: int,
+) -> dict[str, float]:
+    """Runs in a fresh child process: peak memory of ``steps`` calls of one workload (MB)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = Impl(impl_spec).build(model_name).to(device)
+    x = torch.randn(batch, *_input_shape(model_name), device=device)
+    run = (_train_fn if train else _inference_fn)(model, x, device, dtype)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            run()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        return {"peak_mb": peak, "added_mb": peak - before / 2**20, "before_mb": before / 2**20}
+    before = _rss_mb()
+    for _ in range(steps):
+        run()
+    peak = _proc_status_mb("VmHWM")
+    return {"peak_mb": peak, "added_mb": peak - before, "before_mb": before}
+
+
+def _proc_status_mb(field: str) -> float:
+    """A memory line of /proc/self/status in MB (VmRSS: now; VmHWM: high-water mark of this process).
+
+    VmHWM belongs to the address space, so unlike ``ru_maxrss`` it does not carry over the parent's peak
+    into a spawned child.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def _rss_mb() -> float:
+    return _proc_status_mb("VmRSS")
+
+
+def _probe_child(queue: mp.Queue, args: tuple) -> None:
+    try:
+        queue.put(("ok", _memory_probe(*args)))
+    except Exception as e:  # report the failure to the parent instead of dying silently
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def _peak_memory(args: tuple) -> dict[str, float]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_probe_child, args=(queue, args))
+    proc.start()
+    status, value = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"memory probe failed: {value}")
+    return value
+
+
+def _input_shape(model_name: str) -> tuple[int, int, int]:
+    cfg = get_model_entry(model_name).config
+    return (cfg.in_chans, cfg.img_size, cfg.img_size)
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[int]:
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+def _summarise(times: dict[str, list[float]], batch: int) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = {"median_ms": 1e3 * med, "min_ms": 1e3 * min(ts), "img_per_s": batch / med}
+    return out
+
+
+def _ratios(summary: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Speed of ours relative to every other implementation: their median time / ours."""
+    ours = summary["ours"]["median_ms"]
+    return {name: s["median_ms"] / ours for name, s in summary.items() if name != "ours"}
+
+
+def bench_model(
+    *,
+    model_name: str,
+    batch_size: int = 16,
+    dtype: str = "float32",
+    train: bool = False,
+    compare: Sequence[str] = (),
+    rounds: int = 6,
+    warmup: int = 2,
+    latency_rounds: int = 10,
+    memory: bool = True,
+    compile: bool = False,
+    threads: int | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Measure one model (and the implementations in ``compare``) on random inputs.
+
+    Inference: throughput at ``batch_size`` and latency at batch 1, under ``torch.inference_mode``.
+    ``train=True`` adds a training step (forward, cross-entropy, backward, AdamW) at ``batch_size``.
+    ``dtype="bfloat16"`` runs every implementation under the same ``torch.autocast``. ``compile`` wraps
+    every model in ``torch.compile`` and reports the first (compiling) call's time separately.
+    Peak memory (``memory=True``) comes from one child process per implementation (module docstring).
+
+    Returns plain data: per workload, per implementation ``median_ms`` / ``min_ms`` / ``img_per_s``, and
+    ``speedup`` = other's median time / ours (> 1: ours is faster).
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if batch_size < 1 or rounds < 1:
+        raise ConfigError("batch size and rounds must be positive")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda asked for but CUDA is not available")
+    get_model_entry(model_name)  # unknown names fail here, with suggestions
+    impls = _parse_impls(compare)
+    result: dict[str, Any] = {
+        "model": model_name,
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "device": device,
+        "torch": torch.__version__,
+        "compile": compile,
+        "implementations": [i.label for i in impls],
+        "rounds": rounds,
+    }
+    with _threads(threads) as n_threads:
+        result["threads"] = n_threads
+        torch.manual_seed(0)
+        ours = create_model(model_name)
+        models = {
+            i.label: (ours if i.spec == "ours" else i.build(model_name, weights_from=ours)).to(device)
+            for i in impls
+        }
+        shape = _input_shape(model_name)
+        x = torch.randn(batch_size, *shape, device=device)
+        x1 = torch.randn(1, *shape, device=device)
+        if compile:
+            result["compile_s"] = {}
+            for k, m in models.items():
+                models[k] = torch.compile(m)
+                t0 = time.perf_counter()
+                _inference_fn(models[k], x, device, dtype)()
+                result["compile_s"][k] = time.perf_counter() - t0
+        infer = {k: _inference_fn(m, x, device, dtype) for k, m in models.items()}
+        summary = _summarise(_time_interleaved(infer, warmup=warmup, rounds=rounds), batch_size)
+        result["inference"] = {"per_impl": summary, "speedup": _ratios(summary)}
+        if not compile:  # a compiled model would recompile for batch 1; latency is an eager number
+            lat = {k: _inference_fn(m, x1, device, dtype) for k, m in models.items()}
+            summary = _summarise(_time_interleaved(lat, warmup=warmup, rounds=latency_rounds), 1)
+            result["latency"] = {"per_impl": summary, "speedup": _ratios(summary)}
+        if train:
+            steps = {k: _train_fn(m, x, device, dtype) for k, m in models.items()}
+            summary = _summarise(_time_interleaved(steps, warmup=warmup, rounds=rounds), batch_size)
+            result["train"] = {"per_impl": summary, "speedup": _ratios(summary)}
+        if memory and not compile:
+            mem = {
+                i.label: _peak_memory(
+                    (i.spec, model_name, batch_size, dtype, train, warmup + 1, device, n_threads)
+                )
+                for i in impls
+            }
+            result["memory"] = {
+                "workload": "train" if train else "inference",
+                "measured_as": "CUDA max_memory_allocated" if device == "cuda" else "RSS high-water mark",
+                "per_impl": mem,
+                "ratio": {k: mem["ours"]["peak_mb"] / v["peak_mb"] for k, v in mem.items() if k != "ours"},
+            }
+    return result
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """A human-readable table of :func:`bench_model`'s result."""
+    head = (
+        f"{result['model']}  batch {result['batch_size']}  {result['dtype']}  {result['device']}  "
+        f"{result['threads']} threads  torch {result['torch']}" + ("  compiled" if result["compile"] else "")
+    )
+    lines = [head]
+    for key, title in (("inference", "inference"), ("latency", "latency (batch 1)"), ("train", "train step")):
+        if key not in result:
+            continue
+        lines.append(f"{title}:")
+        for name, s in result[key]["per_impl"].items():
+            lines.append(f"  {name:<34}{s['median_ms']:10.1f} ms  {s['img_per_s']:8.2f} img/s")
+        for name, r in result[key]["speedup"].items():
+            lines.append(f"  ours vs {name:<26}{r:10.2f}x speed")
+    if "compile_s" in result:
+        took = ", ".join(f"{k} {v:.1f} s" for k, v in result["compile_s"].items())
+        lines.append(f"compile (first call): {took}")
+    if "memory" in result:
+        mem = result["memory"]
+        lines.append(f"peak memory ({mem['workload']}, {mem['measured_as']}):")
+        for name, m in mem["per_impl"].items():
+            lines.append(f"  {name:<34}{m['peak_mb']:10.0f} MB  (+{m['added_mb']:.0f} MB by the workload)")
+        for name, r in mem["ratio"].items():
+            lines.append(f"  ours / {name:<27}{r:10.2f}x memory")
+    return "\n".join(lines)
