@@ -1,5 +1,20 @@
 """Data: images to tensors the way a model's metadata says, data sets and training transforms."""
 
-from .transforms import eval_transform, open_image, to_model_mode
+from .datasets import FASHION_MNIST_CLASSES, FashionMNIST, ImageFolder, build_dataset, read_idx
+from .sampler import SeededDataset, ShardedSampler
+from .transforms import batch_mixer, eval_transform, open_image, to_model_mode, train_transform
 
-__all__ = ["eval_transform", "open_image", "to_model_mode"]
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FashionMNIST",
+    "ImageFolder",
+    "SeededDataset",
+    "ShardedSampler",
+    "batch_mixer",
+    "build_dataset",
+    "eval_transform",
+    "open_image",
+    "read_idx",
+    "to_model_mode",
+    "train_transform",
+]

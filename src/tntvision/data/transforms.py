@@ -13,7 +13,14 @@ from torchvision.transforms import v2 as T
 from ..errors import DataError
 from ..models.registry import ModelMeta
 
-__all__ = ["ToModelMode", "eval_transform", "open_image", "to_model_mode"]
+__all__ = [
+    "ToModelMode",
+    "batch_mixer",
+    "eval_transform",
+    "open_image",
+    "to_model_mode",
+    "train_transform",
+]
 
 _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
@@ -78,3 +85,66 @@ def eval_transform(meta: ModelMeta) -> T.Compose:
             T.Normalize(mean=list(meta.mean), std=list(meta.std)),
         ]
     )
+
+
+def train_transform(
+    meta: ModelMeta,
+    *,
+    crop: str = "random_resized",
+    scale: tuple[float, float] = (0.08, 1.0),
+    padding: int = 4,
+    hflip: float = 0.5,
+    randaugment_magnitude: int = 9,
+    randaugment_ops: int = 2,
+    random_erasing: float = 0.25,
+) -> T.Compose:
+    """PIL image (any mode) -> augmented, normalised (C, H, W) float tensor for training.
+
+    The DeiT recipe: ``crop="random_resized"`` (area ``scale``, bicubic), horizontal flip, RandAugment,
+    normalise, random erasing. ``crop="pad"`` is the small-image variant: resize to the input size, then
+    a random crop of the zero-padded image (``padding`` px each side), which keeps 28 px objects whole.
+    ``randaugment_magnitude=0`` or ``random_erasing=0`` turn those parts off. Randomness comes from torch's
+    global generator, so seeding it before each sample makes the augmentation reproducible.
+
+    torchvision's RandAugment has no magnitude noise (timm's ``mstd0.5``): the magnitude is fixed.
+    """
+    in_chans, height, width = meta.input_size
+    interp = _INTERPOLATION[meta.interpolation]
+    steps: list = [ToModelMode(in_chans), T.PILToTensor()]
+    if crop == "random_resized":
+        steps.append(T.RandomResizedCrop((height, width), scale=scale, interpolation=interp, antialias=True))
+    elif crop == "pad":
+        steps.append(T.Resize((height, width), interpolation=interp, antialias=True))
+        if padding > 0:
+            steps.append(T.RandomCrop((height, width), padding=padding))
+    else:
+        raise DataError(f"crop must be 'random_resized' or 'pad', got {crop!r}")
+    if hflip > 0:
+        steps.append(T.RandomHorizontalFlip(hflip))
+    if randaugment_magnitude > 0 and randaugment_ops > 0:
+        steps.append(
+            T.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude, interpolation=interp)
+        )
+    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(meta.mean), std=list(meta.std))]
+    if random_erasing > 0:
+        # Erase with per-pixel normal noise as DeiT does (timm's mode "pixel"); value="random" in v2.
+        steps.append(T.RandomErasing(p=random_erasing, value="random"))
+    return T.Compose(steps)
+
+
+def batch_mixer(*, num_classes: int, mixup: float, cutmix: float, switch_prob: float = 0.5):
+    """MixUp / CutMix on a batch ``(images, labels) -> (images, soft labels (B, K))``, or None if both off.
+
+    ``mixup`` and ``cutmix`` are the Beta(alpha, alpha) parameters (0: off); with both on, each batch
+    takes CutMix with probability ``switch_prob`` (DeiT: mixup 0.8, cutmix 1.0, switch 0.5).
+    """
+    parts = []
+    if mixup > 0:
+        parts.append(T.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        parts.append(T.CutMix(alpha=cutmix, num_classes=num_classes))
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return T.RandomChoice(parts, p=[1.0 - switch_prob, switch_prob])

@@ -1,0 +1,65 @@
+"""Resumable training state: written atomically with ``torch.save``, read with ``weights_only=True``.
+
+A checkpoint holds only tensors and plain data (the config as a dict, counters, the run's metrics so
+far), so loading it never unpickles arbitrary objects. Weights are the unwrapped, uncompiled model's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.convert import CheckpointError
+from ..models.io import _unwrap, atomic_write
+
+__all__ = ["CHECKPOINT_NAME", "load_checkpoint", "save_checkpoint"]
+
+CHECKPOINT_NAME = "last.pt"
+FORMAT = "tntvision-train/1"
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    progress: dict[str, Any],
+    config: dict[str, Any],
+    ema: nn.Module | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> Path:
+    """Write the training state to ``path`` atomically (a kill mid-write leaves the previous file whole).
+
+    Args:
+        progress: plain counters: ``epoch``, ``step`` (next step within it), ``images_seen``,
+            ``wall_seconds``, ...
+        config: the resolved training config as plain data.
+    """
+    state = {
+        "format": FORMAT,
+        "model": _unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "progress": dict(progress),
+        "config": config,
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` onto the CPU (tensors and plain data only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint to resume from")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, foreign pickle, ...: torch raises many types
+        raise CheckpointError(f"{path}: not a readable training checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a tntvision training checkpoint")
+    return state

@@ -1,0 +1,337 @@
+"""Typed training config: dataclass defaults (the paper's recipe), YAML files, ``key=value`` overrides.
+
+The resolved config is the single source of truth: it is written to the run folder as ``config.yaml`` and
+stored in checkpoints as plain data (``to_dict``), never as an argparse Namespace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+
+__all__ = [
+    "AugConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "SMALL_IMAGE_RECIPE",
+    "apply_overrides",
+    "from_dict",
+    "load_yaml",
+    "parse_set",
+    "to_dict",
+]
+
+
+@dataclass
+class OptimConfig:
+    """AdamW. The learning rate used is ``lr * batch_size / lr_base_batch`` (linear scaling rule)."""
+
+    lr: float = 5e-4
+    lr_base_batch: int = 512
+    weight_decay: float = 0.05  # not applied to norms, biases, class token and position tables
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warm-up from ``warmup_lr``, then cosine decay to ``min_lr``, updated every step.
+
+    ``by_time``: with a time budget, progress along the schedule is the larger of the step fraction and the
+    fraction of the budget used, so a run stopped by the budget ends with the learning rate decayed.
+    Such a run is not bit-for-bit reproducible (its schedule depends on the machine's speed).
+    """
+
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    by_time: bool = False
+
+
+@dataclass
+class AugConfig:
+    """Training augmentation and label handling (see :func:`tntvision.data.train_transform`)."""
+
+    crop: str = "random_resized"  # or "pad": resize + random crop of the padded image (small images)
+    scale: tuple[float, float] = (0.08, 1.0)
+    padding: int = 4
+    hflip: float = 0.5
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9  # 0 = off
+    random_erasing: float = 0.25
+    mixup: float = 0.8  # Beta alpha; 0 = off
+    cutmix: float = 1.0  # Beta alpha; 0 = off
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. Defaults are the paper's DeiT-style ImageNet recipe (spec section 8).
+
+    ``batch_size`` is the global batch of one optimizer step: split over processes and then over
+    ``accum_steps`` micro-batches. ``time_budget`` is in minutes of training (0: none).
+    """
+
+    model: str = ""
+    data: str = ""
+    out: str = ""
+    pretrained: str | None = None
+    img_size: int | None = None
+    epochs: int = 300
+    time_budget: float = 0.0
+    batch_size: int = 1024
+    accum_steps: int = 1
+    seed: int = 0
+    workers: int = 4
+    device: str = "auto"  # auto: cuda if available, else cpu
+    amp: str = "bfloat16"  # none | bfloat16 | float16
+    drop_path: float = 0.1
+    ema_decay: float = 0.99996  # 0 = no EMA of the weights
+    eval_every: int = 1
+    on_bad_image: str = "error"  # error | skip
+    tensorboard: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: ScheduleConfig = field(default_factory=ScheduleConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for a missing or out-of-range value."""
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(bool(self.model), "no model given (--model NAME, see `tnt models`)")
+        need(bool(self.data), "no data given (--data fashion-mnist or an ImageFolder folder)")
+        need(bool(self.out), "no run folder given (--out DIR)")
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.time_budget >= 0, f"time_budget must be >= 0 minutes, got {self.time_budget}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.accum_steps >= 1, f"accum_steps must be >= 1, got {self.accum_steps}")
+        need(
+            self.batch_size % self.accum_steps == 0,
+            f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}",
+        )
+        need(self.img_size is None or self.img_size > 0, f"img_size must be positive, got {self.img_size}")
+        need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        need(
+            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+            f"unknown device {self.device!r}",
+        )
+        need(
+            self.amp in ("none", "bfloat16", "float16"),
+            f"amp must be none, bfloat16 or float16, not {self.amp!r}",
+        )
+        need(0.0 <= self.drop_path < 1.0, f"drop_path must be in [0, 1), got {self.drop_path}")
+        need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        need(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
+        need(
+            self.on_bad_image in ("error", "skip"),
+            f"on_bad_image must be error or skip, not {self.on_bad_image!r}",
+        )
+        o, s, a = self.optim, self.sched, self.aug
+        need(o.lr > 0 and o.lr_base_batch > 0, "optim.lr and optim.lr_base_batch must be positive")
+        need(o.weight_decay >= 0 and o.grad_clip >= 0, "optim.weight_decay and optim.grad_clip must be >= 0")
+        need(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must be in [0, 1), got {o.betas}")
+        need(s.warmup_epochs >= 0 and s.warmup_lr >= 0 and s.min_lr >= 0, "sched values must be >= 0")
+        need(a.crop in ("random_resized", "pad"), f"aug.crop must be random_resized or pad, not {a.crop!r}")
+        need(
+            0.0 < a.scale[0] <= a.scale[1] <= 1.0, f"aug.scale must satisfy 0 < lo <= hi <= 1, got {a.scale}"
+        )
+        for name in ("hflip", "random_erasing", "switch_prob"):
+            need(0.0 <= getattr(a, name) <= 1.0, f"aug.{name} must be in [0, 1], got {getattr(a, name)}")
+        need(
+            0.0 <= a.label_smoothing < 1.0, f"aug.label_smoothing must be in [0, 1), got {a.label_smoothing}"
+        )
+        need(a.mixup >= 0 and a.cutmix >= 0, "aug.mixup and aug.cutmix must be >= 0")
+        need(a.padding >= 0 and a.randaugment_ops >= 0, "aug.padding and aug.randaugment_ops must be >= 0")
+        need(
+            0 <= a.randaugment_magnitude <= 30,
+            f"aug.randaugment_magnitude must be in [0, 30], got {a.randaugment_magnitude}",
+        )
+
+    @property
+    def scaled_lr(self) -> float:
+        """The peak learning rate for this batch size (linear scaling)."""
+        return self.optim.lr * self.batch_size / self.optim.lr_base_batch
+
+
+# The small-image recipe (28 px data such as Fashion-MNIST): short training, light augmentation (crop
+# with padding and flips; no RandAugment / MixUp / CutMix, which slow convergence in a few epochs).
+# configs/fashion_mnist.yaml spells it out; `tnt train` picks it for models whose input is <= 64 px.
+SMALL_IMAGE_RECIPE: dict[str, Any] = {
+    "epochs": 30,
+    "batch_size": 128,
+    "workers": 1,
+    "amp": "none",
+    "drop_path": 0.0,
+    "ema_decay": 0.0,
+    "optim": {"lr": 2e-3, "lr_base_batch": 256, "weight_decay": 0.05, "grad_clip": 0.0},
+    "sched": {"warmup_epochs": 0.5, "warmup_lr": 1e-5, "min_lr": 1e-5, "by_time": True},
+    "aug": {
+        "crop": "pad",
+        "padding": 2,
+        "hflip": 0.5,
+        "randaugment_magnitude": 0,
+        "random_erasing": 0.0,
+        "mixup": 0.0,
+        "cutmix": 0.0,
+        "label_smoothing": 0.1,
+    },
+}
+
+
+# ------------------------------------------------------------------------------- plain data <-> config
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain YAML/JSON data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a field's type hint, converting where it is lossless (int -> float ...)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not a valid {hint}")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _update(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    """Set fields of the dataclass ``obj`` from ``data`` (nested dicts for nested configs), checked."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in names:
+            raise _unknown(full, names)
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _update(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def from_dict(data: dict[str, Any], *, base: TrainConfig | None = None) -> TrainConfig:
+    """A :class:`TrainConfig` from plain data laid over ``base`` (default: the dataclass defaults)."""
+    cfg = dataclasses.replace(base) if base is not None else TrainConfig()
+    # replace() is shallow: copy the nested configs so the base is not changed
+    cfg.optim, cfg.sched, cfg.aug = (dataclasses.replace(x) for x in (cfg.optim, cfg.sched, cfg.aug))
+    _update(cfg, data)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into plain data; :class:`ConfigError` if it is missing or malformed."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys")
+    return data
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-3", "aug.scale=[0.5, 1]"]`` -> nested plain data; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item}: value is not valid YAML") from None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {part} is set both as a value and a section")
+        node[parts[-1]] = value
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` into ``data`` (new dict; nested mappings merge, other values replace)."""
+    out = dict(data)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = apply_overrides(out[key], value)
+        else:
+            out[key] = value
+    return out
