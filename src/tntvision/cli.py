@@ -131,6 +131,33 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     emit(args, report.to_dict(), lambda: "\n".join(f"wrote {p}" for p in report.figures.values()))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .tools.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        split=args.split,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        out=args.out,
+        warn=log,
+    )
+
+    def text() -> str:
+        lines = [
+            f"{args.split}: top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}  "
+            f"(n = {result.n})",
+            "per-class accuracy:",
+        ]
+        for name, acc in result.per_class.items():
+            lines.append(f"  {name:<24}{'-' if acc is None else f'{acc:6.2f}%'}")
+        lines.append(f"confusion matrix: {result.confusion_png}")
+        return "\n".join(lines)
+
+    emit(args, result.to_dict(), text)
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 
@@ -182,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("eval", help="top-1/top-5, loss, per-class accuracy and confusion matrix")
+    p.add_argument("--checkpoint", required=True, help="run folder, model/ folder or weights file")
+    p.add_argument("--data", required=True, help="'fashion-mnist' or an ImageFolder root")
+    p.add_argument("--split", choices=("val", "test"), default="test", help="split (default: test)")
+    p.add_argument("--out", default=None, help="folder for the confusion matrix (default: the run folder)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

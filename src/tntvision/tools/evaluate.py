@@ -1,0 +1,182 @@
+"""`tnt eval`: accuracy, loss, per-class accuracy and a confusion matrix of a saved model on a data set.
+
+The data set comes from :func:`tntvision.data.build_dataset` with the model's own eval transform, and the
+numbers from :func:`tntvision.train.engine.evaluate` (the loop training uses for its validation), so
+`tnt eval` and training report the same thing for the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data import build_dataset, eval_transform
+from ..errors import DataError, InputError
+from ..models import load_model
+from ..models.io import atomic_write
+from ..train.engine import evaluate
+
+__all__ = ["EvalResult", "evaluate_checkpoint", "plot_confusion", "report_folder"]
+
+_RUN_FOLDER_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl", "checkpoints")
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one evaluation; ``confusion[i, j]`` counts images of class i predicted as j."""
+
+    top1: float
+    top5: float
+    loss: float
+    n: int
+    classes: list[str]
+    confusion: np.ndarray
+    split: str
+    confusion_png: Path | None = None
+
+    @property
+    def per_class(self) -> dict[str, float | None]:
+        """Accuracy (recall) of each class in percent; None for a class with no images."""
+        counts = self.confusion.sum(axis=1)
+        return {
+            name: (100.0 * float(self.confusion[i, i]) / float(counts[i]) if counts[i] else None)
+            for i, name in enumerate(self.classes)
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "top1": self.top1,
+            "top5": self.top5,
+            "loss": self.loss,
+            "n": self.n,
+            "split": self.split,
+            "per_class": self.per_class,
+            "confusion": self.confusion.tolist(),
+            "classes": self.classes,
+            "confusion_png": None if self.confusion_png is None else str(self.confusion_png),
+        }
+
+
+def report_folder(checkpoint: str | Path) -> Path:
+    """Where evaluation figures of ``checkpoint`` go: its training run folder, else the model's folder.
+
+    A run folder holds ``model/`` beside ``config.yaml`` / ``summary.json`` / ``checkpoints/``; given the
+    ``model/`` folder or a weights file inside it, the run folder above is used when there is one.
+    """
+    path = Path(checkpoint)
+    folder = path if path.is_dir() else path.parent
+    if folder.name == "model" and any((folder.parent / m).exists() for m in _RUN_FOLDER_MARKERS):
+        return folder.parent
+    return folder
+
+
+def _check_classes(model: nn.Module, classes: list[str], warn: Callable[[str], None] | None) -> None:
+    """Refuse a data set whose classes the model's head cannot mean; note what cannot be checked."""
+    if len(classes) != model.num_classes:
+        raise DataError(f"the data set has {len(classes)} classes, the model predicts {model.num_classes}")
+    names = getattr(model, "class_names", None)
+    if names is None:
+        if warn is not None:
+            warn("note: the checkpoint has no class names; assuming the data set's class order")
+    elif list(names) != list(classes):
+        if sorted(names) == sorted(classes):
+            raise DataError("the data set has the model's classes in another order: labels would not match")
+        diff = sorted(set(classes) - set(names))[:5]
+        raise DataError(f"the data set's classes differ from the model's (e.g. {diff})")
+
+
+def plot_confusion(confusion: np.ndarray, classes: list[str], *, title: str, path: Path) -> Path:
+    """Write a PNG of the confusion matrix, rows normalised to recall; counts printed up to 20 classes."""
+    k = len(classes)
+    counts = confusion.sum(axis=1, keepdims=True)
+    recall = np.divide(confusion, counts, out=np.zeros(confusion.shape, dtype=float), where=counts > 0)
+    side = min(4.0 + 0.45 * k, 16.0)
+    fig = Figure(layout="constrained", figsize=(side + 1.5, side))
+    ax = fig.subplots()
+    im = ax.imshow(recall, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true class")
+    if k <= 50:
+        ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=9 if k <= 20 else 6)
+        ax.set_yticks(range(k), classes, fontsize=9 if k <= 20 else 6)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if confusion[i, j]:
+                    colour = "white" if recall[i, j] > 0.5 else "black"  # readable on dark and light cells
+                    ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=8, color=colour)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return path
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str,
+    *,
+    split: str = "test",
+    batch_size: int = 256,
+    workers: int = 0,
+    device: str = "cpu",
+    out: str | Path | None = None,
+    progress: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """Evaluate a saved model on a split of ``data`` and draw its confusion matrix.
+
+    Args:
+        checkpoint: a run folder, ``model/`` folder or weights file (see :func:`tntvision.load_model`).
+        data: ``"fashion-mnist"`` or an ImageFolder root (see :func:`tntvision.data.build_dataset`).
+        split: ``"val"`` or ``"test"``.
+        out: folder for ``confusion_<split>.png`` (default: :func:`report_folder` of ``checkpoint``).
+        progress: show a progress bar on stderr.
+        warn: called with notes for the user.
+
+    Raises:
+        DataError: a data set whose classes do not fit the model, or an empty one.
+        InputError: a bad batch size.
+    """
+    if batch_size < 1 or workers < 0:
+        raise InputError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
+    model = load_model(checkpoint).eval()
+    dataset = build_dataset(data, split, transform=eval_transform(model.meta))
+    classes = [str(c) for c in dataset.classes]
+    _check_classes(model, classes, warn)
+    if len(dataset) == 0:
+        raise DataError(f"{data}: the {split} split holds no images")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc=f"eval {split}", unit="batch", file=sys.stderr, leave=False)
+    metrics = evaluate(model, loader, device=torch.device(device), confusion=True)
+    confusion = np.asarray(torch.as_tensor(metrics["confusion"]).cpu(), dtype=np.int64)  # (true, predicted)
+    result = EvalResult(
+        top1=float(metrics["top1"]),
+        top5=float(metrics["top5"]),
+        loss=float(metrics["loss"]),
+        n=int(metrics["n"]),
+        classes=classes,
+        confusion=confusion,
+        split=split,
+    )
+    folder = Path(out) if out is not None else report_folder(checkpoint)
+    name = getattr(model, "model_name", "model")
+    title = f"{name} on {Path(data).name} {split}: top-1 {result.top1:.2f}% (n = {result.n})"
+    png = folder / f"confusion_{split}.png"
+    result.confusion_png = plot_confusion(confusion, classes, title=title, path=png)
+    atomic_write(
+        folder / f"eval_{split}.json",
+        lambda tmp: Path(tmp).write_text(json.dumps(result.to_dict(), indent=2) + "\n"),
+    )
+    return result
