@@ -158,6 +158,64 @@ def cmd_eval(args: argparse.Namespace) -> None:
     emit(args, result.to_dict(), text)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .tools.bench import bench_model, format_report
+
+    if args.compare:
+        log(f"timing ours and {', '.join(args.compare)} interleaved; peak memory in child processes")
+    result = bench_model(
+        model_name=args.model,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        train=args.train,
+        compare=args.compare or (),
+        rounds=args.rounds,
+        warmup=args.warmup,
+        latency_rounds=2 * args.rounds,
+        memory=not args.no_memory,
+        compile=args.compile,
+        threads=args.threads,
+        device=args.device,
+    )
+    emit(args, result, lambda: format_report(result))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import parse_set, resolve_config, train
+
+    overrides = parse_set(args.set or [])
+    for key, value in (
+        ("model", args.model),
+        ("data", args.data),
+        ("out", args.out),
+        ("epochs", args.epochs),
+        ("time_budget", args.time_budget),
+        ("batch_size", args.batch_size),
+        ("img_size", args.img_size),
+        ("pretrained", args.pretrained),
+        ("seed", args.seed),
+        ("workers", args.workers),
+    ):
+        if value is not None:
+            overrides[key] = value
+    cfg = resolve_config(overrides=overrides, config_file=args.config, resume=args.resume)
+    summary = train(cfg, resume=args.resume, log=log)
+    if "interrupted" in summary:
+        return 130
+    emit(
+        args,
+        summary,
+        lambda: (
+            f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  loss {summary['loss']:.4f}  "
+            f"after {summary['epochs']:g} epochs, {summary['wall_seconds'] / 60:.1f} min, "
+            f"{summary['train_images_per_s']:.0f} train images/s\n"
+            f"run folder {summary['out']}: model/ (weights + class names), curves.png, metrics.jsonl, "
+            "summary.json, checkpoints/"
+        ),
+    )
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 
@@ -219,6 +277,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="throughput, latency, training-step speed and peak memory")
+    p.add_argument("--model", required=True, help="a registered model name (random weights)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: autocast")
+    p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW)")
+    p.add_argument(
+        "--compare",
+        action="append",
+        metavar="timm|timm:NAME",
+        help="also run timm's model of the same name (same weights) or another timm model, interleaved",
+    )
+    p.add_argument("--rounds", type=int, default=6, help="timed calls per implementation (default: 6)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (time reported)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -17,6 +17,44 @@ __all__ = ["Attention", "DropPath", "Mlp", "SqueezeExcite", "resample_pos_embed"
 SMALL_ATTN_TOKENS = 64
 
 
+def _small_attn_t(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Transposed attention weights (B*h, keys, queries) from q, k (B*h, N, hd); softmax in fp32."""
+    scores_t = torch.baddbmm(q.new_zeros(()), k, q.transpose(1, 2), beta=0.0, alpha=scale)  # (B*h, Nk, Nq)
+    return scores_t.softmax(dim=1, dtype=torch.float32).to(q.dtype)
+
+
+class _TileAttention(torch.autograd.Function):
+    """softmax(q k^T * scale) v over per-head tiles (3, B*h, N, hd) -> (B*h, N, hd), lean in memory.
+
+    Autograd would keep the (B*h, N, N) attention weights, 2.7x the size of q, k and v for TNT's 16-word
+    tiles of head dim 6; this keeps only the tiles and recomputes the weights (two small ops) in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, scale: float) -> torch.Tensor:
+        q, k, v = qkv.unbind(0)
+        ctx.save_for_backward(qkv)
+        ctx.scale = scale
+        return torch.bmm(_small_attn_t(q, k, scale).transpose(1, 2), v)  # (B*h, Nq, hd)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (qkv,) = ctx.saved_tensors
+        q, k, v = qkv.unbind(0)
+        dt, scale = qkv.dtype, ctx.scale
+        grad_out = grad_out.to(dt)
+        scores_t = torch.baddbmm(q.new_zeros(()), k, q.transpose(1, 2), beta=0.0, alpha=scale)
+        attn_t = scores_t.softmax(dim=1, dtype=torch.float32)  # (B*h, Nk, Nq)
+        grad_v = torch.bmm(attn_t.to(dt), grad_out)  # A^T dO: (B*h, Nk, hd)
+        grad_attn_t = torch.bmm(v, grad_out.transpose(1, 2)).float()  # (dO v^T)^T: (B*h, Nk, Nq)
+        # softmax backward along the key axis (dim 1 of the transposed weights)
+        grad_scores_t = (attn_t * (grad_attn_t - (grad_attn_t * attn_t).sum(1, keepdim=True))).to(dt)
+        zero = q.new_zeros(())
+        grad_q = torch.baddbmm(zero, grad_scores_t.transpose(1, 2), k, beta=0.0, alpha=scale)  # dS k
+        grad_k = torch.baddbmm(zero, grad_scores_t, q, beta=0.0, alpha=scale)  # dS^T q
+        return torch.stack([grad_q, grad_k, grad_v]), None
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with TNT's parameter layout.
 
@@ -74,17 +112,19 @@ class Attention(nn.Module):
         # one copy puts every head's q, k, v in its own contiguous (N, hd) tile
         qkv = qkv.view(B, N, 3, h, hd).permute(2, 0, 3, 1, 4).reshape(3, B * h, N, hd)  # (3, B*h, N, hd)
         q, k, v = qkv.unbind(0)  # each (B*h, N, hd)
-        zero = qkv.new_zeros(())
-        if N <= SMALL_ATTN_TOKENS:
-            scores_t = torch.baddbmm(zero, k, q.transpose(1, 2), beta=0.0, alpha=self.scale)  # (B*h, Nk, Nq)
-            attn = scores_t.softmax(dim=1, dtype=torch.float32).to(v.dtype).transpose(1, 2)  # (B*h, Nq, Nk)
+        if N <= SMALL_ATTN_TOKENS and torch.is_grad_enabled() and dropout_p == 0.0 and not self.keep_attn:
+            x = _TileAttention.apply(qkv, self.scale)  # same numbers, keeps only qkv for backward
         else:
-            attn = torch.baddbmm(zero, q, k.transpose(1, 2), beta=0.0, alpha=self.scale).softmax(dim=-1)
-        if self.keep_attn:
-            self.last_attn = attn.detach().reshape(B, h, N, N)  # (B, h, queries, keys)
-        if dropout_p > 0.0:
-            attn = F.dropout(attn, dropout_p)
-        x = torch.bmm(attn, v)  # (B*h, N, hd)
+            if N <= SMALL_ATTN_TOKENS:
+                attn = _small_attn_t(q, k, self.scale).transpose(1, 2)  # (B*h, Nq, Nk)
+            else:
+                zero = qkv.new_zeros(())
+                attn = torch.baddbmm(zero, q, k.transpose(1, 2), beta=0.0, alpha=self.scale).softmax(dim=-1)
+            if self.keep_attn:
+                self.last_attn = attn.detach().reshape(B, h, N, N)  # (B, h, queries, keys)
+            if dropout_p > 0.0:
+                attn = F.dropout(attn, dropout_p)
+            x = torch.bmm(attn, v)  # (B*h, N, hd)
         return x.view(B, h, N, hd).transpose(1, 2).reshape(B, N, C3 // 3)  # (B, N, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,53 +141,68 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-class _GeluLinear(torch.autograd.Function):
-    """``linear(gelu(h), weight, bias)`` that keeps only ``h`` for backward and recomputes ``gelu(h)``.
+class _MlpFunction(torch.autograd.Function):
+    """``fc2(gelu(fc1(x)))`` that keeps less for backward than autograd would.
 
-    Autograd would keep both h and gelu(h), the two largest activations of an MLP; recomputing the GELU
-    costs one elementwise pass. Works for any dtype of ``h`` (the weights are cast to it, as autocast
-    would); parameter gradients come back in the parameters' dtype.
+    Autograd keeps x, fc1(x) and gelu(fc1(x)). This keeps x and fc1(x) and recomputes the GELU
+    (one elementwise pass), or, with ``recompute_fc1``, only x and recomputes fc1 too: worth it where fc1
+    is a cheap skinny GEMM with a wide output (TNT's inner MLP: 24 -> 96 per word). Works under autocast:
+    backward recomputes in the precision forward ran in; gradients come back in each input's dtype.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(h, weight, bias)
-        return F.linear(F.gelu(h), weight.to(h.dtype), bias.to(h.dtype))
+    def forward(ctx, x, w1, b1, w2, b2, recompute_fc1: bool):
+        h = F.linear(x, w1, b1)  # (..., hidden)
+        ctx.recompute_fc1, ctx.dt = recompute_fc1, h.dtype
+        if recompute_fc1:
+            ctx.save_for_backward(x, w1, b1, w2, b2, None)
+            g = torch.ops.aten.gelu_(h)  # h is not kept: activate in place
+        else:
+            ctx.save_for_backward(x, w1, b1, w2, b2, h)
+            g = F.gelu(h)
+        return F.linear(g, w2, b2)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        h, weight, bias = ctx.saved_tensors
-        g = F.gelu(h).flatten(0, -2)  # (rows, hidden)
-        grad2 = grad_out.flatten(0, -2).to(h.dtype)  # (rows, out)
-        grad_w = (grad2.t() @ g).to(weight.dtype)  # (out, hidden)
-        grad_b = grad2.sum(0).to(bias.dtype)
-        grad_g = (grad2 @ weight.to(h.dtype)).view_as(h)
-        grad_h = torch.ops.aten.gelu_backward(grad_g, h)
-        return grad_h, grad_w, grad_b
+    def backward(ctx, grad_out):
+        dt = ctx.dt
+        x, w1, b1, w2, b2, h = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (rows, in)
+        # (rows, hidden): recomputed, or the kept fc1 output
+        h = F.linear(x2, w1.to(dt), b1.to(dt)) if ctx.recompute_fc1 else h.reshape(-1, h.shape[-1])
+        g = F.gelu(h)
+        dout = grad_out.reshape(-1, grad_out.shape[-1]).to(dt)  # (rows, out)
+        grad_w2 = (dout.t() @ g).to(w2.dtype)
+        grad_b2 = dout.sum(0).to(b2.dtype)
+        grad_h = torch.ops.aten.gelu_backward(dout @ w2.to(dt), h)  # (rows, hidden)
+        grad_w1 = (grad_h.t() @ x2).to(w1.dtype)
+        grad_b1 = grad_h.sum(0).to(b1.dtype)
+        grad_x = (grad_h @ w1.to(dt)).view(x.shape).to(x.dtype)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
 
 
 class Mlp(nn.Module):
     """Linear -> exact (erf) GELU -> dropout -> Linear -> dropout.
 
     Same numbers three ways: without autograd the GELU runs in place on the fc1 output (one big
-    temporary fewer); when training without hidden dropout, :class:`_GeluLinear` recomputes the GELU in
-    backward instead of storing it; otherwise the plain module chain.
+    temporary fewer); when autograd records and there is no hidden dropout, :class:`_MlpFunction` keeps
+    less for backward (``recompute_fc1`` picks how much less); otherwise the plain module chain.
     """
 
-    def __init__(self, dim: int, *, hidden_dim: int, drop: float = 0.0) -> None:
+    def __init__(self, dim: int, *, hidden_dim: int, drop: float = 0.0, recompute_fc1: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
+        self.recompute_fc1 = recompute_fc1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
         if not torch.is_grad_enabled():
-            return self.drop(self.fc2(self.drop(torch.ops.aten.gelu_(h))))
+            return self.drop(self.fc2(self.drop(torch.ops.aten.gelu_(self.fc1(x)))))
         if self.drop.p == 0.0 or not self.training:
-            return _GeluLinear.apply(h, self.fc2.weight, self.fc2.bias)
-        return self.drop(self.fc2(self.drop(self.act(h))))
+            fc1, fc2 = self.fc1, self.fc2
+            return _MlpFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.recompute_fc1)
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

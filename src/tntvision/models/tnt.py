@@ -144,7 +144,10 @@ class TNTBlock(nn.Module):
             self.norm_in = nn.LayerNorm(inner_dim)
             self.attn_in = Attention(inner_dim, num_heads=inner_num_heads, **attn_kw)
             self.norm_mlp_in = nn.LayerNorm(inner_dim)
-            self.mlp_in = Mlp(inner_dim, hidden_dim=int(inner_dim * inner_mlp_ratio), drop=proj_drop)
+            # recompute_fc1: the inner fc1 (c -> 4c per word) is a cheap GEMM with the widest output
+            self.mlp_in = Mlp(
+                inner_dim, hidden_dim=int(inner_dim * inner_mlp_ratio), drop=proj_drop, recompute_fc1=True
+            )
             if legacy:  # LN per word, flatten, Linear with bias, no LN after
                 self.norm1_proj = nn.LayerNorm(inner_dim)
                 self.proj = nn.Linear(num_words * inner_dim, dim, bias=True)
@@ -548,8 +551,8 @@ _TNT_MINI = TNTConfig(
     in_chans=1,
     num_classes=10,
     embed_dim=128,
-    inner_dim=16,
-    depth=6,
+    inner_dim=8,
+    depth=4,
     num_heads=4,
     inner_num_heads=2,
 )

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import multiprocessing as mp
+import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -185,23 +187,19 @@ def _rss_mb() -> float:
     return _proc_status_mb("VmRSS")
 
 
-def _probe_child(queue: mp.Queue, args: tuple) -> None:
-    try:
-        queue.put(("ok", _memory_probe(*args)))
-    except Exception as e:  # report the failure to the parent instead of dying silently
-        queue.put(("error", f"{type(e).__name__}: {e}"))
-
-
 def _peak_memory(args: tuple) -> dict[str, float]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_probe_child, args=(queue, args))
-    proc.start()
-    status, value = queue.get()
-    proc.join()
-    if status != "ok":
-        raise RuntimeError(f"memory probe failed: {value}")
-    return value
+    """Run :func:`_memory_probe` in a fresh interpreter (no inherited heap, no import-guard needs)."""
+    code = (
+        "import json, sys; from tntvision.tools.bench import _memory_probe; "
+        "print(json.dumps(_memory_probe(*json.loads(sys.argv[1]))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(list(args))], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no message"]
+        raise RuntimeError(f"memory probe failed: {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _input_shape(model_name: str) -> tuple[int, int, int]:
@@ -265,8 +263,8 @@ def bench_model(
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if batch_size < 1 or rounds < 1:
-        raise ConfigError("batch size and rounds must be positive")
+    if batch_size < 1 or rounds < 1 or latency_rounds < 1 or warmup < 0:
+        raise ConfigError("batch size and rounds must be positive, warmup not negative")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda asked for but CUDA is not available")
     get_model_entry(model_name)  # unknown names fail here, with suggestions

@@ -1,0 +1,188 @@
+"""The fast paths compute the same numbers as a plain reference: attention, MLP, whole models, gradients.
+
+fp32: outputs within 1e-5 of timm and of the readable formulas below. bf16 autocast: the same autocast
+on both sides; logits within 3% of the logit range (bf16 keeps 8 bits of mantissa), gradients within 5%
+of each gradient's largest entry.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tntvision
+from tntvision.cli import main
+from tntvision.models.layers import SMALL_ATTN_TOKENS, Attention, Mlp
+from tntvision.tools.bench import bench_model
+
+timm = pytest.importorskip("timm")
+
+BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
+
+
+def reference_attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    """The paper's attention, written out: softmax(q k^T / sqrt(hd)) v, heads concatenated, proj."""
+    B, N, C = x.shape
+    h = attn.num_heads
+    q, k = attn.qk(x).chunk(2, dim=-1)  # (B, N, C) each
+    v = attn.v(x)
+    q, k, v = (t.reshape(B, N, h, C // h).transpose(1, 2) for t in (q, k, v))  # (B, h, N, hd)
+    weights = ((q @ k.transpose(-2, -1)) * attn.head_dim**-0.5).softmax(dim=-1)
+    return attn.proj((weights @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def _grads(module: torch.nn.Module, x: torch.Tensor, fn) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    module.zero_grad()
+    x = x.detach().requires_grad_(True)
+    out = fn(x)
+    (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in module.named_parameters()}, x.grad
+
+
+def _close_grads(got: dict, want: dict, rel: float) -> None:
+    for name, g in want.items():
+        err = (got[name] - g).abs().max().item()
+        assert err <= rel * g.abs().max().item() + 1e-7, f"{name}: max diff {err}"
+
+
+@pytest.mark.parametrize(
+    "dim, heads, tokens",
+    [(24, 4, 16), (384, 6, 5), (384, 6, SMALL_ATTN_TOKENS + 13)],  # inner tile, short outer, SDPA outer
+)
+def test_attention_paths_match_reference_fp32(dim, heads, tokens):
+    attn = Attention(dim, num_heads=heads).train()
+    x = torch.randn(3, tokens, dim)
+    out, grads, gx = _grads(attn, x, attn)
+    ref, ref_grads, ref_gx = _grads(attn, x, lambda t: reference_attention(attn, t))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-4, atol=1e-5)
+    _close_grads(grads, ref_grads, rel=1e-5)
+    with torch.no_grad():  # the inference path (no lean autograd Function) agrees too
+        torch.testing.assert_close(attn(x), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [16, SMALL_ATTN_TOKENS + 13])
+def test_attention_paths_match_reference_bf16(tokens):
+    attn = Attention(48, num_heads=4).train()
+    x = torch.randn(3, tokens, 48)
+    with torch.autocast(**BF16):
+        out, grads, _ = _grads(attn, x, attn)
+        ref, ref_grads, _ = _grads(attn, x, lambda t: reference_attention(attn, t))
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0.03 * ref.float().abs().max().item())
+    _close_grads(grads, ref_grads, rel=0.05)
+
+
+def test_recorded_attention_is_a_softmax_over_keys():
+    attn = Attention(24, num_heads=4).eval()
+    attn.keep_attn = True
+    x = torch.randn(2, 16, 24)
+    with torch.no_grad():
+        out = attn(x)
+    assert attn.last_attn.shape == (2, 4, 16, 16)
+    torch.testing.assert_close(attn.last_attn.sum(-1), torch.ones(2, 4, 16))
+    torch.testing.assert_close(out, reference_attention(attn, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("recompute_fc1", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_mlp_lean_backward_matches_autograd(recompute_fc1, autocast):
+    mlp = Mlp(24, hidden_dim=96, recompute_fc1=recompute_fc1).train()
+    x = torch.randn(5, 16, 24)
+    with torch.autocast(**BF16, enabled=autocast):
+        out, grads, gx = _grads(mlp, x, mlp)
+        ref, ref_grads, ref_gx = _grads(mlp, x, lambda t: mlp.fc2(F.gelu(mlp.fc1(t))))
+    assert out.dtype == ref.dtype
+    if autocast:  # the same bf16 operations in the same order: equal up to summation order
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0.02)
+        _close_grads(grads, ref_grads, rel=0.02)
+    else:
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(gx, ref_gx, rtol=0, atol=1e-6)
+        _close_grads(grads, ref_grads, rel=1e-5)
+    with torch.no_grad():  # the in-place GELU inference path
+        torch.testing.assert_close(mlp(x), mlp.fc2(F.gelu(mlp.fc1(x))), rtol=0, atol=1e-6)
+
+
+def _timm_pair(name: str, img_size: int):
+    ref = timm.create_model(name, img_size=img_size)
+    ours = tntvision.create_model(name, img_size=img_size)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+# 144 px: 81 patches + class token, so the outer attention takes the SDPA path and the inner the tiles
+@pytest.mark.parametrize(
+    "name, img_size",
+    [("tnt_s_patch16_224", 144), ("tnt_s_legacy_patch16_224", 32)],
+)
+def test_model_training_gradients_match_timm(name, img_size):
+    ref, ours = _timm_pair(name, img_size)
+    x = torch.randn(2, 3, img_size, img_size)
+    out_ref, grads_ref, gx_ref = _grads(ref.train(), x, ref)
+    out, grads, gx = _grads(ours.train(), x, ours)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=1e-5 * gx_ref.abs().max().item())
+    _close_grads(grads, grads_ref, rel=1e-4)
+
+
+def test_bf16_autocast_logits_and_gradients_match_timm():
+    ref, ours = _timm_pair("tnt_s_patch16_224", 144)
+    x = torch.randn(2, 3, 144, 144)
+    with torch.autocast(**BF16):
+        with torch.inference_mode():
+            want, got = ref.eval()(x).float(), ours.eval()(x).float()
+        _, grads_ref, _ = _grads(ref.train(), x, ref)
+        _, grads, _ = _grads(ours.train(), x, ours)
+    span = (want.max() - want.min()).item()
+    torch.testing.assert_close(got, want, rtol=0, atol=0.03 * span)
+    _close_grads(grads, grads_ref, rel=0.05)
+
+
+def test_compiled_training_step_matches_eager():
+    model = tntvision.create_model("tnt_mini_patch4_28", depth=2).train()
+    x = torch.randn(4, 1, 28, 28)
+    out, grads, _ = _grads(model, x, model)
+    compiled = torch.compile(model, fullgraph=True)  # through the custom autograd Functions
+    out_c, grads_c, _ = _grads(model, x, compiled)
+    torch.testing.assert_close(out_c, out, rtol=1e-4, atol=1e-5)
+    _close_grads(grads_c, grads, rel=1e-4)
+
+
+def test_bench_library_reports_speed_and_memory():
+    result = bench_model(
+        model_name="tnt_mini_patch4_28", batch_size=2, train=True, rounds=2, warmup=1, latency_rounds=2
+    )
+    for key in ("inference", "latency", "train"):
+        assert result[key]["per_impl"]["ours"]["img_per_s"] > 0
+        assert result[key]["speedup"] == {}
+    mem = result["memory"]["per_impl"]["ours"]
+    assert mem["peak_mb"] >= mem["before_mb"] > 0
+    assert result["memory"]["workload"] == "train"
+
+
+def test_bench_cli_compares_with_timm(capsys):
+    code = main(
+        ["bench", "--model", "tnt_s_patch16_224", "--batch-size", "1", "--rounds", "1", "--warmup", "0"]
+        + ["--no-memory", "--compare", "timm", "--json"]
+    )
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["implementations"] == ["ours", "timm"]
+    assert result["inference"]["speedup"]["timm"] > 0
+    assert set(result["latency"]["per_impl"]) == {"ours", "timm"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "tnt_mini_patch4_28", "--compare", "timm"], "timm has no model"),
+        (["--model", "tnt_s_patch16_224", "--compare", "deit"], "--compare takes"),
+        (["--model", "tnt_nope"], "tnt_nope"),
+    ],
+)
+def test_bench_cli_user_errors_exit_2(argv, message, capsys):
+    assert main(["bench", *argv, "--no-memory"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
