@@ -180,42 +180,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
     emit(args, result, lambda: format_report(result))
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .train import parse_set, resolve_config, train
-
-    overrides = parse_set(args.set or [])
-    for key, value in (
-        ("model", args.model),
-        ("data", args.data),
-        ("out", args.out),
-        ("epochs", args.epochs),
-        ("time_budget", args.time_budget),
-        ("batch_size", args.batch_size),
-        ("img_size", args.img_size),
-        ("pretrained", args.pretrained),
-        ("seed", args.seed),
-        ("workers", args.workers),
-    ):
-        if value is not None:
-            overrides[key] = value
-    cfg = resolve_config(overrides=overrides, config_file=args.config, resume=args.resume)
-    summary = train(cfg, resume=args.resume, log=log)
-    if "interrupted" in summary:
-        return 130
-    emit(
-        args,
-        summary,
-        lambda: (
-            f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  loss {summary['loss']:.4f}  "
-            f"after {summary['epochs']:g} epochs, {summary['wall_seconds'] / 60:.1f} min, "
-            f"{summary['train_images_per_s']:.0f} train images/s\n"
-            f"run folder {summary['out']}: model/ (weights + class names), curves.png, metrics.jsonl, "
-            "summary.json, checkpoints/"
-        ),
-    )
-    return 0
-
-
 # ------------------------------------------------------------------------------------------- parser
 
 
