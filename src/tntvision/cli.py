@@ -180,6 +180,42 @@ def cmd_bench(args: argparse.Namespace) -> None:
     emit(args, result, lambda: format_report(result))
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import parse_set, resolve_config, train
+
+    overrides = parse_set(args.set or [])
+    for key, value in (
+        ("model", args.model),
+        ("data", args.data),
+        ("out", args.out),
+        ("epochs", args.epochs),
+        ("time_budget", args.time_budget),
+        ("batch_size", args.batch_size),
+        ("img_size", args.img_size),
+        ("pretrained", args.pretrained),
+        ("seed", args.seed),
+        ("workers", args.workers),
+    ):
+        if value is not None:
+            overrides[key] = value
+    cfg = resolve_config(overrides=overrides, config_file=args.config, resume=args.resume)
+    summary = train(cfg, resume=args.resume, log=log)
+    if "interrupted" in summary:
+        return 130
+    emit(
+        args,
+        summary,
+        lambda: (
+            f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  loss {summary['loss']:.4f}  "
+            f"after {summary['epochs']:g} epochs, {summary['wall_seconds'] / 60:.1f} min, "
+            f"{summary['train_images_per_s']:.0f} train images/s\n"
+            f"run folder {summary['out']}: model/ (weights + class names), curves.png, metrics.jsonl, "
+            "summary.json, checkpoints/"
+        ),
+    )
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 
@@ -261,6 +297,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune a model on fashion-mnist or an ImageFolder tree",
+        description="Train (or fine-tune) a model. Defaults: the paper's DeiT-style recipe for 224 px "
+        "models, the small-image recipe (configs/fashion_mnist.yaml) for models of 64 px or less. "
+        "Multi-process: torchrun --nproc_per_node=N -m tntvision.cli train ...",
+    )
+    p.add_argument("--model", help="registered model name (see `tnt models`)")
+    p.add_argument("--data", help="'fashion-mnist' or an ImageFolder root with train/ and val/ (or test/)")
+    p.add_argument(
+        "--out", required=True, help="run folder (refused if it already holds a run, unless --resume)"
+    )
+    p.add_argument("--config", help="YAML recipe (e.g. configs/imagenet_tnt_s.yaml)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. optim.lr=1e-3 (repeatable)",
+    )
+    p.add_argument("--epochs", type=int, help="epochs to train")
+    p.add_argument(
+        "--time-budget", type=float, metavar="MINUTES", help="stop cleanly (evaluate, save) after this"
+    )
+    p.add_argument("--batch-size", type=int, help="global batch per optimizer step (all processes)")
+    p.add_argument("--img-size", type=int, help="input size (position tables are resampled)")
+    p.add_argument(
+        "--pretrained", metavar="PATH", help="start from these weights (new head if classes differ)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--seed", type=int, help="random seed (runs with the same seed are identical)")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -184,7 +184,9 @@ class ImageFolder(Dataset):
                 elif on_bad_image == "skip":
                     self.skipped += 1
                 else:
-                    raise DataError(f"{path}: not an image Pillow can read (pass on_bad_image=skip to skip)")
+                    raise DataError(
+                        f"{path}: not an image Pillow can read (on_bad_image=skip skips such files)"
+                    )
         if not self.samples:
             raise DataError(f"{split_dir}: no readable images in its class folders")
         self.split = split_dir.name
@@ -202,7 +204,9 @@ class ImageFolder(Dataset):
                 img = open_image(path)
             except DataError:
                 if self.on_bad_image == "error":
-                    raise DataError(f"{path}: cannot decode the image (pass on_bad_image=skip)") from None
+                    raise DataError(
+                        f"{path}: cannot decode the image (on_bad_image=skip skips such files)"
+                    ) from None
                 continue  # skip: take the next readable image (the count of such files is reported)
             return (self.transform(img) if self.transform is not None else img), label
         raise DataError(f"no image of {self.split} can be decoded")

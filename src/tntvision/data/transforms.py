@@ -123,7 +123,12 @@ def train_transform(
         steps.append(T.RandomHorizontalFlip(hflip))
     if randaugment_magnitude > 0 and randaugment_ops > 0:
         steps.append(
-            T.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude, interpolation=interp)
+            # bilinear: the tensor kernels of RandAugment's affine ops have no bicubic
+            T.RandAugment(
+                num_ops=randaugment_ops,
+                magnitude=randaugment_magnitude,
+                interpolation=InterpolationMode.BILINEAR,
+            )
         )
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(meta.mean), std=list(meta.std))]
     if random_erasing > 0:

@@ -1,0 +1,179 @@
+"""Data sets, sampler and training transforms, on tiny data the tests make."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+import tntvision
+from tntvision.data import (
+    FashionMNIST,
+    ImageFolder,
+    SeededDataset,
+    ShardedSampler,
+    batch_mixer,
+    build_dataset,
+    eval_transform,
+    read_idx,
+    train_transform,
+)
+from tntvision.errors import DataError
+
+from .data_helpers import make_fashion_mnist, make_image_folder, write_idx
+
+
+@pytest.fixture
+def fmnist(tmp_path, monkeypatch):
+    folder = make_fashion_mnist(tmp_path / "fm", n_train=40, n_test=20)
+    monkeypatch.setenv("TNT_FASHION_MNIST_DIR", str(folder))
+    return folder
+
+
+def test_read_idx_round_trip_and_errors(tmp_path):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    for name in ("a.gz", "a"):
+        write_idx(tmp_path / name, arr)
+        np.testing.assert_array_equal(read_idx(tmp_path / name), arr)
+    (tmp_path / "bad.gz").write_bytes(gzip.compress(b"\x01\x02\x08\x01\x00\x00\x00\x05abcde"))
+    with pytest.raises(DataError, match="magic"):
+        read_idx(tmp_path / "bad.gz")
+    good = gzip.decompress((tmp_path / "a.gz").read_bytes())
+    (tmp_path / "short.gz").write_bytes(gzip.compress(good[:-3]))
+    with pytest.raises(DataError, match="needs 24"):
+        read_idx(tmp_path / "short.gz")
+    with pytest.raises(DataError, match="cannot read"):
+        read_idx(tmp_path / "missing.gz")
+
+
+def test_fashion_mnist_from_env_dir(fmnist):
+    meta = tntvision.create_model("tnt_mini_patch4_28").meta
+    train = build_dataset("fashion-mnist", "train", transform=eval_transform(meta))
+    test = build_dataset("fashion-mnist", "val", transform=eval_transform(meta))  # val is the test set
+    assert (len(train), len(test)) == (40, 20)
+    assert train.classes[0] == "T-shirt/top" and len(train.classes) == 10
+    x, y = train[3]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and 0 <= y < 10
+    raw = FashionMNIST(root=fmnist, split="test")
+    assert raw[0][0].dtype == torch.uint8  # no transform: the stored uint8 image
+
+
+def test_fashion_mnist_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("TNT_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="dataset-fashion-mnist"):
+        build_dataset("fashion-mnist", "train")
+    (tmp_path / "nowhere").mkdir()
+    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
+        build_dataset("fashion-mnist", "train")
+    with pytest.raises(DataError, match="splits"):
+        build_dataset("fashion-mnist", "holdout")
+
+
+def test_image_folder_any_mode_to_model_channels(tmp_path):
+    root = make_image_folder(tmp_path / "d", mode="RGBA", fmt="png")
+    grey = tntvision.create_model("tnt_mini_patch4_28").meta
+    ds = build_dataset(str(root), "val", transform=eval_transform(grey))
+    assert ds.classes == ["cat", "dog", "fox"] and len(ds) == 18
+    x, y = ds[7]
+    assert x.shape == (1, 28, 28) and y == 1  # 32 px RGBA -> 28 px grey
+    ds_test = build_dataset(str(root), "test")  # falls back to val/
+    assert len(ds_test) == 18
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such data folder"),
+        ("empty", "data folder is empty"),
+        ("no_split", "no train/ folder"),
+        ("no_classes", "no class folders"),
+        ("mismatch", "different classes"),
+        ("no_images", "no readable images"),
+    ],
+)
+def test_image_folder_errors(tmp_path, case, message):
+    root = tmp_path / "d"
+    if case == "empty":
+        root.mkdir()
+    elif case == "no_split":
+        (root / "images").mkdir(parents=True)
+    elif case == "no_classes":
+        (root / "train").mkdir(parents=True)
+    elif case == "mismatch":
+        make_image_folder(root, classes=("a", "b"), per_class=1)
+        make_image_folder(root, classes=("c",), per_class=1, splits=("val",))
+    elif case == "no_images":
+        (root / "train" / "a").mkdir(parents=True)
+        (root / "train" / "a" / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match=message):
+        ImageFolder(root=root, split="train", on_bad_image="skip")
+
+
+def test_image_folder_bad_files_error_or_skip(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=2, splits=("train",))
+    bad = root / "train" / "dog" / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(DataError, match="broken.png"):
+        ImageFolder(root=root, split="train")
+    ds = ImageFolder(root=root, split="train", on_bad_image="skip")
+    assert ds.skipped == 1 and len(ds) == 6
+    # a file whose header is fine but whose pixels are cut off: found when read
+    bad.unlink()
+    truncated = root / "train" / "fox" / "4.png"
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    strict = ImageFolder(root=root, split="train")
+    index = [p for p, _ in strict.samples].index(str(truncated))
+    with pytest.raises(DataError, match="4.png"):
+        strict[index]
+    lenient = ImageFolder(root=root, split="train", on_bad_image="skip")
+    img, label = lenient[index]  # the next readable image instead
+    assert img.size == (32, 32)
+
+
+def test_sharded_sampler_ranks_cover_the_single_process_batches():
+    n, batch = 50, 8
+    one = ShardedSampler(n, global_batch=batch, seed=3)
+    two = [ShardedSampler(n, global_batch=batch, seed=3, rank=r, world=2) for r in range(2)]
+    for s in [one, *two]:
+        s.set_epoch(2)
+    full = list(one)
+    assert len(full) == 48 == len(one)  # 6 whole batches, the rest dropped
+    shards = [list(s) for s in two]
+    for step in range(6):
+        together = shards[0][step * 4 : (step + 1) * 4] + shards[1][step * 4 : (step + 1) * 4]
+        assert sorted(together) == sorted(full[step * 8 : (step + 1) * 8])
+    # the sample seed depends on (seed, epoch, index) only; another epoch gives another order
+    assert dict(full) == {i: s for shard in shards for i, s in shard}
+    one.set_epoch(3)
+    assert [i for i, _ in one] != [i for i, _ in full]
+    # resuming at step 4 yields the tail of the same epoch
+    one.set_epoch(2, start_step=4)
+    assert list(one) == full[32:] and len(one) == 16
+
+
+def test_train_transform_is_reproducible_per_sample_seed(fmnist):
+    meta = tntvision.create_model("tnt_mini_patch4_28").meta
+    tf = train_transform(meta, crop="pad", padding=2, randaugment_magnitude=9, random_erasing=0.5)
+    ds = SeededDataset(build_dataset("fashion-mnist", "train", transform=tf))
+    a, b, c = ds[(5, 123)][0], ds[(5, 123)][0], ds[(5, 124)][0]
+    assert a.shape == (1, 28, 28)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    rgb = tntvision.create_model("tnt_s_patch16_224", img_size=64).meta
+    x = train_transform(rgb)(_grey_image())  # grey 50x40 -> RGB 64x64
+    assert x.shape == (3, 64, 64)
+
+
+def _grey_image():
+    from PIL import Image
+
+    return Image.fromarray(np.full((40, 50), 128, dtype=np.uint8), mode="L")
+
+
+def test_batch_mixer_soft_labels():
+    assert batch_mixer(num_classes=4, mixup=0, cutmix=0) is None
+    mix = batch_mixer(num_classes=4, mixup=0.8, cutmix=1.0)
+    x, y = mix(torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1]))
+    assert x.shape == (6, 3, 8, 8) and y.shape == (6, 4)
+    torch.testing.assert_close(y.sum(1), torch.ones(6))
