@@ -10,7 +10,7 @@ from PIL import Image
 import tntvision
 from tntvision.cli import main
 from tntvision.data import eval_transform, open_image
-from tntvision.errors import DataError
+from tntvision.errors import DataError, InputError
 from tntvision.tools.evaluate import evaluate_checkpoint, report_folder
 
 CLASSES = [f"class_{i}" for i in range(10)]
@@ -116,6 +116,16 @@ def test_text_output_with_uneven_batches(image_folder, run_folder, expected, tmp
     for name, acc in expected["per_class"].items():
         assert f"{name:<24}{acc:6.2f}%" in text
     assert str(tmp_path / "confusion_val.png") in text and (tmp_path / "confusion_val.png").is_file()
+
+
+def test_autocast_option(image_folder, run_folder, expected, tmp_path):
+    result = evaluate_checkpoint(
+        run_folder, str(image_folder), split="val", amp="bfloat16", out=tmp_path, progress=False
+    )
+    assert result.n == 25 and int(result.confusion.sum()) == 25
+    assert abs(result.loss - expected["loss"]) < 0.1  # bf16 rounding only
+    with pytest.raises(InputError):
+        evaluate_checkpoint(run_folder, str(image_folder), split="val", amp="fp8", progress=False)
 
 
 def test_report_folder(run_folder, tmp_path):

@@ -128,6 +128,7 @@ def evaluate_checkpoint(
     batch_size: int = 256,
     workers: int = 0,
     device: str = "cpu",
+    amp: str = "none",
     out: str | Path | None = None,
     progress: bool = True,
     warn: Callable[[str], None] | None = None,
@@ -138,14 +139,18 @@ def evaluate_checkpoint(
         checkpoint: a run folder, ``model/`` folder or weights file (see :func:`tntvision.load_model`).
         data: ``"fashion-mnist"`` or an ImageFolder root (see :func:`tntvision.data.build_dataset`).
         split: ``"val"`` or ``"test"``.
+        amp: ``"none"`` (float32), ``"bfloat16"`` or ``"float16"`` autocast, as training may evaluate.
         out: folder for ``confusion_<split>.png`` (default: :func:`report_folder` of ``checkpoint``).
         progress: show a progress bar on stderr.
         warn: called with notes for the user.
 
     Raises:
         DataError: a data set whose classes do not fit the model, or an empty one.
-        InputError: a bad batch size.
+        InputError: a bad batch size or ``amp`` value.
     """
+    amp_dtypes = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if amp not in amp_dtypes:
+        raise InputError(f"amp must be one of {', '.join(amp_dtypes)}, got {amp!r}")
     if batch_size < 1 or workers < 0:
         raise InputError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
     model = load_model(checkpoint).eval()
@@ -159,7 +164,7 @@ def evaluate_checkpoint(
         from tqdm import tqdm
 
         loader = tqdm(loader, desc=f"eval {split}", unit="batch", file=sys.stderr, leave=False)
-    metrics = evaluate(model, loader, device=torch.device(device), confusion=True)
+    metrics = evaluate(model, loader, device=torch.device(device), amp_dtype=amp_dtypes[amp], confusion=True)
     confusion = np.asarray(torch.as_tensor(metrics["confusion"]).cpu(), dtype=np.int64)  # (true, predicted)
     result = EvalResult(
         top1=float(metrics["top1"]),
