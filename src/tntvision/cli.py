@@ -140,6 +140,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         split=args.split,
         batch_size=args.batch_size,
         workers=args.workers,
+        amp=args.amp,
         out=args.out,
         warn=log,
     )
@@ -275,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for the confusion matrix (default: the run folder)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
+    p.add_argument(
+        "--amp", choices=("none", "bfloat16", "float16"), default="none", help="autocast (default: none)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
