@@ -185,6 +185,8 @@ def test_missing_class_names_fall_back_to_indices(tmp_path, capsys):
     assert sorted(t["label"] for t in top) == sorted(str(i) for i in range(10))
     assert all(t["label"] == str(t["index"]) for t in top)
     assert "no class names" in out.err
+    assert main(["predict", "--checkpoint", str(tmp_path / "model"), str(tmp_path / "missing.png")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1  # the error alone, no note before it
 
 
 def test_topk_is_capped_and_validated(grey_model, tmp_path):

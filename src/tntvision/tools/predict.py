@@ -142,8 +142,8 @@ def predict_images(
     """
     if topk < 1 or batch_size < 1:
         raise InputError(f"topk and batch size must be at least 1 (got {topk}, {batch_size})")
+    files = find_images(inputs)  # path errors first: they end the command, the class-name note does not
     labels = class_labels(model, warn=warn)
-    files = find_images(inputs)
     transform = eval_transform(model.meta)
     k = min(topk, len(labels))
     model = model.eval().to(device)
