@@ -212,7 +212,7 @@ def test_non_finite_loss_keeps_last_good_checkpoint(fmnist, tmp_path, monkeypatc
 def test_resume_after_sigkill_and_sigterm_is_bit_exact(fmnist, tmp_path):
     """An uninterrupted run == one killed (SIGKILL) after epoch 1 and resumed == one stopped by SIGTERM
     in the middle of an epoch and resumed: the same weights, bit for bit (same seed, 1 thread, CPU)."""
-    fm = make_fashion_mnist(tmp_path / "fm_big", n_train=480, n_test=32)
+    fm = make_fashion_mnist(tmp_path / "fm_big", n_train=320, n_test=32)
     env = _env(fm)
 
     def cmd(out: Path, *extra: str) -> list[str]:

@@ -376,7 +376,7 @@ def _train(
     flag = _StopFlag()
     stopped_by = "epochs"
     elapsed = clock()
-    last_eval: dict[str, Any] | None = history[-1] if history else None
+    last_eval: dict[str, Any] | None = next((h for h in reversed(history) if "top1" in h), None)
     with _catch_signals(flag):
         while progress["epoch"] < cfg.epochs:
             epoch, start_step = int(progress["epoch"]), int(progress["step"])
@@ -415,15 +415,19 @@ def _train(
             progress["images_seen"] += res["images"]
             progress["train_seconds"] += res["seconds"]
             epoch_done = res["next_step"] >= steps_per_epoch
-            progress.update(epoch=epoch + 1, step=0) if epoch_done else progress.update(step=res["next_step"])
-            if flag.signal is not None:
+            if epoch_done:
+                progress.update(epoch=epoch + 1, step=0)
+            else:
+                progress.update(step=res["next_step"])
+            time_up = budget_s > 0 and elapsed >= budget_s
+            if res["stopped"] and not time_up:  # a signal on some rank: every rank stops here
                 checkpoint()
+                name = flag.signal or "signal on another rank"
                 say(
-                    f"{flag.signal}: stopped at epoch {epoch} step {res['next_step']}; "
+                    f"{name}: stopped at epoch {epoch} step {res['next_step']}; "
                     f"checkpoint saved, continue with: tnt train --out {out} --resume"
                 )
-                return {"interrupted": flag.signal, "out": str(out), **progress}
-            time_up = budget_s > 0 and elapsed >= budget_s
+                return {"interrupted": name, "out": str(out), **progress}
             finished = progress["epoch"] >= cfg.epochs
             row: dict[str, Any] = {
                 "epoch": round(epoch + res["next_step"] / steps_per_epoch, 4),
