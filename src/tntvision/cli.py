@@ -58,28 +58,21 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .models import create_model, save_model
-    from .models.convert import describe_state_dict, read_state_dict, to_tntvision_keys
-    from .models.io import find_variant
+    from .models import save_model
+    from .models.io import model_from_weights
 
-    name = args.model or find_variant(args.src)
-    sd, _ = read_state_dict(args.src, use_ema=not args.no_ema)
-    info = describe_state_dict(to_tntvision_keys(sd)[0])
-    overrides: dict[str, Any] = {"num_classes": info.num_classes}
-    side = int(round(info.num_patches**0.5))
-    if side * side == info.num_patches:
-        overrides["img_size"] = side * create_model(name, num_classes=0).patch_size
-    if info.in_chans != 3:
-        overrides["in_chans"] = info.in_chans
-    model = create_model(name, **overrides)
-    from .models.convert import load_pretrained
-
-    report = load_pretrained(model, args.src, use_ema=not args.no_ema)
+    model = model_from_weights(args.src, name=args.model, use_ema=not args.no_ema)
     out = save_model(model, args.out)
-    for line in report.lines():
+    for line in model.load_report.lines():
         log(line)
-    result = {"model": name, "out": str(out), "num_classes": info.num_classes, "img_size": model.cfg.img_size}
-    emit(args, result, f"wrote {out} ({name}, {info.num_classes} classes, {model.cfg.img_size}px)")
+    cfg = model.cfg
+    result = {
+        "model": model.model_name,
+        "out": str(out),
+        "num_classes": cfg.num_classes,
+        "img_size": cfg.img_size,
+    }
+    emit(args, result, f"wrote {out} ({model.model_name}, {cfg.num_classes} classes, {cfg.img_size}px)")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -282,26 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="throughput, latency, training-step speed and peak memory")
-    p.add_argument("--model", required=True, help="a registered model name (random weights)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: autocast")
-    p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW)")
-    p.add_argument(
-        "--compare",
-        action="append",
-        metavar="timm|timm:NAME",
-        help="also run timm's model of the same name (same weights) or another timm model, interleaved",
-    )
-    p.add_argument("--rounds", type=int, default=6, help="timed calls per implementation (default: 6)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every model (time reported)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: cpu)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_bench)
-
     p = sub.add_parser(
         "train",
         help="train or fine-tune a model on fashion-mnist or an ImageFolder tree",
@@ -335,6 +308,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="throughput, latency, training-step speed and peak memory")
+    p.add_argument("--model", required=True, help="a registered model name (random weights)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: autocast")
+    p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW)")
+    p.add_argument(
+        "--compare",
+        action="append",
+        metavar="timm|timm:NAME",
+        help="also run timm's model of the same name (same weights) or another timm model, interleaved",
+    )
+    p.add_argument("--rounds", type=int, default=6, help="timed calls per implementation (default: 6)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (time reported)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
