@@ -94,7 +94,7 @@ def test_28px_models_through_the_cli(name, tmp_path, capsys):
 
 
 def test_other_image_size_patch_and_words(tmp_path):
-    model = tntvision.create_model("tnt_mini_patch4_28").eval()
+    model = tntvision.create_model("tnt_mini_patch4_28", depth=6).eval()  # blocks 2 and 6 below
     image = photo(tmp_path / "in.png", (90, 70), mode="L")
     report = visualize(
         model, image, tmp_path / "out", blocks=[2, 6], patch=(0, 13), words=[(1, 2), (3, 0)], img_size=56
@@ -109,7 +109,7 @@ def test_other_image_size_patch_and_words(tmp_path):
 
 
 def test_blocks_without_inner_part_are_left_out_of_inner_figure(tmp_path):
-    model = tntvision.create_model("tnt_mini_patch4_28", inner_blocks=(0,)).eval()  # inner part in block 1
+    model = tntvision.create_model("tnt_mini_patch4_28", depth=6, inner_blocks=(0,)).eval()  # inner: block 1
     image = photo(tmp_path / "in.png", (28, 28), mode="L")
     report = visualize(model, image, tmp_path / "a", blocks=[1, 6])
     assert sorted(report.capture.attn_in) == [0] and "inner_attention" in report.figures
@@ -141,7 +141,7 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     image = photo(tmp_path / "in.png", (28, 28), mode="L")
     base = ["visualize", "--model", "tnt_mini_patch4_28", "--out", str(tmp_path / "o")]
     cases = [
-        ([str(image), "--blocks", "1,7"], "numbered 1..6"),
+        ([str(image), "--blocks", "1,7"], "blocks are numbered 1.."),
         ([str(image), "--patch", "7,0"], "outside the 7x7 grid"),
         ([str(image), "--words", "0,4"], "outside the 4x4 grid"),
         ([str(image), "--blocks", "a,b"], "comma-separated integers"),
