@@ -129,7 +129,7 @@ def test_model_training_gradients_match_timm(name, img_size):
 
 def test_bf16_autocast_logits_and_gradients_match_timm():
     ref, ours = _timm_pair("tnt_s_patch16_224", 144)
-    x = torch.randn(2, 3, 144, 144)
+    x = torch.randn(1, 3, 144, 144)
     with torch.autocast(**BF16):
         with torch.inference_mode():
             want, got = ref.eval()(x).float(), ours.eval()(x).float()
@@ -141,7 +141,7 @@ def test_bf16_autocast_logits_and_gradients_match_timm():
 
 
 def test_compiled_training_step_matches_eager():
-    model = tntvision.create_model("tnt_mini_patch4_28", depth=2).train()
+    model = tntvision.create_model("tnt_mini_patch4_28", depth=1).train()  # one block keeps compiling short
     x = torch.randn(4, 1, 28, 28)
     out, grads, _ = _grads(model, x, model)
     compiled = torch.compile(model, fullgraph=True)  # through the custom autograd Functions
