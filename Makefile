@@ -27,11 +27,16 @@ data:
 	fi
 
 # The README's first command: train tnt_mini_patch4_28 on the real Fashion-MNIST for DEMO_MINUTES of wall
-# time (the schedule anneals to fit), evaluate on the 10,000 test images, save the run folder. Each run
-# gets a fresh folder, so earlier demos are kept. Later steps (eval, figures) use $(DEMO_OUT).
+# time (the schedule anneals to fit), evaluate it on the 10,000 test images (confusion matrix), draw the
+# paper's figures for one test image, and predict the example images. Each run gets a fresh folder, so
+# earlier demos are kept.
 demo: setup data demo-train
+	$(BIN)/tnt eval --checkpoint $(DEMO_OUT) --data fashion-mnist --split test
+	$(BIN)/tnt visualize --checkpoint $(DEMO_OUT) docs/examples/ankle_boot_0.png --out $(DEMO_OUT)/figures
+	$(BIN)/tnt predict --checkpoint $(DEMO_OUT) docs/examples
 	@echo "run folder:  $(DEMO_OUT)"
 	@echo "  summary:   $(DEMO_OUT)/summary.json   curves: $(DEMO_OUT)/curves.png"
+	@echo "  figures:   $(DEMO_OUT)/figures/       confusion matrix: $(DEMO_OUT)/confusion_test.png"
 	@echo "  model:     $(DEMO_OUT)/model/         metrics: $(DEMO_OUT)/metrics.jsonl"
 
 # OMP_WAIT_POLICY=PASSIVE: on a shared 2-core machine, spinning OpenMP threads starve each other on
