@@ -208,3 +208,19 @@ def test_record_attention(name):
     torch.testing.assert_close(outer.sum(-1), torch.ones_like(outer.sum(-1)))
     if model.blocks[0].has_inner:
         assert maps["blocks.0.attn_in"].shape == (2 * 49, model.cfg.inner_num_heads, 16, 16)
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    import os
+    from pathlib import Path
+
+    from tntvision.models.io import atomic_write
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("x"))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.txt").read_text() == "x"
+    assert os.stat(tmp_path / "a.txt").st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temp file left behind
