@@ -222,15 +222,21 @@ def plot_inner_attention(
     return _save(fig, path)
 
 
+def _row_after_input(cap: Capture, panels: int) -> tuple[Figure, list]:
+    """A one-row figure: the input image, then ``panels`` empty axes (with room for colour bars)."""
+    fig = Figure(layout="constrained", figsize=(_PANEL * 1.25 * (panels + 1), _PANEL + 0.8))
+    axes = fig.subplots(1, panels + 1, squeeze=False)[0]
+    _show_image(axes[0], cap.image)
+    axes[0].set_title("input")
+    _clean(axes[0])
+    return fig, axes
+
+
 def plot_word_mosaic(cap: Capture, *, blocks: Sequence[int], path: Path) -> Path:
     """The image, then the word mosaic after the embedding and after each of ``blocks``."""
     (gh, gw), s = cap.grid, cap.words_per_side
     stages = [-1, *blocks]
-    fig = Figure(layout="constrained", figsize=(_PANEL * 1.25 * (len(stages) + 1), _PANEL + 0.8))
-    axes = fig.subplots(1, len(stages) + 1, squeeze=False)[0]
-    _show_image(axes[0], cap.image)
-    axes[0].set_title("input")
-    _clean(axes[0])
+    fig, axes = _row_after_input(cap, len(stages))
     for ax, stage in zip(axes[1:], stages, strict=True):
         w = cap.words[stage].mean(-1)  # (N, m): average over the c channels
         w = w.reshape(gh, gw, s, s).permute(0, 2, 1, 3)  # (gh, s, gw, s): word rows inside patch rows
@@ -252,11 +258,7 @@ def _attention_row(
     gh, gw = cap.grid
     H, W = cap.image.shape[:2]
     P = H // gh
-    fig = Figure(layout="constrained", figsize=(_PANEL * 1.25 * (len(blocks) + 1), _PANEL + 0.8))
-    axes = fig.subplots(1, len(blocks) + 1, squeeze=False)[0]
-    _show_image(axes[0], cap.image)
-    axes[0].set_title("input")
-    _clean(axes[0])
+    fig, axes = _row_after_input(cap, len(blocks))
     for ax, b in zip(axes[1:], blocks, strict=True):
         attn = cap.attn_out[b].mean(0)[query, 1:]  # (N,): over the patches, head average
         heat = attn.reshape(gh, gw).numpy()
