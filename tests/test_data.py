@@ -10,10 +10,12 @@ import torch
 
 import tntvision
 from tntvision.data import (
+    EvalBatches,
     FashionMNIST,
     ImageFolder,
     SeededDataset,
     ShardedSampler,
+    TrainBatches,
     batch_mixer,
     build_dataset,
     eval_transform,
@@ -163,6 +165,72 @@ def test_train_transform_is_reproducible_per_sample_seed(fmnist):
     rgb = tntvision.create_model("tnt_s_patch16_224", img_size=64).meta
     x = train_transform(rgb)(_grey_image())  # grey 50x40 -> RGB 64x64
     assert x.shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32), (1, 24)])
+def test_in_memory_eval_batches_match_the_per_image_transform(fmnist, channels, size):
+    from PIL import Image
+
+    meta = tntvision.create_model("tnt_mini_patch4_28").meta.resolved(in_chans=channels, img_size=size)
+    ds = build_dataset("fashion-mnist", "test")
+    tf = eval_transform(meta)
+    batches = EvalBatches(ds, meta=meta, batch_size=8, rank=1, world=2)  # rank 1 of 2: images 1, 3, 5...
+    xs, ys = zip(*batches, strict=True)
+    assert len(batches) == len(xs) == 2 and [len(y) for y in ys] == [8, 2]
+    x, y = torch.cat(xs), torch.cat(ys)
+    ref = torch.stack([tf(Image.fromarray(ds.images[i].numpy(), mode="L")) for i in range(1, 20, 2)])
+    assert x.shape == ref.shape == (10, channels, size, size)
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-6)
+    assert y.tolist() == ds.targets[1::2].tolist()
+
+
+def test_in_memory_train_batches_crop_flip_resume_and_ranks(fmnist):
+    meta = tntvision.create_model("tnt_mini_patch4_28").meta
+    ds = build_dataset("fashion-mnist", "train")  # 40 images
+    mean, std = meta.mean[0], meta.std[0]
+
+    def epoch(world: int, rank: int, start: int = 0) -> list:
+        sampler = ShardedSampler(len(ds), global_batch=8, seed=5, rank=rank, world=world)
+        sampler.set_epoch(1, start)
+        return list(TrainBatches(ds, sampler, meta=meta, padding=2, hflip=0.5))
+
+    full = epoch(1, 0)
+    assert len(full) == 5 and all(x.shape == (8, 1, 28, 28) and x.dtype == torch.float32 for x, _ in full)
+    # every sample is its image, shifted by at most 2 px with zeros coming in, maybe mirrored
+    order = ShardedSampler(len(ds), global_batch=8, seed=5)
+    order.set_epoch(1)
+    index = order.epoch_order()
+    x, y = torch.cat([b[0] for b in full]), torch.cat([b[1] for b in full])
+    assert y.tolist() == ds.targets[index].tolist()
+    pixels = (x * std + mean) * 255  # back to 0..255
+    flips = 0
+    for sample, i in zip(pixels, index.tolist(), strict=True):
+        img = torch.nn.functional.pad(ds.images[i].float(), (2, 2, 2, 2))  # (32, 32)
+        matches = [
+            (dy, dx, f)
+            for dy in range(5)
+            for dx in range(5)
+            for f in (False, True)
+            if torch.allclose(
+                sample[0],
+                img[dy : dy + 28, dx : dx + 28].flip(-1) if f else img[dy : dy + 28, dx : dx + 28],
+                atol=1e-3,
+            )
+        ]
+        assert matches, f"sample of image {i} is not a padded crop of it"
+        flips += all(f for *_, f in matches)
+    assert 0 < flips < len(index)  # some, not all, mirrored
+    # a resumed epoch continues with the same batches; two ranks together are the one-process batches
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch(1, 0, start=3), full[3:], strict=True))
+    halves = [epoch(2, r) for r in range(2)]
+    for step, (x1, y1) in enumerate(full):
+        x2 = torch.stack([halves[j % 2][step][0][j // 2] for j in range(8)])
+        y2 = torch.stack([halves[j % 2][step][1][j // 2] for j in range(8)])
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    # another epoch, another order and other crops
+    sampler = ShardedSampler(len(ds), global_batch=8, seed=5)
+    sampler.set_epoch(2)
+    assert not torch.equal(next(iter(TrainBatches(ds, sampler, meta=meta, padding=2)))[0], full[0][0])
 
 
 def _grey_image():

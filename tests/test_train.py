@@ -346,6 +346,7 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
         ("lr", "optim.lr"),
         ("model", "unknown model"),
         ("batch", "larger than the training set"),
+        ("memory", "data_loader=memory cannot be used"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(capsys, tmp_path, case, message):
@@ -359,7 +360,7 @@ def test_bad_input_exits_2_with_one_line(capsys, tmp_path, case, message):
     elif case == "mismatch":
         make_image_folder(data, classes=("a", "b"), per_class=1)
         make_image_folder(data, classes=("a", "c"), per_class=1, splits=("val",))
-    elif case in ("bad_image", "epochs", "lr", "model", "batch"):
+    elif case in ("bad_image", "epochs", "lr", "model", "batch", "memory"):
         make_image_folder(data, per_class=2)
         (data / "train" / "dog" / "broken.png").write_bytes(b"\x00garbage")
         extra = {
@@ -368,6 +369,7 @@ def test_bad_input_exits_2_with_one_line(capsys, tmp_path, case, message):
             "lr": ["--set", "optim.lr=-1"],
             "model": ["--model", "tnt_nope"],
             "batch": ["--batch-size", "64", "--set", "on_bad_image=skip"],
+            "memory": ["--set", "on_bad_image=skip", "--set", "data_loader=memory"],
         }[case]
     out = tmp_path / "run"
     argv = ["--model", "tnt_mini_patch4_28", "--data", str(data), "--out", str(out), *FAST, *extra]

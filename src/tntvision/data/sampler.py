@@ -69,9 +69,13 @@ class ShardedSampler(Sampler):
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * (self.global_batch // self.world)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def epoch_order(self) -> torch.Tensor:
+        """The epoch's order over all ranks: (steps_per_epoch * global_batch,) data set indices."""
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        order = torch.randperm(self.num_samples, generator=g)[: self.steps_per_epoch * self.global_batch]
+        return torch.randperm(self.num_samples, generator=g)[: self.steps_per_epoch * self.global_batch]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = self.epoch_order()
         mine = order[self.start_step * self.global_batch + self.rank :: self.world].tolist()
         for index in mine:
             yield index, mix_seed(self.seed, self.epoch, index, 1)

@@ -1,8 +1,9 @@
 """`tnt eval`: accuracy, loss, per-class accuracy and a confusion matrix of a saved model on a data set.
 
-The data set comes from :func:`tntvision.data.build_dataset` with the model's own eval transform, and the
-numbers from :func:`tntvision.train.engine.evaluate` (the loop training uses for its validation), so
-`tnt eval` and training report the same thing for the same weights.
+The data set comes from :func:`tntvision.data.build_dataset` with the model's own eval transform (a data
+set held in memory is cut into whole batches with the same preprocessing), and the numbers from
+:func:`tntvision.train.engine.evaluate` (the loop training uses for its validation), so `tnt eval` and
+training report the same thing for the same weights.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import build_dataset, eval_transform
+from ..data import EvalBatches, build_dataset, eval_transform, has_image_tensor
 from ..errors import DataError, InputError
 from ..models import load_model
 from ..models.io import atomic_write
@@ -159,7 +160,10 @@ def evaluate_checkpoint(
     _check_classes(model, classes, warn)
     if len(dataset) == 0:
         raise DataError(f"{data}: the {split} split holds no images")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    if has_image_tensor(dataset):  # held in memory (Fashion-MNIST): whole batches, same preprocessing
+        loader = EvalBatches(dataset, meta=model.meta, batch_size=batch_size)
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     if progress:
         from tqdm import tqdm
 

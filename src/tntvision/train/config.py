@@ -95,6 +95,9 @@ class TrainConfig:
     accum_steps: int = 1
     seed: int = 0
     workers: int = 4
+    # auto: batches cut from an in-memory image tensor (Fashion-MNIST) when the augmentation allows it
+    # (crop "pad", no RandAugment or erasing); memory: insist on that; workers: the per-image DataLoader
+    data_loader: str = "auto"
     device: str = "auto"  # auto: cuda if available, else cpu
     amp: str = "bfloat16"  # none | bfloat16 | float16
     drop_path: float = 0.1
@@ -126,6 +129,10 @@ class TrainConfig:
         )
         need(self.img_size is None or self.img_size > 0, f"img_size must be positive, got {self.img_size}")
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        need(
+            self.data_loader in ("auto", "memory", "workers"),
+            f"data_loader must be auto, memory or workers, not {self.data_loader!r}",
+        )
         need(
             self.device in ("auto", "cpu") or self.device.startswith("cuda"),
             f"unknown device {self.device!r}",

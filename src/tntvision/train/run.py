@@ -22,7 +22,17 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import SeededDataset, ShardedSampler, batch_mixer, build_dataset, eval_transform, train_transform
+from ..data import (
+    EvalBatches,
+    SeededDataset,
+    ShardedSampler,
+    TrainBatches,
+    batch_mixer,
+    build_dataset,
+    eval_transform,
+    has_image_tensor,
+    train_transform,
+)
 from ..data.sampler import mix_seed
 from ..errors import ConfigError, UserError
 from ..models import create_model, save_model
@@ -201,6 +211,34 @@ def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(h) + "\n" for h in history)))
 
 
+def _memory_loader_refusal(cfg: TrainConfig, train_ds) -> str | None:
+    """Why the in-memory batch path cannot serve this run (None: it can)."""
+    a = cfg.aug
+    if not has_image_tensor(train_ds):
+        return f"{cfg.data} is not held in memory as an image tensor (only fashion-mnist is)"
+    if a.crop != "pad" or a.randaugment_magnitude > 0 or a.random_erasing > 0:
+        return "it has only the crop of the padded image and flips (aug.crop=pad, no RandAugment or erasing)"
+    return None
+
+
+def _loaders(cfg: TrainConfig, train_ds, val_ds, sampler: ShardedSampler, *, meta, world: World, device):
+    """Training and evaluation batches: in-memory tensor batches or DataLoaders, as cfg.data_loader says."""
+    per_rank = cfg.batch_size // world.size
+    eval_batch = max(per_rank, 64)
+    if cfg.data_loader != "workers" and _memory_loader_refusal(cfg, train_ds) is None:
+        train = TrainBatches(train_ds, sampler, meta=meta, padding=cfg.aug.padding, hflip=cfg.aug.hflip)
+        val = EvalBatches(val_ds, meta=meta, batch_size=eval_batch, rank=world.rank, world=world.size)
+        return train, val
+    loader_kw = dict(
+        num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0
+    )
+    train = DataLoader(SeededDataset(train_ds), batch_size=per_rank, sampler=sampler, **loader_kw)
+    val = DataLoader(
+        val_ds, batch_size=eval_batch, sampler=range(world.rank, len(val_ds), world.size), **loader_kw
+    )
+    return train, val
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -248,7 +286,8 @@ def _train(
     if list(val_ds.classes) != list(train_ds.classes):
         raise ConfigError(f"{cfg.data}: train and val have different classes")
     classes = list(train_ds.classes)
-    per_rank = cfg.batch_size // world.size
+    if cfg.data_loader == "memory" and (why := _memory_loader_refusal(cfg, train_ds)):
+        raise ConfigError(f"data_loader=memory cannot be used: {why}")
     if cfg.batch_size % (world.size * cfg.accum_steps):
         raise ConfigError(
             f"batch_size {cfg.batch_size} must be divisible by processes x accum_steps "
@@ -330,13 +369,8 @@ def _train(
     sampler = ShardedSampler(
         len(train_ds), global_batch=cfg.batch_size, seed=cfg.seed, rank=world.rank, world=world.size
     )
-    loader_kw = dict(
-        num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0
-    )
-    train_loader = DataLoader(SeededDataset(train_ds), batch_size=per_rank, sampler=sampler, **loader_kw)
-    val_loader = DataLoader(
-        val_ds, batch_size=max(per_rank, 64), sampler=range(world.rank, len(val_ds), world.size), **loader_kw
-    )
+    train_loader, val_loader = _loaders(cfg, train_ds, val_ds, sampler, meta=meta, world=world, device=device)
+    say(f"data: {'in-memory tensor batches' if isinstance(train_loader, TrainBatches) else 'DataLoader'}")
     mixer = batch_mixer(num_classes=len(classes), mixup=a.mixup, cutmix=a.cutmix, switch_prob=a.switch_prob)
     criterion = nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
     budget_s = cfg.time_budget * 60.0
