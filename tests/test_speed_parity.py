@@ -117,8 +117,10 @@ def _timm_pair(name: str, img_size: int):
     "name, img_size",
     [("tnt_s_patch16_224", 144), ("tnt_s_legacy_patch16_224", 32)],
 )
-def test_model_training_gradients_match_timm(name, img_size):
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "keep"])
+def test_model_training_gradients_match_timm(name, img_size, lean):
     ref, ours = _timm_pair(name, img_size)
+    ours.set_lean_backward(lean)
     x = torch.randn(2, 3, img_size, img_size)
     out_ref, grads_ref, gx_ref = _grads(ref.train(), x, ref)
     out, grads, gx = _grads(ours.train(), x, ours)

@@ -6,6 +6,7 @@ Everything runs on tiny data the tests make (28 px IDX files, 32 px ImageFolder 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -35,7 +36,7 @@ from tntvision.train import (
     train_one_epoch,
 )
 from tntvision.train.config import ConfigError
-from tntvision.train.run import param_groups
+from tntvision.train.run import lr_schedule, param_groups
 
 from .data_helpers import make_fashion_mnist, make_image_folder
 
@@ -111,6 +112,20 @@ def test_param_groups_skip_decay_on_norms_biases_tokens_tables():
 
 
 # ---------------------------------------------------------------------------------------------- engine
+
+
+def test_lr_schedule_warmup_cosine_by_steps_and_by_time():
+    kw = dict(peak=1e-3, total_steps=100, warmup_steps=10, warmup_lr=1e-6, min_lr=1e-5)
+    lr_at = lr_schedule(**kw)
+    assert lr_at(0, 0.0) == 1e-6 and lr_at(5, 0.0) == pytest.approx((1e-6 + 1e-3) / 2)
+    assert lr_at(10, 0.0) == pytest.approx(1e-3) and lr_at(100, 0.0) == pytest.approx(1e-5)
+    assert lr_at(55, 0.0) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2)  # half-way down the cosine
+    # with a time budget the larger progress wins, and the rate stays continuous at the end of warm-up
+    by_time = lr_schedule(**kw, time_budget_s=60.0)
+    assert by_time(50, 60.0) == pytest.approx(1e-5) and by_time(50, 0.0) == lr_at(50, 0.0)
+    before, after = by_time(9, 30.0), by_time(10, 30.0)
+    assert after == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * (0.5 - 0.1) / 0.9)))
+    assert abs(after - before) < 0.15 * after
 
 
 def test_few_steps_reduce_the_loss():

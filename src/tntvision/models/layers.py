@@ -66,8 +66,11 @@ class Attention(nn.Module):
     :meth:`explicit` (two bmm calls, softmax over the key axis of transposed scores) for short sequences
     (the inner transformer) and for low precision. Both compute softmax(q k^T * scale) v.
 
-    When ``keep_attn`` is set (see :func:`tntvision.models.tnt.record_attention`), the explicit path runs and
-    the softmax weights are kept in ``last_attn`` as (B, heads, N, N) for visualisation.
+    With ``lean_backward`` (the default) the short-sequence path saves only qkv for backward and
+    recomputes the attention weights there; off, autograd keeps them (faster for small models whose
+    memory does not matter). When ``keep_attn`` is set (see :func:`tntvision.models.tnt.record_attention`),
+    the explicit path runs and the softmax weights are kept in ``last_attn`` as (B, heads, N, N) for
+    visualisation.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.keep_attn = False
         self.last_attn: torch.Tensor | None = None
+        self.lean_backward = True  # short sequences: keep only qkv for backward (see _TileAttention)
 
     def qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fused (3*dim, dim) qkv weight and bias: ``cat([qk, v])``, q rows first."""
@@ -112,7 +116,8 @@ class Attention(nn.Module):
         # one copy puts every head's q, k, v in its own contiguous (N, hd) tile
         qkv = qkv.view(B, N, 3, h, hd).permute(2, 0, 3, 1, 4).reshape(3, B * h, N, hd)  # (3, B*h, N, hd)
         q, k, v = qkv.unbind(0)  # each (B*h, N, hd)
-        if N <= SMALL_ATTN_TOKENS and torch.is_grad_enabled() and dropout_p == 0.0 and not self.keep_attn:
+        lean = self.lean_backward and dropout_p == 0.0 and not self.keep_attn
+        if N <= SMALL_ATTN_TOKENS and torch.is_grad_enabled() and lean:
             x = _TileAttention.apply(qkv, self.scale)  # same numbers, keeps only qkv for backward
         else:
             if N <= SMALL_ATTN_TOKENS:
@@ -184,8 +189,9 @@ class Mlp(nn.Module):
     """Linear -> exact (erf) GELU -> dropout -> Linear -> dropout.
 
     Same numbers three ways: without autograd the GELU runs in place on the fc1 output (one big
-    temporary fewer); when autograd records and there is no hidden dropout, :class:`_MlpFunction` keeps
-    less for backward (``recompute_fc1`` picks how much less); otherwise the plain module chain.
+    temporary fewer); when autograd records, ``lean_backward`` is on (the default) and there is no hidden
+    dropout, :class:`_MlpFunction` keeps less for backward (``recompute_fc1`` picks how much less);
+    otherwise the plain module chain.
     """
 
     def __init__(self, dim: int, *, hidden_dim: int, drop: float = 0.0, recompute_fc1: bool = False) -> None:
@@ -195,11 +201,12 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
         self.recompute_fc1 = recompute_fc1
+        self.lean_backward = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return self.drop(self.fc2(self.drop(torch.ops.aten.gelu_(self.fc1(x)))))
-        if self.drop.p == 0.0 or not self.training:
+        if self.lean_backward and (self.drop.p == 0.0 or not self.training):
             fc1, fc2 = self.fc1, self.fc2
             return _MlpFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.recompute_fc1)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))

@@ -101,6 +101,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     amp: str = "bfloat16"  # none | bfloat16 | float16
     drop_path: float = 0.1
+    lean_backward: bool = True  # recompute inner activations in backward (less memory, small models: slower)
     ema_decay: float = 0.99996  # 0 = no EMA of the weights
     eval_every: int = 1
     on_bad_image: str = "error"  # error | skip
@@ -185,6 +186,7 @@ SMALL_IMAGE_RECIPE: dict[str, Any] = {
     "workers": 1,
     "amp": "bfloat16",
     "drop_path": 0.0,
+    "lean_backward": False,  # small activations: keeping them is ~20% faster
     "ema_decay": 0.0,
     "optim": {"lr": 2e-3, "lr_base_batch": 256, "weight_decay": 0.05, "grad_clip": 0.0},
     "sched": {"warmup_epochs": 0.3, "warmup_lr": 1e-5, "min_lr": 1e-5, "by_time": True},

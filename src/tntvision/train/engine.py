@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -90,7 +91,12 @@ def train_one_epoch(
     total, steps, images, stopped = 0.0, 0, 0, False
     step = start_step
     bar = tqdm(
-        total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", leave=False, disable=not progress
+        total=steps_per_epoch,
+        initial=start_step,
+        desc=f"epoch {epoch}",
+        leave=False,
+        disable=not progress,
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not every step
     )
     t0 = time.perf_counter()
     for x, y in loader:

@@ -129,18 +129,21 @@ def lr_schedule(
     """``lr_at(step, elapsed_seconds)``: linear warm-up to ``peak``, then cosine decay to ``min_lr``.
 
     torch's schedulers count steps only; this one may also follow a time budget (``time_budget_s`` > 0):
-    progress is then the larger of the step fraction and the fraction of the budget used.
+    progress is then the larger of the step fraction and the fraction of the budget used. Warm-up ramps
+    towards the cosine's value at the current progress (``peak`` when counting steps), so the rate stays
+    continuous when a short budget has moved the cosine on during warm-up.
     """
     warm_frac = warmup_steps / max(total_steps, 1)
 
     def lr_at(step: int, elapsed: float) -> float:
-        if step < warmup_steps:
-            return warmup_lr + (peak - warmup_lr) * step / warmup_steps
         p = step / max(total_steps, 1)
         if time_budget_s > 0:
             p = max(p, elapsed / time_budget_s)
         q = min(max((p - warm_frac) / max(1.0 - warm_frac, 1e-12), 0.0), 1.0)
-        return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * q))
+        lr = min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * q))
+        if step < warmup_steps:
+            return warmup_lr + (lr - warmup_lr) * step / warmup_steps
+        return lr
 
     return lr_at
 
@@ -303,6 +306,8 @@ def _train(
         overrides["img_size"] = cfg.img_size
     torch.manual_seed(mix_seed(cfg.seed, 0xC0FFEE))  # same initial weights on every rank
     model = create_model(cfg.model, pretrained=cfg.pretrained, **overrides).to(device)
+    if hasattr(model, "set_lean_backward"):
+        model.set_lean_backward(cfg.lean_backward)
     meta = model.meta
     a = cfg.aug
     train_ds.transform = train_transform(
