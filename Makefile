@@ -7,6 +7,7 @@ FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
 DEMO_OUT ?= runs/fashion_mnist_$(DEMO_STAMP)
 DEMO_MINUTES ?= 14
+DEMO_PROCS ?= 2
 
 .PHONY: setup data test lint demo demo-train clean
 
@@ -39,10 +40,12 @@ demo: setup data demo-train
 	@echo "  figures:   $(DEMO_OUT)/figures/       confusion matrix: $(DEMO_OUT)/confusion_test.png"
 	@echo "  model:     $(DEMO_OUT)/model/         metrics: $(DEMO_OUT)/metrics.jsonl"
 
-# OMP_WAIT_POLICY=PASSIVE: on a shared 2-core machine, spinning OpenMP threads starve each other on
-# this small model's many tiny kernels (measured 80 img/s spinning vs 180 passive, while busy).
+# DEMO_PROCS processes of one thread each (torchrun, DDP over gloo): this small model's kernels are too
+# small to keep two threads busy, and two processes train ~1.5-1.8x faster than one with two threads
+# (BENCHMARKS.md). OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads starve each other on a shared machine.
 demo-train: setup data
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/tnt train --model tnt_mini_patch4_28 --data fashion-mnist \
+	OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=$(DEMO_PROCS) \
+	  -m tntvision.cli train --model tnt_mini_patch4_28 --data fashion-mnist \
 	  --out $(DEMO_OUT) --time-budget $(DEMO_MINUTES) --epochs 30
 
 lint: setup

@@ -143,7 +143,7 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     cases = [
         ([str(image), "--blocks", "1,7"], "blocks are numbered 1.."),
         ([str(image), "--patch", "7,0"], "outside the 7x7 grid"),
-        ([str(image), "--words", "0,4"], "outside the 4x4 grid"),
+        ([str(image), "--words", "0,2"], "outside the 2x2 grid"),
         ([str(image), "--blocks", "a,b"], "comma-separated integers"),
         ([str(image), "--img-size", "30"], "multiple of the patch size"),
         ([str(tmp_path / "missing.png")], "no such file"),

@@ -558,7 +558,7 @@ _TNT_S = TNTConfig(embed_dim=384, inner_dim=24, num_heads=6, inner_num_heads=4)
 _TNT_MINI = TNTConfig(
     img_size=28,
     patch_size=4,
-    word_stride=1,  # 16 one-pixel words per 4x4 patch
+    word_stride=2,  # 2x2 words per 4x4 patch, each a 3x3 conv window at stride 2
     word_kernel=3,
     in_chans=1,
     num_classes=10,

@@ -176,9 +176,10 @@ class TrainConfig:
         return self.optim.lr * self.batch_size / self.optim.lr_base_batch
 
 
-# The small-image recipe (28 px data such as Fashion-MNIST): a few epochs on a CPU, so only flips (no
-# crops, RandAugment, MixUp/CutMix, erasing: they slow convergence in a few epochs; turn them on for long
-# runs); bf16 autocast; the schedule follows the time budget when one is given.
+# The small-image recipe (28 px data such as Fashion-MNIST): a few epochs on a CPU, so no augmentation at
+# all (flips, crops, RandAugment, MixUp/CutMix, erasing slow convergence in a few epochs: without flips a
+# 5-minute trial gained 2 points; turn them on for long runs); bf16 autocast; a high learning rate; the
+# schedule follows the time budget when one is given.
 # configs/fashion_mnist.yaml spells it out; `tnt train` picks it for models whose input is <= 64 px.
 SMALL_IMAGE_RECIPE: dict[str, Any] = {
     "epochs": 30,
@@ -188,12 +189,13 @@ SMALL_IMAGE_RECIPE: dict[str, Any] = {
     "drop_path": 0.0,
     "lean_backward": False,  # small activations: keeping them is ~20% faster
     "ema_decay": 0.0,
-    "optim": {"lr": 2e-3, "lr_base_batch": 256, "weight_decay": 0.05, "grad_clip": 0.0},
+    # 4e-3 at batch 128 with beta2 0.99: in 5-minute trials, +2 points over 2e-3 / 0.999; 8e-3 diverged
+    "optim": {"lr": 8e-3, "lr_base_batch": 256, "betas": (0.9, 0.99), "weight_decay": 0.05, "grad_clip": 0.0},
     "sched": {"warmup_epochs": 0.3, "warmup_lr": 1e-5, "min_lr": 1e-5, "by_time": True},
     "aug": {
         "crop": "pad",
         "padding": 0,
-        "hflip": 0.5,
+        "hflip": 0.0,
         "randaugment_magnitude": 0,
         "random_erasing": 0.0,
         "mixup": 0.0,
