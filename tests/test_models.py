@@ -207,7 +207,8 @@ def test_record_attention(name):
     assert outer.shape == (2, model.cfg.num_heads, 50, 50)
     torch.testing.assert_close(outer.sum(-1), torch.ones_like(outer.sum(-1)))
     if model.blocks[0].has_inner:
-        assert maps["blocks.0.attn_in"].shape == (2 * 49, model.cfg.inner_num_heads, 16, 16)
+        words = (model.cfg.patch_size // model.cfg.word_stride) ** 2  # 2x2 for the mini, 4x4 for TNT-S
+        assert maps["blocks.0.attn_in"].shape == (2 * 49, model.cfg.inner_num_heads, words, words)
 
 
 def test_atomic_write_gives_normal_permissions(tmp_path):

@@ -94,7 +94,8 @@ def test_28px_models_through_the_cli(name, tmp_path, capsys):
 
 
 def test_other_image_size_patch_and_words(tmp_path):
-    model = tntvision.create_model("tnt_mini_patch4_28", depth=6).eval()  # blocks 2 and 6 below
+    # 4x4 one-pixel words per patch (the registered mini has 2x2); blocks 2 and 6 below
+    model = tntvision.create_model("tnt_mini_patch4_28", depth=6, word_stride=1).eval()
     image = photo(tmp_path / "in.png", (90, 70), mode="L")
     report = visualize(
         model, image, tmp_path / "out", blocks=[2, 6], patch=(0, 13), words=[(1, 2), (3, 0)], img_size=56

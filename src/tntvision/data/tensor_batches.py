@@ -34,6 +34,13 @@ def has_image_tensor(dataset: object) -> bool:
     return isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim in (3, 4)
 
 
+def _images_and_targets(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uint8 image tensor and the (N,) int64 labels of a data set held in memory."""
+    if not has_image_tensor(dataset):
+        raise TypeError(f"{type(dataset).__name__} does not hold its images as a uint8 tensor")
+    return dataset.images, torch.as_tensor(dataset.targets)
+
+
 def _as_nchw(images: torch.Tensor, in_chans: int) -> torch.Tensor:
     """uint8 (B, H, W) or (B, C, H, W) -> (B, in_chans, H, W); grey is repeated to RGB, RGB averaged."""
     x = images[:, None] if images.ndim == 3 else images  # (B, C, H, W)
@@ -109,10 +116,7 @@ class TrainBatches:
     def __init__(
         self, dataset, sampler: ShardedSampler, *, meta: ModelMeta, padding: int = 0, hflip: float = 0.0
     ) -> None:
-        if not has_image_tensor(dataset):
-            raise TypeError(f"{type(dataset).__name__} does not hold its images as a uint8 tensor")
-        self.images = dataset.images
-        self.targets = torch.as_tensor(dataset.targets)
+        self.images, self.targets = _images_and_targets(dataset)
         self.sampler = sampler
         self.meta = meta
         self.padding = padding
@@ -145,10 +149,7 @@ class EvalBatches:
     """
 
     def __init__(self, dataset, *, meta: ModelMeta, batch_size: int, rank: int = 0, world: int = 1) -> None:
-        if not has_image_tensor(dataset):
-            raise TypeError(f"{type(dataset).__name__} does not hold its images as a uint8 tensor")
-        self.images = dataset.images
-        self.targets = torch.as_tensor(dataset.targets)
+        self.images, self.targets = _images_and_targets(dataset)
         self.meta = meta
         self.batch_size = batch_size
         self.index = torch.arange(rank, len(self.targets), world)  # this rank's images
