@@ -61,7 +61,7 @@ def speed_section(rows: list[dict], command: str) -> str:
         "",
         f"TNT-S (`{MODEL}`) against timm {first.get('timm_version', '')}'s TNT-S (same weights) and timm's "
         f"DeiT-S (`deit_small_patch16_224`), all in one process, interleaved round by round; torch "
-        f"{first['torch']}, CPU, {first['threads']} threads, a 2-core machine shared with other jobs "
+        f"{first['torch']}, CPU, {first['threads']} threads, a 2-core machine that other jobs may share "
         "(absolute img/s move a lot between runs; read the ratios). Times are medians. `x timm` = timm "
         "TNT-S time / our time (> 1: we are faster). `/ DeiT-S` = that model's time / DeiT-S time (FLOP "
         "ratio TNT-S / DeiT-S = 1.23). bfloat16 = the same `torch.autocast` for every model. Peak memory: "
