@@ -41,7 +41,7 @@ demo: setup data demo-train
 	@echo "  model:     $(DEMO_OUT)/model/         metrics: $(DEMO_OUT)/metrics.jsonl"
 
 # DEMO_PROCS processes of one thread each (torchrun, DDP over gloo): this small model's kernels are too
-# small to keep two threads busy, and two processes train ~1.5-1.8x faster than one with two threads
+# small to keep two threads busy, and two processes train ~1.5x faster than one with two threads
 # (BENCHMARKS.md). OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads starve each other on a shared machine.
 demo-train: setup data
 	OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=$(DEMO_PROCS) \

@@ -176,6 +176,23 @@ def test_bench_cli_compares_with_timm(capsys):
     assert set(result["latency"]["per_impl"]) == {"ours", "timm"}
 
 
+def test_bench_keep_activations_times_the_plain_backward(capsys):
+    from tntvision.tools.bench import Impl
+
+    kept = Impl("ours").build("tnt_mini_patch4_28", lean_backward=False)
+    switches = [m.lean_backward for m in kept.modules() if isinstance(m, (Attention, Mlp))]
+    assert switches and not any(switches)
+    assert all(
+        m.lean_backward
+        for m in Impl("ours").build("tnt_mini_patch4_28").modules()
+        if hasattr(m, "lean_backward")
+    )
+    argv = ["bench", "--model", "tnt_mini_patch4_28", "--batch-size", "2", "--rounds", "1", "--train"]
+    assert main(argv + ["--warmup", "0", "--no-memory", "--keep-activations", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["lean_backward"] is False and result["train"]["per_impl"]["ours"]["img_per_s"] > 0
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

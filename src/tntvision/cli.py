@@ -170,6 +170,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         compile=args.compile,
         threads=args.threads,
         device=args.device,
+        lean_backward=not args.keep_activations,
     )
     emit(args, result, lambda: format_report(result))
 
@@ -325,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (time reported)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument(
+        "--keep-activations",
+        action="store_true",
+        help="our model keeps inner activations for backward (lean_backward off: faster for small models)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)

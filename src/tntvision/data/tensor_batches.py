@@ -17,15 +17,13 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ..models.registry import ModelMeta
 from .sampler import ShardedSampler, mix_seed
+from .transforms import _INTERPOLATION
 
 __all__ = ["EvalBatches", "TrainBatches", "has_image_tensor", "prepare_images"]
-
-_INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 
 def has_image_tensor(dataset: object) -> bool:
@@ -42,7 +40,7 @@ def _images_and_targets(dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _as_nchw(images: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """uint8 (B, H, W) or (B, C, H, W) -> (B, in_chans, H, W); grey is repeated to RGB, RGB averaged."""
+    """uint8 (B, H, W) or (B, C, H, W) -> (B, in_chans, H, W); grey is repeated to RGB, RGB taken to luma."""
     x = images[:, None] if images.ndim == 3 else images  # (B, C, H, W)
     if x.shape[1] == in_chans:
         return x
@@ -76,10 +74,9 @@ def prepare_images(images: torch.Tensor, meta: ModelMeta, *, train: bool) -> tor
 
 
 def _normalise(x: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 scaled to [0, 1] and normalised with the model's mean and std."""
-    mean = torch.tensor(meta.mean, dtype=torch.float32).view(1, -1, 1, 1)  # (1, C, 1, 1)
-    inv_std = 1.0 / torch.tensor(meta.std, dtype=torch.float32).view(1, -1, 1, 1)  # (1, C, 1, 1)
-    return (x.float().div_(255.0).sub_(mean)).mul_(inv_std)
+    """uint8 (B, C, H, W) -> float32 in [0, 1], normalised: the last two steps of the eval transform."""
+    x = TF.to_dtype(x, torch.float32, scale=True)
+    return TF.normalize(x, mean=list(meta.mean), std=list(meta.std))
 
 
 def _crop_and_flip(

@@ -47,10 +47,17 @@ class Impl:
     def label(self) -> str:
         return self.spec
 
-    def build(self, model_name: str, *, weights_from: nn.Module | None = None) -> nn.Module:
-        """A fresh model; timm's model of our name gets ``weights_from``'s weights (same layout)."""
+    def build(
+        self, model_name: str, *, weights_from: nn.Module | None = None, lean_backward: bool = True
+    ) -> nn.Module:
+        """A fresh model; timm's model of our name gets ``weights_from``'s weights (same layout).
+
+        ``lean_backward`` is our model's :meth:`~tntvision.models.tnt.TNT.set_lean_backward` setting.
+        """
         if self.spec == "ours":
-            return create_model(model_name)
+            model = create_model(model_name)
+            model.set_lean_backward(lean_backward)
+            return model
         timm = _import_timm()
         name = model_name if self.spec == "timm" else self.spec.split(":", 1)[1]
         if name not in timm.list_models():
@@ -149,11 +156,12 @@ def _memory_probe(
     steps: int,
     device: str,
     threads: int,
+    lean_backward: bool = True,
 ) -> dict[str, float]:
     """Runs in a fresh child process: peak memory of ``steps`` calls of one workload (MB)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = Impl(impl_spec).build(model_name).to(device)
+    model = Impl(impl_spec).build(model_name, lean_backward=lean_backward).to(device)
     x = torch.randn(batch, *_input_shape(model_name), device=device)
     run = (_train_fn if train else _inference_fn)(model, x, device, dtype)
     if device == "cuda":
@@ -249,6 +257,7 @@ def bench_model(
     compile: bool = False,
     threads: int | None = None,
     device: str = "cpu",
+    lean_backward: bool = True,
 ) -> dict[str, Any]:
     """Measure one model (and the implementations in ``compare``) on random inputs.
 
@@ -257,6 +266,8 @@ def bench_model(
     ``dtype="bfloat16"`` runs every implementation under the same ``torch.autocast``. ``compile`` wraps
     every model in ``torch.compile`` and reports the first (compiling) call's time separately.
     Peak memory (``memory=True``) comes from one child process per implementation (module docstring).
+    ``lean_backward=False`` times our model with its inner activations kept for backward (faster for
+    small models, more memory; see :meth:`~tntvision.models.tnt.TNT.set_lean_backward`).
 
     Returns plain data: per workload, per implementation ``median_ms`` / ``min_ms`` / ``img_per_s``, and
     ``speedup`` = other's median time / ours (> 1: ours is faster).
@@ -276,13 +287,14 @@ def bench_model(
         "device": device,
         "torch": torch.__version__,
         "compile": compile,
+        "lean_backward": lean_backward,
         "implementations": [i.label for i in impls],
         "rounds": rounds,
     }
     with _threads(threads) as n_threads:
         result["threads"] = n_threads
         torch.manual_seed(0)
-        ours = create_model(model_name)
+        ours = Impl("ours").build(model_name, lean_backward=lean_backward)
         models = {
             i.label: (ours if i.spec == "ours" else i.build(model_name, weights_from=ours)).to(device)
             for i in impls
@@ -311,7 +323,17 @@ def bench_model(
         if memory and not compile:
             mem = {
                 i.label: _peak_memory(
-                    (i.spec, model_name, batch_size, dtype, train, warmup + 1, device, n_threads)
+                    (
+                        i.spec,
+                        model_name,
+                        batch_size,
+                        dtype,
+                        train,
+                        warmup + 1,
+                        device,
+                        n_threads,
+                        lean_backward,
+                    )
                 )
                 for i in impls
             }

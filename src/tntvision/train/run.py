@@ -220,7 +220,7 @@ def _memory_loader_refusal(cfg: TrainConfig, train_ds) -> str | None:
     if not has_image_tensor(train_ds):
         return f"{cfg.data} is not held in memory as an image tensor (only fashion-mnist is)"
     if a.crop != "pad" or a.randaugment_magnitude > 0 or a.random_erasing > 0:
-        return "it has only the crop of the padded image and flips (aug.crop=pad, no RandAugment or erasing)"
+        return "it augments only by padded crops and flips (aug.crop=pad, no RandAugment or erasing)"
     return None
 
 
@@ -306,8 +306,7 @@ def _train(
         overrides["img_size"] = cfg.img_size
     torch.manual_seed(mix_seed(cfg.seed, 0xC0FFEE))  # same initial weights on every rank
     model = create_model(cfg.model, pretrained=cfg.pretrained, **overrides).to(device)
-    if hasattr(model, "set_lean_backward"):
-        model.set_lean_backward(cfg.lean_backward)
+    model.set_lean_backward(cfg.lean_backward)
     meta = model.meta
     a = cfg.aug
     train_ds.transform = train_transform(
