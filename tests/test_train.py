@@ -5,6 +5,7 @@ Everything runs on tiny data the tests make (28 px IDX files, 32 px ImageFolder 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -35,8 +36,9 @@ from tntvision.train import (
     train,
     train_one_epoch,
 )
-from tntvision.train.config import ConfigError
-from tntvision.train.run import lr_schedule, param_groups
+from tntvision.train.config import ConfigError, OptimConfig
+from tntvision.train.optim import MuonAdamW, build_optimizer, param_groups
+from tntvision.train.run import lr_schedule
 
 from .data_helpers import make_fashion_mnist, make_image_folder
 
@@ -111,6 +113,51 @@ def test_param_groups_skip_decay_on_norms_biases_tokens_tables():
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
 
 
+def test_muon_takes_the_weight_matrices_adamw_the_rest():
+    model = tntvision.create_model("tnt_mini_patch4_28")
+    opt = build_optimizer(model, OptimConfig(name="muon"), lr=2e-3, device=torch.device("cpu"))
+    assert isinstance(opt, MuonAdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = [names[id(p)] for g in opt.muon.param_groups for p in g["params"]]
+    adamw = [names[id(p)] for g in opt.adamw.param_groups for p in g["params"]]
+    assert sorted(muon + adamw) == sorted(names.values())  # every parameter, once
+    shapes = dict(model.named_parameters())
+    assert muon and all(shapes[n].ndim == 2 and not n.startswith("head.") for n in muon)
+    assert {"blocks.0.attn_in.qk.weight", "blocks.3.mlp.fc2.weight", "proj.weight"} <= set(muon)
+    assert {"head.weight", "pixel_embed.proj.weight", "cls_token", "norm.bias"} <= set(adamw)
+    for group in opt.param_groups:  # what the schedule does each step
+        group["lr"] = 5e-4
+    assert {g["lr"] for g in opt.adamw.param_groups + opt.muon.param_groups} == {5e-4}
+
+
+def test_muon_adamw_state_dict_round_trip_continues_exactly():
+    def grads(model, seed):
+        gen = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+
+    cfg, cpu = OptimConfig(name="muon"), torch.device("cpu")
+    a = tntvision.create_model("tnt_mini_patch4_28")
+    opt_a = build_optimizer(a, cfg, lr=1e-3, device=cpu)
+    grads(a, 0)
+    opt_a.step()
+    b = tntvision.create_model("tnt_mini_patch4_28")
+    b.load_state_dict(a.state_dict())
+    opt_b = build_optimizer(b, cfg, lr=1e-3, device=cpu)
+    saved = io.BytesIO()  # through bytes, as a checkpoint does: loading shares tensors otherwise
+    torch.save(opt_a.state_dict(), saved)
+    saved.seek(0)
+    opt_b.load_state_dict(torch.load(saved, weights_only=True))
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        for group in opt.param_groups:  # the schedule's change must reach the loaded inner optimizers
+            group["lr"] = 5e-4
+        grads(model, 1)
+        opt.step()
+    assert {g["lr"] for g in opt_b.adamw.param_groups + opt_b.muon.param_groups} == {5e-4}
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+
+
 # ---------------------------------------------------------------------------------------------- engine
 
 
@@ -128,15 +175,16 @@ def test_lr_schedule_warmup_cosine_by_steps_and_by_time():
     assert abs(after - before) < 0.15 * after
 
 
-def test_few_steps_reduce_the_loss():
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_few_steps_reduce_the_loss(optimizer):
     torch.manual_seed(0)
     x = 0.1 * torch.randn(32, 1, 28, 28)
     y = torch.arange(32) % 4
     x[torch.arange(32), 0, y * 6, :] += 3.0  # a bright row per class
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     model = tntvision.create_model("tnt_mini_patch4_28", num_classes=4, depth=2)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     dev = torch.device("cpu")
+    opt = build_optimizer(model, OptimConfig(name=optimizer, weight_decay=0.0), lr=1e-3, device=dev)
     before = evaluate(model, loader, device=dev)["loss"]
     for epoch in range(4):
         res = train_one_epoch(model, loader, opt, device=dev, epoch=epoch, steps_per_epoch=4)
@@ -190,6 +238,20 @@ def test_run_folder_contents(fmnist, tmp_path):
     assert model.class_names[:2] == ["T-shirt/top", "Trouser"]
     with pytest.raises(ConfigError, match="already holds a training run"):
         _cfg(out)
+
+
+def test_fused_adamw_follows_the_for_loop_adamw(fmnist, tmp_path):
+    """optim.fused (the default) only changes how AdamW runs: same weights as torch's for-loop AdamW."""
+    runs = {}
+    for fused in (True, False):
+        out = tmp_path / f"fused_{fused}"
+        summary = train(_cfg(out, epochs=1, optim={"name": "adamw", "fused": fused}), log=lambda _m: None)
+        assert summary["images_seen"] == 96
+        state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+        assert all(g["fused"] is fused for g in state["optimizer"]["param_groups"])
+        runs[fused] = _weights(out)
+    for k, w in runs[True].items():
+        torch.testing.assert_close(w, runs[False][k], rtol=1e-4, atol=1e-5)
 
 
 def test_time_budget_stops_cleanly(fmnist, tmp_path):
@@ -268,15 +330,18 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(fmnist, tmp_path):
             assert losses[0] == losses[1]
 
 
-def test_ddp_two_processes_match_one(fmnist, tmp_path):
+@pytest.mark.parametrize(("optimizer", "weight_tol"), [("adamw", 1e-4), ("muon", 2e-3)])
+def test_ddp_two_processes_match_one(fmnist, tmp_path, optimizer, weight_tol):
     """torchrun with 2 CPU processes (gloo) and the same global batch follows the 1-process run.
 
     Augmentation and data order depend on (seed, epoch, sample) only, so both see the same batches; the
-    remaining difference is float summation order (gradient all-reduce), hence a tolerance of 1e-4.
+    remaining difference is float summation order (gradient all-reduce), hence a tolerance of 1e-4 on
+    losses and AdamW's weights. Muon orthogonalises in bf16, where a last-bit gradient difference can
+    flip a rounding (2**-8 relative) of an update of size ~lr: its weights get 2e-3.
     """
     env = _env(fmnist)
     args = ["train", "--model", "tnt_mini_patch4_28", "--data", "fashion-mnist", "--epochs", "2"]
-    args += ["--batch-size", "16", "--seed", "1", *FAST]
+    args += ["--batch-size", "16", "--seed", "1", "--set", f"optim.name={optimizer}", *FAST]
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(
         [sys.executable, "-m", "tntvision.cli", *args, "--out", str(one)],
@@ -301,7 +366,7 @@ def test_ddp_two_processes_match_one(fmnist, tmp_path):
         assert r1["train_loss"] == pytest.approx(r2["train_loss"], rel=1e-4, abs=1e-5)
         assert r1["val_loss"] == pytest.approx(r2["val_loss"], rel=1e-4, abs=1e-5)
     w1, w2 = _weights(one), _weights(two)
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < weight_tol
 
 
 def test_finetune_other_classes_and_image_size(fmnist, tmp_path):

@@ -567,6 +567,7 @@ _TNT_MINI = TNTConfig(
     depth=4,
     num_heads=4,
     inner_num_heads=2,
+    mlp_ratio=2.0,  # outer MLP 128 -> 256: in 4-minute trials as accurate as 4.0 and ~20% faster
 )
 
 VARIANTS: dict[str, tuple[TNTConfig, ModelMeta]] = {

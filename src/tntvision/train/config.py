@@ -34,14 +34,20 @@ __all__ = [
 
 @dataclass
 class OptimConfig:
-    """AdamW. The learning rate used is ``lr * batch_size / lr_base_batch`` (linear scaling rule)."""
+    """AdamW, or Muon + AdamW (see :mod:`tntvision.train.optim`).
 
+    The learning rate used is ``lr * batch_size / lr_base_batch`` (linear scaling rule).
+    """
+
+    name: str = "adamw"  # adamw | muon (Muon on the weight matrices, AdamW on the rest)
     lr: float = 5e-4
     lr_base_batch: int = 512
     weight_decay: float = 0.05  # not applied to norms, biases, class token and position tables
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 0.0  # max global gradient norm; 0 = off
+    fused: bool = True  # torch's fused AdamW kernel on CPU and CUDA (~4x faster than its for-loop on CPU)
+    muon_momentum: float = 0.95  # name: muon
 
 
 @dataclass
@@ -153,6 +159,8 @@ class TrainConfig:
         need(o.lr > 0 and o.lr_base_batch > 0, "optim.lr and optim.lr_base_batch must be positive")
         need(o.weight_decay >= 0 and o.grad_clip >= 0, "optim.weight_decay and optim.grad_clip must be >= 0")
         need(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must be in [0, 1), got {o.betas}")
+        need(o.name in ("adamw", "muon"), f"optim.name must be adamw or muon, not {o.name!r}")
+        need(0.0 <= o.muon_momentum < 1.0, f"optim.muon_momentum must be in [0, 1), got {o.muon_momentum}")
         need(s.warmup_epochs >= 0 and s.warmup_lr >= 0 and s.min_lr >= 0, "sched values must be >= 0")
         need(a.crop in ("random_resized", "pad"), f"aug.crop must be random_resized or pad, not {a.crop!r}")
         need(
@@ -178,8 +186,8 @@ class TrainConfig:
 
 # The small-image recipe (28 px data such as Fashion-MNIST): a few epochs on a CPU, so no augmentation at
 # all (flips, crops, RandAugment, MixUp/CutMix, erasing slow convergence in a few epochs: without flips a
-# 5-minute trial gained 2 points; turn them on for long runs); bf16 autocast; a high learning rate; the
-# schedule follows the time budget when one is given.
+# 5-minute trial gained 2 points; turn them on for long runs); bf16 autocast; Muon at a high learning
+# rate; the schedule follows the time budget when one is given.
 # configs/fashion_mnist.yaml spells it out; `tnt train` picks it for models whose input is <= 64 px.
 SMALL_IMAGE_RECIPE: dict[str, Any] = {
     "epochs": 30,
@@ -189,8 +197,17 @@ SMALL_IMAGE_RECIPE: dict[str, Any] = {
     "drop_path": 0.0,
     "lean_backward": False,  # small activations: keeping them is ~20% faster
     "ema_decay": 0.0,
-    # 4e-3 at batch 128 with beta2 0.99: in 5-minute trials, +2 points over 2e-3 / 0.999; 8e-3 diverged
-    "optim": {"lr": 8e-3, "lr_base_batch": 256, "betas": (0.9, 0.99), "weight_decay": 0.05, "grad_clip": 0.0},
+    # Muon (weight matrices) + AdamW (the rest) at 8e-3 for batch 128. 4-minute trials (mlp_ratio-4 mini,
+    # two processes): 86.7%, against 83.3% for AdamW alone at its best rate (4e-3; 8e-3 diverged); Muon at
+    # 4e-3 86.2%, at 1.6e-2 86.1%. benchmarks/fmnist_trials.py reruns such trials. AdamW's beta2 0.99.
+    "optim": {
+        "name": "muon",
+        "lr": 1.6e-2,
+        "lr_base_batch": 256,
+        "betas": (0.9, 0.99),
+        "weight_decay": 0.05,
+        "grad_clip": 0.0,
+    },
     "sched": {"warmup_epochs": 0.3, "warmup_lr": 1e-5, "min_lr": 1e-5, "by_time": True},
     "aug": {
         "crop": "pad",

@@ -42,8 +42,9 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import SMALL_IMAGE_RECIPE, TrainConfig, apply_overrides, from_dict, load_yaml, to_dict
 from .distributed import World, init_distributed, shutdown
 from .engine import NonFiniteLossError, evaluate, train_one_epoch
+from .optim import build_optimizer
 
-__all__ = ["RESUMABLE_KEYS", "lr_schedule", "param_groups", "resolve_config", "train"]
+__all__ = ["RESUMABLE_KEYS", "lr_schedule", "resolve_config", "train"]
 
 # Keys a resumed run may change; anything else would make it a different run.
 RESUMABLE_KEYS = {"out", "time_budget", "workers", "tensorboard", "on_bad_image"}
@@ -104,17 +105,6 @@ def resolve_config(
         cfg = from_dict(apply_overrides(base, overrides))
     cfg.validate()
     return cfg
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on weight matrices only; none on norms, biases, class token, tables."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_schedule(
@@ -324,12 +314,7 @@ def _train(
         if getattr(ds, "skipped", 0):
             say(f"{cfg.data} {ds.split}: skipped {ds.skipped} files Pillow cannot read")
 
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay),
-        lr=cfg.scaled_lr,
-        betas=cfg.optim.betas,
-        eps=cfg.optim.eps,
-    )
+    optimizer = build_optimizer(model, cfg.optim, lr=cfg.scaled_lr, device=device)
     ema = None
     if cfg.ema_decay > 0:
         ema = torch.optim.swa_utils.AveragedModel(
