@@ -26,6 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tnt_s_patch16_224"
 TIMM = "timm"
 DEIT = "timm:deit_small_patch16_224"
+FLOP_RATIO = 1.23  # TNT-S / DeiT-S multiply-accumulates (spec section 1; `tnt info` gives ours)
+# Issue 3's targets, as speed-ups over timm's TNT-S, per (workload, dtype); compiled rows have none.
+TARGETS = {
+    ("inference", "float32"): 1.4,
+    ("inference", "bfloat16"): 2.0,
+    ("latency", "float32"): 1.3,
+    ("latency", "bfloat16"): 1.3,
+    ("train", "float32"): 1.35,
+}
+MEMORY_TARGET = 0.7  # training peak memory, as a fraction of timm TNT-S's
 
 
 def run(quick: bool, compile_rows: bool) -> list[dict]:
@@ -35,6 +45,7 @@ def run(quick: bool, compile_rows: bool) -> list[dict]:
         dict(batch_size=16, dtype="float32", memory=False),
         dict(batch_size=16, dtype="bfloat16", memory=False),
         dict(batch_size=16, dtype="float32", train=True, rounds=max(2, rounds - 2)),
+        dict(batch_size=32, dtype="float32", train=True, rounds=max(2, rounds - 3)),
     ]
     if quick:
         plan = [dict(batch_size=4, dtype="float32", train=True)]
@@ -53,6 +64,27 @@ def _fmt(x: float, nd: int = 2) -> str:
     return f"{x:.{nd}f}"
 
 
+def _verdicts(rows: list[dict]) -> list[str]:
+    """One line per eager row with a target: met or not, and whether FLOP parity could meet it."""
+    out = []
+    for r in rows:
+        for key in ("inference", "latency", "train"):
+            target = TARGETS.get((key, r["dtype"]))
+            if key not in r or r["compile"] or target is None:
+                continue
+            per = r[key]["per_impl"]
+            ours, tnt, deit = (per[k]["median_ms"] for k in ("ours", TIMM, DEIT))
+            got, ceiling = tnt / ours, tnt / deit / FLOP_RATIO
+            verdict = "met" if got >= target else "not met"
+            reach = "within" if target <= ceiling else "above"
+            batch = 1 if key == "latency" else r["batch_size"]
+            out.append(
+                f"- {key} {r['dtype']} batch {batch}: {got:.2f}x timm, target {target}x {verdict}; "
+                f"the target is {reach} the FLOP-parity ceiling {ceiling:.2f}x."
+            )
+    return out
+
+
 def speed_section(rows: list[dict], command: str) -> str:
     """The markdown of the `## Speed` section."""
     first = rows[0]
@@ -64,12 +96,15 @@ def speed_section(rows: list[dict], command: str) -> str:
         f"{first['torch']}, CPU, {first['threads']} threads, a 2-core machine that other jobs may share "
         "(absolute img/s move a lot between runs; read the ratios). Times are medians. `x timm` = timm "
         "TNT-S time / our time (> 1: we are faster). `/ DeiT-S` = that model's time / DeiT-S time (FLOP "
-        "ratio TNT-S / DeiT-S = 1.23). bfloat16 = the same `torch.autocast` for every model. Peak memory: "
-        "the RSS high-water mark (VmHWM) of a fresh process per model running the same training steps.",
+        f"ratio TNT-S / DeiT-S = {FLOP_RATIO}). `ceiling` = (timm TNT-S / DeiT-S) / {FLOP_RATIO}: the "
+        "`x timm` a TNT-S would reach if it cost exactly its FLOPs, i.e. ran at DeiT-S's speed per FLOP; "
+        "`target` = issue 3's goal for that row. A target above the ceiling needs a TNT-S faster per FLOP "
+        "than timm's own DeiT-S. bfloat16 = the same `torch.autocast` for every model. Peak memory: the RSS "
+        "high-water mark (VmHWM) of a fresh process per model running the same training steps.",
         "",
         "| workload | batch | dtype | ours img/s | timm TNT-S img/s | DeiT-S img/s | x timm TNT-S "
-        "| ours / DeiT-S | timm TNT-S / DeiT-S |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ours / DeiT-S | timm TNT-S / DeiT-S | ceiling | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for key, label in (("inference", "inference"), ("latency", "latency"), ("train", "train step")):
@@ -79,11 +114,14 @@ def speed_section(rows: list[dict], command: str) -> str:
             ours, tnt, deit = (per[k]["median_ms"] for k in ("ours", TIMM, DEIT))
             batch = 1 if key == "latency" else r["batch_size"]
             name = label + (" (compiled)" if r["compile"] else "")
+            target = None if r["compile"] else TARGETS.get((key, r["dtype"]))
             lines.append(
                 f"| {name} | {batch} | {r['dtype']} | {_fmt(per['ours']['img_per_s'])} | "
                 f"{_fmt(per[TIMM]['img_per_s'])} | {_fmt(per[DEIT]['img_per_s'])} | **{_fmt(tnt / ours)}** | "
-                f"{_fmt(ours / deit)} | {_fmt(tnt / deit)} |"
+                f"{_fmt(ours / deit)} | {_fmt(tnt / deit)} | {_fmt(tnt / deit / FLOP_RATIO)} | "
+                f"{'' if target is None else _fmt(target)} |"
             )
+    lines += ["", *_verdicts(rows)]
     mem_rows = [r for r in rows if "memory" in r]
     if mem_rows:
         lines += [
@@ -97,6 +135,14 @@ def speed_section(rows: list[dict], command: str) -> str:
                 f"| {r['memory']['workload']} | {r['batch_size']} | {r['dtype']} | "
                 f"{m['ours']['peak_mb']:.0f} | {m[TIMM]['peak_mb']:.0f} | {m[DEIT]['peak_mb']:.0f} | "
                 f"**{ratio:.2f}** |"
+            )
+        lines.append("")
+        for r in mem_rows:
+            ratio = r["memory"]["ratio"][TIMM]
+            verdict = "met" if ratio <= MEMORY_TARGET else "not met"
+            lines.append(
+                f"- {r['memory']['workload']} peak memory, batch {r['batch_size']}: {ratio:.2f}x timm's, "
+                f"target <= {MEMORY_TARGET}x {verdict}."
             )
     comp = [r for r in rows if r.get("compile_s")]
     if comp:
