@@ -64,23 +64,28 @@ def _fmt(x: float, nd: int = 2) -> str:
     return f"{x:.{nd}f}"
 
 
-def _verdicts(rows: list[dict]) -> list[str]:
-    """One line per eager row with a target: met or not, and whether FLOP parity could meet it."""
+def _time_rows(rows: list[dict]) -> list[dict]:
+    """One entry per timed workload of every bench result: its ratios, FLOP-parity ceiling and target."""
     out = []
     for r in rows:
-        for key in ("inference", "latency", "train"):
-            target = TARGETS.get((key, r["dtype"]))
-            if key not in r or r["compile"] or target is None:
+        for key, label in (("inference", "inference"), ("latency", "latency"), ("train", "train step")):
+            if key not in r:
                 continue
             per = r[key]["per_impl"]
             ours, tnt, deit = (per[k]["median_ms"] for k in ("ours", TIMM, DEIT))
-            got, ceiling = tnt / ours, tnt / deit / FLOP_RATIO
-            verdict = "met" if got >= target else "not met"
-            reach = "within" if target <= ceiling else "above"
-            batch = 1 if key == "latency" else r["batch_size"]
             out.append(
-                f"- {key} {r['dtype']} batch {batch}: {got:.2f}x timm, target {target}x {verdict}; "
-                f"the target is {reach} the FLOP-parity ceiling {ceiling:.2f}x."
+                {
+                    "key": key,
+                    "name": label + (" (compiled)" if r["compile"] else ""),
+                    "batch": 1 if key == "latency" else r["batch_size"],
+                    "dtype": r["dtype"],
+                    "img_per_s": [per[k]["img_per_s"] for k in ("ours", TIMM, DEIT)],
+                    "x_timm": tnt / ours,
+                    "ours_deit": ours / deit,
+                    "timm_deit": tnt / deit,
+                    "ceiling": tnt / deit / FLOP_RATIO,
+                    "target": None if r["compile"] else TARGETS.get((key, r["dtype"])),
+                }
             )
     return out
 
@@ -106,22 +111,23 @@ def speed_section(rows: list[dict], command: str) -> str:
         "| ours / DeiT-S | timm TNT-S / DeiT-S | ceiling | target |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        for key, label in (("inference", "inference"), ("latency", "latency"), ("train", "train step")):
-            if key not in r:
-                continue
-            per = r[key]["per_impl"]
-            ours, tnt, deit = (per[k]["median_ms"] for k in ("ours", TIMM, DEIT))
-            batch = 1 if key == "latency" else r["batch_size"]
-            name = label + (" (compiled)" if r["compile"] else "")
-            target = None if r["compile"] else TARGETS.get((key, r["dtype"]))
-            lines.append(
-                f"| {name} | {batch} | {r['dtype']} | {_fmt(per['ours']['img_per_s'])} | "
-                f"{_fmt(per[TIMM]['img_per_s'])} | {_fmt(per[DEIT]['img_per_s'])} | **{_fmt(tnt / ours)}** | "
-                f"{_fmt(ours / deit)} | {_fmt(tnt / deit)} | {_fmt(tnt / deit / FLOP_RATIO)} | "
-                f"{'' if target is None else _fmt(target)} |"
+    verdicts = []
+    for t in _time_rows(rows):
+        target = t["target"]
+        lines.append(
+            f"| {t['name']} | {t['batch']} | {t['dtype']} | "
+            + " | ".join(_fmt(v) for v in t["img_per_s"])
+            + f" | **{_fmt(t['x_timm'])}** | {_fmt(t['ours_deit'])} | {_fmt(t['timm_deit'])} | "
+            f"{_fmt(t['ceiling'])} | {'' if target is None else _fmt(target)} |"
+        )
+        if target is not None:
+            verdict = "met" if t["x_timm"] >= target else "not met"
+            reach = "within" if target <= t["ceiling"] else "above"
+            verdicts.append(
+                f"- {t['key']} {t['dtype']} batch {t['batch']}: {t['x_timm']:.2f}x timm, target {target}x "
+                f"{verdict}; the target is {reach} the FLOP-parity ceiling {t['ceiling']:.2f}x."
             )
-    lines += ["", *_verdicts(rows)]
+    lines += ["", *verdicts]
     mem_rows = [r for r in rows if "memory" in r]
     if mem_rows:
         lines += [
@@ -129,6 +135,7 @@ def speed_section(rows: list[dict], command: str) -> str:
             "| peak memory | batch | dtype | ours MB | timm TNT-S MB | DeiT-S MB | ours / timm TNT-S |",
         ]
         lines.append("|---|---|---|---|---|---|---|")
+        verdicts = []
         for r in mem_rows:
             m, ratio = r["memory"]["per_impl"], r["memory"]["ratio"][TIMM]
             lines.append(
@@ -136,14 +143,11 @@ def speed_section(rows: list[dict], command: str) -> str:
                 f"{m['ours']['peak_mb']:.0f} | {m[TIMM]['peak_mb']:.0f} | {m[DEIT]['peak_mb']:.0f} | "
                 f"**{ratio:.2f}** |"
             )
-        lines.append("")
-        for r in mem_rows:
-            ratio = r["memory"]["ratio"][TIMM]
-            verdict = "met" if ratio <= MEMORY_TARGET else "not met"
-            lines.append(
+            verdicts.append(
                 f"- {r['memory']['workload']} peak memory, batch {r['batch_size']}: {ratio:.2f}x timm's, "
-                f"target <= {MEMORY_TARGET}x {verdict}."
+                f"target <= {MEMORY_TARGET}x {'met' if ratio <= MEMORY_TARGET else 'not met'}."
             )
+        lines += ["", *verdicts]
     comp = [r for r in rows if r.get("compile_s")]
     if comp:
         lines += [""]

@@ -197,9 +197,10 @@ SMALL_IMAGE_RECIPE: dict[str, Any] = {
     "drop_path": 0.0,
     "lean_backward": False,  # small activations: keeping them is ~20% faster
     "ema_decay": 0.0,
-    # Muon (weight matrices) + AdamW (the rest) at 8e-3 for batch 128. 4-minute trials (mlp_ratio-4 mini,
-    # two processes): 86.7%, against 83.3% for AdamW alone at its best rate (4e-3; 8e-3 diverged); Muon at
-    # 4e-3 86.2%, at 1.6e-2 86.1%. benchmarks/fmnist_trials.py reruns such trials. AdamW's beta2 0.99.
+    # Muon (weight matrices) + AdamW (the rest) at 8e-3 for batch 128. 4-minute trials, two processes
+    # (`python benchmarks/fmnist_trials.py`, BENCHMARKS.md): 87.8%, against 84.4% for AdamW alone at its
+    # best rate (4e-3; 8e-3 diverged in earlier trials); Muon at 4e-3 87.1%, at 1.6e-2 86.4%. AdamW's
+    # beta2 0.99.
     "optim": {
         "name": "muon",
         "lr": 1.6e-2,

@@ -31,7 +31,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def split_muon_params(model: nn.Module) -> list[nn.Parameter]:
-    """Muon's parameters: the 2-D weight matrices, except the classifier head's."""
+    """Muon's parameters: the 2-D weight matrices, except the classifier head's and any table the model
+    keeps out of weight decay (``no_weight_decay``)."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
@@ -70,7 +71,6 @@ class MuonAdamW:
         # read through each time: load_state_dict gives the inner optimizers new group dicts
         return self.adamw.param_groups + self.muon.param_groups
 
-    @torch.no_grad()
     def step(self) -> None:
         self.adamw.step()
         self.muon.step()
@@ -87,7 +87,9 @@ class MuonAdamW:
         self.muon.load_state_dict(state["muon"])
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, *, lr: float, device: torch.device) -> Any:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, *, lr: float, device: torch.device
+) -> torch.optim.Optimizer | MuonAdamW:
     """The optimizer ``cfg.name`` names, at learning rate ``lr`` (the schedule changes it per step)."""
     fused = cfg.fused and device.type in ("cpu", "cuda")
     if cfg.name == "muon":
