@@ -1,19 +1,23 @@
-"""Speed table of BENCHMARKS.md: our TNT-S against timm's TNT-S and timm's DeiT-S, one process, interleaved.
+"""Speed table of BENCHMARKS.md: our TNT-S against timm's DeiT-S (the headline), timm's TNT-S and our own
+reference path, all in one process, interleaved.
 
-    .venv/bin/python benchmarks/speed.py [--quick] [--no-compile] [--out BENCHMARKS.md]
+    .venv/bin/python benchmarks/speed.py [--repeat 3] [--quick] [--compile] [--out BENCHMARKS.md]
 
-Every row is one :func:`tntvision.tools.bench.bench_model` call: the three models run round-robin in this
-process (same allocator, same load), so the ratios are the numbers to read; absolute img/s on a shared
-2-core machine move by 2x from minute to minute. Peak memory comes from one fresh child process per model.
-The raw results go to benchmarks/results/speed.json; the `## Speed` section of BENCHMARKS.md is replaced
-(other sections are kept).
+Every row is one :func:`tntvision.tools.bench.bench_model` call: the models run round-robin in this process
+(same allocator, same load), so the ratios are the numbers to read; absolute img/s on a shared 2-core
+machine move a lot from minute to minute. The whole plan runs ``--repeat`` times; the table gives the
+median of the per-run ratios and their min-max spread. Peak memory comes from one fresh child process per
+model. The raw results go to benchmarks/results/speed.json; the `## Speed` section of BENCHMARKS.md is
+replaced (other sections are kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,138 +28,143 @@ from tntvision.tools.bench import bench_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tnt_s_patch16_224"
-TIMM = "timm"
 DEIT = "timm:deit_small_patch16_224"
-FLOP_RATIO = 1.23  # TNT-S / DeiT-S multiply-accumulates (spec section 1; `tnt info` gives ours)
-# Issue 3's targets, as speed-ups over timm's TNT-S, per (workload, dtype); compiled rows have none.
-TARGETS = {
-    ("inference", "float32"): 1.4,
-    ("inference", "bfloat16"): 2.0,
-    ("latency", "float32"): 1.3,
-    ("latency", "bfloat16"): 1.3,
-    ("train", "float32"): 1.35,
-}
-MEMORY_TARGET = 0.7  # training peak memory, as a fraction of timm TNT-S's
+TIMM = "timm"
+REF = "ours:reference"
+MINI, MINI_VIT = "tnt_mini_patch4_28", "tntvision:vit_mini_patch4_28"
+
+# (label, bench_model arguments, the workload to read, the goal for ours / baseline time)
+PLAN = [
+    ("inference fp32", dict(batch_size=16), "inference", 1.25),
+    ("inference bf16 autocast", dict(batch_size=16, amp="bfloat16"), "inference", 1.25),
+    ("inference bf16 weights", dict(batch_size=16, dtype="bfloat16"), "inference", None),
+    ("latency fp32", dict(batch_size=1, workloads=("latency",)), "latency", 1.25),
+    ("train step fp32", dict(batch_size=16, train=True, workloads=()), "train", 1.30),
+    (
+        "mini train step bf16 autocast",
+        dict(batch_size=128, amp="bfloat16", train=True, workloads=()),
+        "train",
+        1.25,
+    ),
+]
+MEMORY_GOAL = 0.70  # training peak memory / timm TNT-S's
 
 
-def run(quick: bool, compile_rows: bool) -> list[dict]:
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def has_amx() -> bool:
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def run_plan(quick: bool, compile_rows: bool) -> list[dict]:
     rounds = 2 if quick else 6
-    rows = []
-    plan = [
-        dict(batch_size=16, dtype="float32", memory=False),
-        dict(batch_size=16, dtype="bfloat16", memory=False),
-        dict(batch_size=16, dtype="float32", train=True, rounds=max(2, rounds - 2)),
-        dict(batch_size=32, dtype="float32", train=True, rounds=max(2, rounds - 3)),
-    ]
-    if quick:
-        plan = [dict(batch_size=4, dtype="float32", train=True)]
-    if compile_rows:
-        plan += [dict(batch_size=16, dtype=dt, compile=True, memory=False) for dt in ("float32", "bfloat16")]
-    for kw in plan:
-        kw = {"rounds": rounds, **kw}
-        t0 = time.time()
-        print(f"bench {kw} ...", file=sys.stderr, flush=True)
-        rows.append(bench_model(model_name=MODEL, compare=[TIMM, DEIT], **kw))
-        print(f"  done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    return rows
-
-
-def _fmt(x: float, nd: int = 2) -> str:
-    return f"{x:.{nd}f}"
-
-
-def _time_rows(rows: list[dict]) -> list[dict]:
-    """One entry per timed workload of every bench result: its ratios, FLOP-parity ceiling and target."""
     out = []
-    for r in rows:
-        for key, label in (("inference", "inference"), ("latency", "latency"), ("train", "train step")):
-            if key not in r:
-                continue
-            per = r[key]["per_impl"]
-            ours, tnt, deit = (per[k]["median_ms"] for k in ("ours", TIMM, DEIT))
-            out.append(
-                {
-                    "key": key,
-                    "name": label + (" (compiled)" if r["compile"] else ""),
-                    "batch": 1 if key == "latency" else r["batch_size"],
-                    "dtype": r["dtype"],
-                    "img_per_s": [per[k]["img_per_s"] for k in ("ours", TIMM, DEIT)],
-                    "x_timm": tnt / ours,
-                    "ours_deit": ours / deit,
-                    "timm_deit": tnt / deit,
-                    "ceiling": tnt / deit / FLOP_RATIO,
-                    "target": None if r["compile"] else TARGETS.get((key, r["dtype"])),
-                }
+    for label, kw, workload, goal in PLAN:
+        mini = label.startswith("mini")
+        kw = {"rounds": rounds if "train" not in kw else max(2, rounds - 2), "memory": False, **kw}
+        if quick:
+            kw["batch_size"] = min(kw["batch_size"], 4 if mini else 2)
+        if label == "train step fp32":
+            kw["memory"] = not quick
+        compare = [MINI_VIT, REF] if mini else [DEIT, TIMM, REF]
+        t0 = time.time()
+        print(f"bench {label} ...", file=sys.stderr, flush=True)
+        r = bench_model(model_name=MINI if mini else MODEL, compare=compare, **kw)
+        print(f"  done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        out.append({"label": label, "workload": workload, "goal": goal, "baseline": compare[0], "result": r})
+    if compile_rows:
+        for amp in ("none", "bfloat16"):
+            label = "inference compiled" + (" bf16 autocast" if amp != "none" else " fp32")
+            r = bench_model(
+                model_name=MODEL,
+                compare=[DEIT, TIMM],
+                batch_size=16,
+                amp=amp,
+                compile=True,
+                memory=False,
+                rounds=rounds,
+                workloads=("inference",),
             )
+            out.append({"label": label, "workload": "inference", "goal": None, "baseline": DEIT, "result": r})
     return out
 
 
-def speed_section(rows: list[dict], command: str) -> str:
-    """The markdown of the `## Speed` section."""
-    first = rows[0]
+def _spread(values: list[float]) -> str:
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:.2f}"
+    return f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def speed_section(runs: list[list[dict]], command: str) -> str:
+    """The markdown of the `## Speed` section from ``runs`` (one list of rows per repeat)."""
+    first = runs[0][0]["result"]
     lines = [
         "## Speed",
         "",
-        f"TNT-S (`{MODEL}`) against timm {first.get('timm_version', '')}'s TNT-S (same weights) and timm's "
-        f"DeiT-S (`deit_small_patch16_224`), all in one process, interleaved round by round; torch "
-        f"{first['torch']}, CPU, {first['threads']} threads, a 2-core machine that other jobs may share "
-        "(absolute img/s move a lot between runs; read the ratios). Times are medians. `x timm` = timm "
-        "TNT-S time / our time (> 1: we are faster). `/ DeiT-S` = that model's time / DeiT-S time (FLOP "
-        f"ratio TNT-S / DeiT-S = {FLOP_RATIO}). `ceiling` = (timm TNT-S / DeiT-S) / {FLOP_RATIO}: the "
-        "`x timm` a TNT-S would reach if it cost exactly its FLOPs, i.e. ran at DeiT-S's speed per FLOP; "
-        "`target` = issue 3's goal for that row. A target above the ceiling needs a TNT-S faster per FLOP "
-        "than timm's own DeiT-S. bfloat16 = the same `torch.autocast` for every model. Peak memory: the RSS "
-        "high-water mark (VmHWM) of a fresh process per model running the same training steps.",
+        f"CPU: {cpu_name()} ({'with' if has_amx() else 'without'} AMX), {first['threads']} threads, torch "
+        f"{first['torch']}. TNT-S (`{MODEL}`) against timm's DeiT-S (`deit_small_patch16_224`), timm's "
+        f"TNT-S (same weights) and our own pure-PyTorch reference path (`ours:reference`, fused kernels "
+        "off), all in one process, interleaved round by round; the mini row is `tnt_mini_patch4_28` "
+        "against its ViT twin `vit_mini_patch4_28`. Each cell: the median over "
+        f"{len(runs)} runs of the script of that run's ratio of median times (time / baseline time: "
+        "lower is faster), with the min-max over runs in brackets. `goal` is issue 10's. bf16 autocast = "
+        "the same `torch.autocast` for every model; bf16 weights = weights and inputs held in bfloat16 "
+        "(`tnt bench --dtype bfloat16`). MAC ratios come from `torch.utils.flop_counter` (one image).",
         "",
-        "| workload | batch | dtype | ours img/s | timm TNT-S img/s | DeiT-S img/s | x timm TNT-S "
-        "| ours / DeiT-S | timm TNT-S / DeiT-S | ceiling | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| row | batch | ours ms | ours / baseline | reference / baseline | timm TNT-S / baseline "
+        "| MAC ratio | goal | met |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    verdicts = []
-    for t in _time_rows(rows):
-        target = t["target"]
+    for i, row in enumerate(runs[0]):
+        per_run = [run[i] for run in runs]
+        res = [r["result"] for r in per_run]
+        wl, base = row["workload"], row["baseline"]
+
+        def ratios(impl: str, res=res, wl=wl, base=base) -> list[float]:
+            return [
+                r[wl]["per_impl"][impl]["median_ms"] / r[wl]["per_impl"][base]["median_ms"]
+                for r in res
+                if impl in r[wl]["per_impl"]
+            ]
+
+        ours = ratios("ours")
+        med = statistics.median(ours)
+        goal = row["goal"]
+        met = "" if goal is None else ("yes" if med <= goal else "no")
+        ours_ms = statistics.median(r[wl]["per_impl"]["ours"]["median_ms"] for r in res)
+        cells = [_spread(ratios(k)) if ratios(k) else "" for k in (REF, TIMM)]
         lines.append(
-            f"| {t['name']} | {t['batch']} | {t['dtype']} | "
-            + " | ".join(_fmt(v) for v in t["img_per_s"])
-            + f" | **{_fmt(t['x_timm'])}** | {_fmt(t['ours_deit'])} | {_fmt(t['timm_deit'])} | "
-            f"{_fmt(t['ceiling'])} | {'' if target is None else _fmt(target)} |"
+            f"| {row['label']} | {res[0]['batch_size']} | {ours_ms:.1f} | **{_spread(ours)}** | {cells[0]} | "
+            f"{cells[1]} | {res[0]['flop_ratio'][base]:.3f} | {'' if goal is None else goal} | {met} |"
         )
-        if target is not None:
-            verdict = "met" if t["x_timm"] >= target else "not met"
-            reach = "within" if target <= t["ceiling"] else "above"
-            verdicts.append(
-                f"- {t['key']} {t['dtype']} batch {t['batch']}: {t['x_timm']:.2f}x timm, target {target}x "
-                f"{verdict}; the target is {reach} the FLOP-parity ceiling {t['ceiling']:.2f}x."
-            )
-    lines += ["", *verdicts]
-    mem_rows = [r for r in rows if "memory" in r]
-    if mem_rows:
+    mem = [row["result"]["memory"] for run in runs for row in run if "memory" in row["result"]]
+    if mem:
+        ratios = [m["ratio"][TIMM] for m in mem]
+        per = mem[0]["per_impl"]
         lines += [
             "",
-            "| peak memory | batch | dtype | ours MB | timm TNT-S MB | DeiT-S MB | ours / timm TNT-S |",
+            f"Training peak memory (RSS high-water mark of a fresh process, TNT-S batch 16 fp32): ours "
+            f"{per['ours']['peak_mb']:.0f} MB, timm TNT-S {per[TIMM]['peak_mb']:.0f} MB, DeiT-S "
+            f"{per[DEIT]['peak_mb']:.0f} MB, our reference path {per[REF]['peak_mb']:.0f} MB (first run); "
+            f"ours / timm TNT-S **{_spread(ratios)}**, goal <= {MEMORY_GOAL}: "
+            f"{'met' if statistics.median(ratios) <= MEMORY_GOAL else 'not met'}.",
         ]
-        lines.append("|---|---|---|---|---|---|---|")
-        verdicts = []
-        for r in mem_rows:
-            m, ratio = r["memory"]["per_impl"], r["memory"]["ratio"][TIMM]
-            lines.append(
-                f"| {r['memory']['workload']} | {r['batch_size']} | {r['dtype']} | "
-                f"{m['ours']['peak_mb']:.0f} | {m[TIMM]['peak_mb']:.0f} | {m[DEIT]['peak_mb']:.0f} | "
-                f"**{ratio:.2f}** |"
-            )
-            verdicts.append(
-                f"- {r['memory']['workload']} peak memory, batch {r['batch_size']}: {ratio:.2f}x timm's, "
-                f"target <= {MEMORY_TARGET}x {'met' if ratio <= MEMORY_TARGET else 'not met'}."
-            )
-        lines += ["", *verdicts]
-    comp = [r for r in rows if r.get("compile_s")]
-    if comp:
-        lines += [""]
-        for r in comp:
-            took = ", ".join(f"{k} {v:.0f} s" for k, v in r["compile_s"].items())
-            lines.append(
-                f"- torch.compile, {r['dtype']}, batch {r['batch_size']}: first call (compile) {took}."
-            )
+    comp = [row for row in runs[0] if row["result"].get("compile_s")]
+    for row in comp:
+        took = ", ".join(f"{k} {v:.0f} s" for k, v in row["result"]["compile_s"].items())
+        lines.append(f"- {row['label']}: first call (compile) {took}.")
     lines += ["", f"Produced by `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", ""]
     return "\n".join(lines)
 
@@ -173,21 +182,23 @@ def write_section(path: Path, section: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3, help="runs of the whole plan (default: 3)")
     parser.add_argument("--quick", action="store_true", help="tiny batches and rounds (smoke test)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile inference rows")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
-    import timm
-
-    rows = run(args.quick, not args.no_compile)
-    for r in rows:
-        r["timm_version"] = timm.__version__
+    runs = []
+    for i in range(args.repeat):
+        print(f"run {i + 1}/{args.repeat}", file=sys.stderr, flush=True)
+        runs.append(run_plan(args.quick, args.compile))
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (results / "speed.json").write_text(json.dumps(rows, indent=2) + "\n")
+    raw = [[{k: v for k, v in row.items()} for row in run] for run in runs]
+    (results / "speed.json").write_text(json.dumps({"cpu": cpu_name(), "runs": raw}, indent=2) + "\n")
     command = "python benchmarks/speed.py" + "".join(f" {a}" for a in sys.argv[1:])
-    write_section(Path(args.out), speed_section(rows, command))
-    print(speed_section(rows, command))
+    section = speed_section(runs, command)
+    write_section(Path(args.out), section)
+    print(section)
 
 
 if __name__ == "__main__":

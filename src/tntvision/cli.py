@@ -161,6 +161,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         model_name=args.model,
         batch_size=args.batch_size,
         dtype=args.dtype,
+        amp=args.amp,
         train=args.train,
         compare=args.compare or (),
         rounds=args.rounds,
@@ -171,6 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         threads=args.threads,
         device=args.device,
         lean_backward=not args.keep_activations,
+        profile=args.profile,
     )
     emit(args, result, lambda: format_report(result))
 
@@ -313,13 +315,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput, latency, training-step speed and peak memory")
     p.add_argument("--model", required=True, help="a registered model name (random weights)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: autocast")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of weights and inputs (bfloat16: inference without autocast's weight casts)",
+    )
+    p.add_argument("--amp", choices=("none", "bfloat16"), default="none", help="autocast (default: none)")
     p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW)")
     p.add_argument(
         "--compare",
         action="append",
-        metavar="timm|timm:NAME",
-        help="also run timm's model of the same name (same weights) or another timm model, interleaved",
+        metavar="timm|timm:NAME|tntvision:NAME|ours:reference",
+        help="also run timm's model of the same name (same weights), another timm model (e.g. "
+        "timm:deit_small_patch16_224, the headline for TNT-S), another of our models, or our model on its "
+        "pure-PyTorch path, interleaved",
+    )
+    p.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="show the top N ops of our model per workload"
     )
     p.add_argument("--rounds", type=int, default=6, help="timed calls per implementation (default: 6)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: 2)")

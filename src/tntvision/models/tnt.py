@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, InputError
-from .layers import Attention, DropPath, Mlp, SqueezeExcite, resample_pos_embed
+from . import kernels
+from .layers import Attention, DropPath, Mlp, SqueezeExcite, drop_path_scale, resample_pos_embed
 from .registry import ModelMeta, register_model
 
 __all__ = ["TNT", "TNTBlock", "TNTConfig", "WordEmbed", "record_attention"]
@@ -170,11 +171,33 @@ class TNTBlock(nn.Module):
         flat = words.reshape(batch, -1, self.proj.in_features)  # (B, N, m*c), word-major
         return self.norm2_proj(self.proj(self.norm1_proj(flat)))
 
+    def fused_inner_ok(self, words: torch.Tensor) -> bool:
+        """Whether the inner transformer may run as the fused op (static facts only, see ``kernels``)."""
+        attn, mlp = self.attn_in, self.mlp_in
+        dropout = attn.attn_drop > 0 or attn.proj_drop.p > 0 or mlp.drop.p > 0
+        return (
+            not attn.keep_attn
+            and not (self.training and dropout)
+            and self.norm_in.eps == self.norm_mlp_in.eps
+            and kernels.use_fused(words)
+        )
+
+    def inner(self, words: torch.Tensor) -> torch.Tensor:
+        """The inner transformer over the words (B*N, m, c) of every patch: fused op or reference."""
+        if self.fused_inner_ok(words):
+            keep = [None, None]
+            p = self.drop_path.p
+            if self.training and p > 0:  # drawn in the reference path's order and dtype: same stream
+                dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else words.dtype
+                keep = [drop_path_scale(words.shape[0], p, dtype=dt, device=words.device) for _ in range(2)]
+            return kernels.inner_transformer(words, self, *keep)
+        words = words + self.drop_path(self.attn_in(self.norm_in(words)))
+        return words + self.drop_path(self.mlp_in(self.norm_mlp_in(words)))
+
     def forward(self, words: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # words (B*N, m, c); patches (B, 1+N, d) with the class token first
         if self.has_inner:
-            words = words + self.drop_path(self.attn_in(self.norm_in(words)))
-            words = words + self.drop_path(self.mlp_in(self.norm_mlp_in(words)))
+            words = self.inner(words)
             add = self.words_to_patches(words, patches.shape[0])  # (B, N, d); no drop path here
             patches = torch.cat([patches[:, :1], patches[:, 1:] + add], dim=1)  # class token untouched
         patches = patches + self.drop_path(self.attn_out(self.norm_out(patches)))

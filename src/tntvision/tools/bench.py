@@ -30,22 +30,31 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import create_model
+from ..models.kernels import fused_kernels, set_fused_kernels
 from ..models.registry import get_model_entry
 
 __all__ = ["Impl", "bench_model", "format_report"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+AMP = ("none", "bfloat16")
 
 
 @dataclass(frozen=True)
 class Impl:
-    """One implementation to time: ``"ours"``, ``"timm"`` (same name) or ``"timm:NAME"`` (another model)."""
+    """One implementation to time: ``"ours"``, ``"ours:reference"`` (our model on the pure-PyTorch path,
+    fused kernels off), ``"tntvision:NAME"`` (another of our registered models), ``"timm"`` (timm's model
+    of the same name) or ``"timm:NAME"`` (another timm model)."""
 
     spec: str
 
     @property
     def label(self) -> str:
         return self.spec
+
+    @property
+    def fused(self) -> bool:
+        """Whether this implementation runs with our fused kernels enabled."""
+        return self.spec != "ours:reference"
 
     def build(
         self, model_name: str, *, weights_from: nn.Module | None = None, lean_backward: bool = True
@@ -54,8 +63,9 @@ class Impl:
 
         ``lean_backward`` is our model's :meth:`~tntvision.models.tnt.TNT.set_lean_backward` setting.
         """
-        if self.spec == "ours":
-            model = create_model(model_name)
+        if self.spec in ("ours", "ours:reference") or self.spec.startswith("tntvision:"):
+            name = model_name if self.spec.startswith("ours") else self.spec.split(":", 1)[1]
+            model = create_model(name)
             model.set_lean_backward(lean_backward)
             return model
         timm = _import_timm()
@@ -78,16 +88,32 @@ def _import_timm():
 def _parse_impls(compare: Sequence[str]) -> list[Impl]:
     impls = [Impl("ours")]
     for spec in compare:
-        if spec != "timm" and not (spec.startswith("timm:") and len(spec) > 5):
-            raise ConfigError(f"--compare takes 'timm' or 'timm:MODEL_NAME', got {spec!r}")
+        prefix, _, name = spec.partition(":")
+        if spec not in ("timm", "ours:reference") and not (prefix in ("timm", "tntvision") and name):
+            raise ConfigError(
+                f"--compare takes 'timm', 'timm:MODEL_NAME', 'tntvision:MODEL_NAME' or 'ours:reference', "
+                f"got {spec!r}"
+            )
+        if prefix == "tntvision":
+            get_model_entry(name)
         impls.append(Impl(spec))
     return impls
 
 
-def _autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
-    if dtype == "float32":
+def _autocast(device: str, amp: str) -> contextlib.AbstractContextManager:
+    if amp == "none":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=DTYPES[dtype])
+    return torch.autocast(device_type=device, dtype=DTYPES[amp])
+
+
+def _on_path(fn: Callable[[], None], fused: bool) -> Callable[[], None]:
+    """``fn`` run with our fused kernels on or off (see :mod:`tntvision.models.kernels`)."""
+
+    def run() -> None:
+        with fused_kernels(fused):
+            fn()
+
+    return run
 
 
 def _sync(device: str) -> None:
@@ -98,18 +124,18 @@ def _sync(device: str) -> None:
 # ------------------------------------------------------------------------------------------ workloads
 
 
-def _inference_fn(model: nn.Module, x: torch.Tensor, device: str, dtype: str) -> Callable[[], None]:
+def _inference_fn(model: nn.Module, x: torch.Tensor, device: str, amp: str) -> Callable[[], None]:
     model.eval()
 
     def run() -> None:
-        with torch.inference_mode(), _autocast(device, dtype):
+        with torch.inference_mode(), _autocast(device, amp):
             model(x)
         _sync(device)
 
     return run
 
 
-def _train_fn(model: nn.Module, x: torch.Tensor, device: str, dtype: str) -> Callable[[], None]:
+def _train_fn(model: nn.Module, x: torch.Tensor, device: str, amp: str) -> Callable[[], None]:
     """One step: forward, cross-entropy on random labels, backward, AdamW update."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
@@ -117,7 +143,7 @@ def _train_fn(model: nn.Module, x: torch.Tensor, device: str, dtype: str) -> Cal
     target = torch.randint(0, num_classes, (x.shape[0],), device=x.device)
 
     def run() -> None:
-        with _autocast(device, dtype):
+        with _autocast(device, amp):
             loss = F.cross_entropy(model(x), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -157,13 +183,16 @@ def _memory_probe(
     device: str,
     threads: int,
     lean_backward: bool = True,
+    amp: str = "none",
 ) -> dict[str, float]:
     """Runs in a fresh child process: peak memory of ``steps`` calls of one workload (MB)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = Impl(impl_spec).build(model_name, lean_backward=lean_backward).to(device)
-    x = torch.randn(batch, *_input_shape(model_name), device=device)
-    run = (_train_fn if train else _inference_fn)(model, x, device, dtype)
+    impl = Impl(impl_spec)
+    set_fused_kernels(impl.fused)
+    model = impl.build(model_name, lean_backward=lean_backward).to(device, DTYPES[dtype])
+    x = torch.randn(batch, *_input_shape(model_name), device=device, dtype=DTYPES[dtype])
+    run = (_train_fn if train else _inference_fn)(model, x, device, amp)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -237,10 +266,43 @@ def _summarise(times: dict[str, list[float]], batch: int) -> dict[str, dict[str,
     return out
 
 
-def _ratios(summary: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Speed of ours relative to every other implementation: their median time / ours."""
+def _workload(summary: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Per-implementation times and, against every other implementation, ``speedup`` = its time / ours
+    (> 1: ours is faster) and ``time_ratio`` = our time / its time (the headline against DeiT-S)."""
     ours = summary["ours"]["median_ms"]
-    return {name: s["median_ms"] / ours for name, s in summary.items() if name != "ours"}
+    others = {name: s["median_ms"] for name, s in summary.items() if name != "ours"}
+    return {
+        "per_impl": summary,
+        "speedup": {k: v / ours for k, v in others.items()},
+        "time_ratio": {k: ours / v for k, v in others.items()},
+    }
+
+
+def _macs(model: nn.Module, shape: tuple[int, ...], device: str) -> int:
+    from .info import forward_macs
+
+    with torch.device(device):
+        return forward_macs(model.float(), torch.zeros(1, *shape))
+
+
+def profile_ops(fn: Callable[[], None], *, top: int = 15) -> list[dict[str, Any]]:
+    """The ``top`` operators of one call of ``fn`` by self CPU time (``torch.profiler``), as plain data."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1
+    return [
+        {
+            "op": e.key,
+            "self_ms": e.self_cpu_time_total / 1e3,
+            "share": e.self_cpu_time_total / total,
+            "calls": e.count,
+        }
+        for e in rows
+    ]
 
 
 def bench_model(
@@ -248,6 +310,7 @@ def bench_model(
     model_name: str,
     batch_size: int = 16,
     dtype: str = "float32",
+    amp: str = "none",
     train: bool = False,
     compare: Sequence[str] = (),
     rounds: int = 6,
@@ -258,24 +321,35 @@ def bench_model(
     threads: int | None = None,
     device: str = "cpu",
     lean_backward: bool = True,
+    profile: int = 0,
+    workloads: Sequence[str] = ("inference", "latency"),
 ) -> dict[str, Any]:
     """Measure one model (and the implementations in ``compare``) on random inputs.
 
-    Inference: throughput at ``batch_size`` and latency at batch 1, under ``torch.inference_mode``.
-    ``train=True`` adds a training step (forward, cross-entropy, backward, AdamW) at ``batch_size``.
-    ``dtype="bfloat16"`` runs every implementation under the same ``torch.autocast``. ``compile`` wraps
-    every model in ``torch.compile`` and reports the first (compiling) call's time separately.
-    Peak memory (``memory=True``) comes from one child process per implementation (module docstring).
-    ``lean_backward=False`` times our model with its inner activations kept for backward (faster for
-    small models, more memory; see :meth:`~tntvision.models.tnt.TNT.set_lean_backward`).
+    Inference: throughput at ``batch_size`` and latency at batch 1, under ``torch.inference_mode``
+    (``workloads`` picks which of the two). ``train=True`` adds a training step (forward, cross-entropy,
+    backward, AdamW) at ``batch_size``. ``dtype`` is the dtype the weights and inputs are held in
+    (``"bfloat16"``: inference without autocast's per-call weight casts; training needs ``float32``);
+    ``amp="bfloat16"`` runs every implementation under the same ``torch.autocast``. ``compile`` wraps every
+    model in ``torch.compile`` and reports the first (compiling) call's time separately. Peak memory
+    (``memory=True``) comes from one child process per implementation (module docstring).
+    ``lean_backward=False`` times our model with its reference-path inner activations kept for backward.
+    ``profile=N`` adds the top N operators of one call of our model per workload (``torch.profiler``).
 
-    Returns plain data: per workload, per implementation ``median_ms`` / ``min_ms`` / ``img_per_s``, and
-    ``speedup`` = other's median time / ours (> 1: ours is faster).
+    Returns plain data: per workload, per implementation ``median_ms`` / ``min_ms`` / ``img_per_s``,
+    ``speedup`` = other's median time / ours and ``time_ratio`` = ours / other's; ``macs`` per
+    implementation (one image, ``torch.utils.flop_counter``) and ``flop_ratio`` = ours / other's.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if amp not in AMP:
+        raise ConfigError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
+    if train and dtype != "float32":
+        raise ConfigError("a training step needs float32 weights; use amp='bfloat16' (--amp) for bf16")
     if batch_size < 1 or rounds < 1 or latency_rounds < 1 or warmup < 0:
         raise ConfigError("batch size and rounds must be positive, warmup not negative")
+    if not set(workloads) <= {"inference", "latency"}:
+        raise ConfigError(f"workloads are 'inference' and 'latency', got {list(workloads)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda asked for but CUDA is not available")
     get_model_entry(model_name)  # unknown names fail here, with suggestions
@@ -284,6 +358,7 @@ def bench_model(
         "model": model_name,
         "batch_size": batch_size,
         "dtype": dtype,
+        "amp": amp,
         "device": device,
         "torch": torch.__version__,
         "compile": compile,
@@ -291,52 +366,46 @@ def bench_model(
         "implementations": [i.label for i in impls],
         "rounds": rounds,
     }
+    wdtype = DTYPES[dtype]
     with _threads(threads) as n_threads:
         result["threads"] = n_threads
         torch.manual_seed(0)
         ours = Impl("ours").build(model_name, lean_backward=lean_backward)
         models = {
-            i.label: (ours if i.spec == "ours" else i.build(model_name, weights_from=ours)).to(device)
-            for i in impls
+            i.label: (ours if i.spec == "ours" else i.build(model_name, weights_from=ours)) for i in impls
         }
         shape = _input_shape(model_name)
-        x = torch.randn(batch_size, *shape, device=device)
-        x1 = torch.randn(1, *shape, device=device)
+        result["macs"] = {k: _macs(m, shape, "cpu") for k, m in models.items()}
+        macs = result["macs"]
+        result["flop_ratio"] = {k: macs["ours"] / v for k, v in macs.items() if k != "ours"}
+        models = {k: m.to(device, wdtype) for k, m in models.items()}
+        fused = {i.label: i.fused for i in impls}
+        x = torch.randn(batch_size, *shape, device=device, dtype=wdtype)
+        x1 = torch.randn(1, *shape, device=device, dtype=wdtype)
         if compile:
             result["compile_s"] = {}
             for k, m in models.items():
                 models[k] = torch.compile(m)
                 t0 = time.perf_counter()
-                _inference_fn(models[k], x, device, dtype)()
+                _on_path(_inference_fn(models[k], x, device, amp), fused[k])()
                 result["compile_s"][k] = time.perf_counter() - t0
-        infer = {k: _inference_fn(m, x, device, dtype) for k, m in models.items()}
-        summary = _summarise(_time_interleaved(infer, warmup=warmup, rounds=rounds), batch_size)
-        result["inference"] = {"per_impl": summary, "speedup": _ratios(summary)}
-        if not compile:  # a compiled model would recompile for batch 1; latency is an eager number
-            lat = {k: _inference_fn(m, x1, device, dtype) for k, m in models.items()}
-            summary = _summarise(_time_interleaved(lat, warmup=warmup, rounds=latency_rounds), 1)
-            result["latency"] = {"per_impl": summary, "speedup": _ratios(summary)}
+
+        def timed(make: Callable, inp: torch.Tensor, n_rounds: int, batch: int) -> dict[str, Any]:
+            fns = {k: _on_path(make(m, inp, device, amp), fused[k]) for k, m in models.items()}
+            out = _workload(_summarise(_time_interleaved(fns, warmup=warmup, rounds=n_rounds), batch))
+            if profile:
+                out["profile"] = profile_ops(fns["ours"], top=profile)
+            return out
+
+        if "inference" in workloads:
+            result["inference"] = timed(_inference_fn, x, rounds, batch_size)
+        if "latency" in workloads and not compile:  # a compiled model would recompile for batch 1
+            result["latency"] = timed(_inference_fn, x1, latency_rounds, 1)
         if train:
-            steps = {k: _train_fn(m, x, device, dtype) for k, m in models.items()}
-            summary = _summarise(_time_interleaved(steps, warmup=warmup, rounds=rounds), batch_size)
-            result["train"] = {"per_impl": summary, "speedup": _ratios(summary)}
+            result["train"] = timed(_train_fn, x, rounds, batch_size)
         if memory and not compile:
-            mem = {
-                i.label: _peak_memory(
-                    (
-                        i.spec,
-                        model_name,
-                        batch_size,
-                        dtype,
-                        train,
-                        warmup + 1,
-                        device,
-                        n_threads,
-                        lean_backward,
-                    )
-                )
-                for i in impls
-            }
+            args = (model_name, batch_size, dtype, train, warmup + 1, device, n_threads, lean_backward, amp)
+            mem = {i.label: _peak_memory((i.spec, *args)) for i in impls}
             result["memory"] = {
                 "workload": "train" if train else "inference",
                 "measured_as": "CUDA max_memory_allocated" if device == "cuda" else "RSS high-water mark",
@@ -347,20 +416,30 @@ def bench_model(
 
 
 def format_report(result: dict[str, Any]) -> str:
-    """A human-readable table of :func:`bench_model`'s result."""
+    """A human-readable table of :func:`bench_model`'s result; the headline is ours / each comparison."""
+    amp = result.get("amp", "none")
     head = (
-        f"{result['model']}  batch {result['batch_size']}  {result['dtype']}  {result['device']}  "
-        f"{result['threads']} threads  torch {result['torch']}" + ("  compiled" if result["compile"] else "")
+        f"{result['model']}  batch {result['batch_size']}  weights {result['dtype']}"
+        + (f"  autocast {amp}" if amp != "none" else "")
+        + f"  {result['device']}  {result['threads']} threads  torch {result['torch']}"
+        + ("  compiled" if result["compile"] else "")
     )
     lines = [head]
+    for name, ratio in result.get("flop_ratio", {}).items():
+        lines.append(f"MACs ours / {name}: {ratio:.3f}  (flop counter, one image)")
     for key, title in (("inference", "inference"), ("latency", "latency (batch 1)"), ("train", "train step")):
         if key not in result:
             continue
         lines.append(f"{title}:")
         for name, s in result[key]["per_impl"].items():
             lines.append(f"  {name:<34}{s['median_ms']:10.1f} ms  {s['img_per_s']:8.2f} img/s")
-        for name, r in result[key]["speedup"].items():
-            lines.append(f"  ours vs {name:<26}{r:10.2f}x speed")
+        for name, r in result[key]["time_ratio"].items():
+            flops = result.get("flop_ratio", {}).get(name)
+            extra = f"  (MAC ratio {flops:.3f})" if flops else ""
+            lines.append(f"  time ours / {name:<22}{r:10.3f}x{extra}")
+        for row in result[key].get("profile", []):
+            share, ms = 100 * row["share"], row["self_ms"]
+            lines.append(f"    {ms:9.1f} ms {share:5.1f}% {row['calls']:6d}x  {row['op']}")
     if "compile_s" in result:
         took = ", ".join(f"{k} {v:.1f} s" for k, v in result["compile_s"].items())
         lines.append(f"compile (first call): {took}")

@@ -10,8 +10,9 @@ from torch import nn
 from torch.utils import flop_counter
 
 from ..models import create_model
+from ..models.kernels import fused_kernels
 
-__all__ = ["count_macs", "count_params", "model_info"]
+__all__ = ["count_macs", "count_params", "forward_macs", "model_info"]
 
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -31,26 +32,39 @@ def count_params(model: nn.Module, trainable_only: bool = True) -> int:
 
 
 @torch.no_grad()
+def forward_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of ``model(x)`` in eval mode, counted by ``torch.utils.flop_counter``.
+
+    Works for any module (timm's included); attention matmuls count, as in :func:`count_macs`.
+    """
+    _register_cpu_sdpa_flops()
+    was_training = model.training
+    model.eval()
+    try:
+        counter = flop_counter.FlopCounterMode(display=False)
+        with counter, fused_kernels(False):
+            model(x)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+@torch.no_grad()
 def count_macs(model: nn.Module, img_size: int | None = None) -> int:
     """Multiply-accumulates of one forward pass of one image, as the paper counts them.
 
     Counted with ``torch.utils.flop_counter`` (MACs = FLOPs / 2) with the word embedding run as the
-    per-patch convolution of the paper; the fused GEMM we execute does more arithmetic for less time.
+    per-patch convolution of the paper (the fused GEMM we execute does more arithmetic for less time) and
+    the inner transformer on the reference path (the fused op has no FLOP formula of its own).
     """
-    _register_cpu_sdpa_flops()
     size = img_size or model.cfg.img_size
     x = torch.zeros(1, model.cfg.in_chans, size, size, device=model.cls_token.device)
-    was_training, fused = model.training, model.pixel_embed.fused
-    model.eval()
+    fused = model.pixel_embed.fused
     model.pixel_embed.fused = False
     try:
-        counter = flop_counter.FlopCounterMode(display=False)
-        with counter:
-            model(x)
+        return forward_macs(model, x)
     finally:
-        model.train(was_training)
         model.pixel_embed.fused = fused
-    return counter.get_total_flops() // 2
 
 
 def model_info(name: str, img_size: int | None = None) -> dict[str, Any]:

@@ -1,0 +1,621 @@
+// TNT's inner transformer as one fused CPU operation: forward and backward.
+//
+// One call runs a block's whole inner transformer over every sentence (patch) of a batch:
+//
+//   x1 = x  + keep1 * proj(attention(LN1(x)))        attention over the m words of each sentence
+//   x2 = x1 + keep2 * fc2(gelu(fc1(LN2(x1))))        exact (erf) GELU
+//
+// x is (S, m, c): S sentences of m words of c features. keep1 / keep2 are optional per-sentence drop-path
+// scales (0 or 1/keep). Sentences are processed in tiles of about 256 words that stay in the L2 cache;
+// every intermediate of a tile lives in a per-thread scratch buffer, and the backward pass recomputes a
+// tile's forward from x instead of keeping anything (so autograd keeps only x for this whole transformer).
+//
+// Compute is fp32 throughout; x and the outputs may be fp32 or bf16 (converted per tile), the weights any
+// floating dtype (packed to fp32 once per call). The small GEMMs (K = c or 4c, c = 8..40) run on a
+// register-blocked micro-kernel written with GCC vector extensions (8 floats per vector: AVX2 or AVX-512VL
+// on x86, NEON pairs elsewhere); the compiler flags come from tntvision/models/kernels.py.
+//
+// Layout of a tile's row-major buffers: every row is padded to a multiple of 8 floats with zeros, so the
+// vector loops never need a tail; padding columns are never read as data.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kW = 8;                 // floats per vector
+constexpr int kTileWords = 256;       // words per tile (rounded to whole sentences)
+typedef float vf __attribute__((vector_size(32)));
+typedef float vfu __attribute__((vector_size(32), aligned(4)));  // unaligned access
+typedef int32_t vi __attribute__((vector_size(32)));
+
+inline int rup(int n) { return (n + kW - 1) / kW * kW; }
+inline vf vld(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void vst(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+inline vf splat(float a) { return vf{} + a; }
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < kW; ++i) s += v[i];
+  return s;
+}
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+// exp(x), Cephes-style: 2^n * p(r), |rel err| ~ 1 ulp. Inputs are clamped to [-87, 88].
+inline vf vexp(vf x) {
+  x = x > 88.0f ? splat(88.0f) : x;
+  x = x < -87.0f ? splat(-87.0f) : x;
+  vf fx = x * 1.44269504088896341f + 0.5f;
+  vf t = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);  // trunc toward zero
+  vf fl = t + __builtin_convertvector(t > fx, vf);                      // floor (true lanes are -1)
+  x = x - fl * 0.693359375f - fl * -2.12194440e-4f;
+  vf z = x * x;
+  vf y = splat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  vi n = (__builtin_convertvector(fl, vi) + 127) << 23;
+  vf pow2n;
+  std::memcpy(&pow2n, &n, sizeof pow2n);
+  return y * pow2n;
+}
+
+// erf(x), Abramowitz & Stegun 7.1.26 (|abs err| <= 1.5e-7), the formula PyTorch's vectorised CPU erf uses.
+inline vf verf(vf x) {
+  vf ax = x < 0.f ? -x : x;
+  vf t = 1.0f / (1.0f + 0.3275911f * ax);
+  vf r = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+  vf e = 1.0f - r * vexp(-ax * ax);
+  return x < 0.f ? -e : e;
+}
+
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+
+// C[m, n] (+)= sum_k A(m, k) * B[k, n] for an MR x (NB*8) block; A(m, k) = A[m*sam + k*sak].
+template <int MR, int NB>
+inline void gemm_block(int K, const float* A, int64_t sam, int64_t sak, const float* B, int64_t ldb, float* C,
+                       int64_t ldc, bool acc) {
+  vf c[MR][NB];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NB; ++v) c[r][v] = acc ? vld(C + r * ldc + v * kW) : vf{};
+  for (int k = 0; k < K; ++k) {
+    vf b[NB];
+    for (int v = 0; v < NB; ++v) b[v] = vld(B + k * ldb + v * kW);
+    for (int r = 0; r < MR; ++r) {
+      vf a = splat(A[r * sam + k * sak]);
+      for (int v = 0; v < NB; ++v) c[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NB; ++v) vst(C + r * ldc + v * kW, c[r][v]);
+}
+
+template <int NB>
+inline void gemm_cols(int M, int K, const float* A, int64_t sam, int64_t sak, const float* B, int64_t ldb, float* C,
+                      int64_t ldc, bool acc) {
+  int m = 0;
+  for (; m + 4 <= M; m += 4) gemm_block<4, NB>(K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, acc);
+  for (; m < M; ++m) gemm_block<1, NB>(K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, acc);
+}
+
+// C (M x N, ldc) (+)= A (M x K, strides sam/sak) @ B (K x N, row-major ldb); N a multiple of 8.
+void gemm(int M, int N, int K, const float* A, int64_t sam, int64_t sak, const float* B, int64_t ldb, float* C,
+          int64_t ldc, bool acc) {
+  int n = 0;
+  for (; n + 3 * kW <= N; n += 3 * kW) gemm_cols<3>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, acc);
+  if (N - n == 2 * kW) gemm_cols<2>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, acc);
+  if (N - n == kW) gemm_cols<1>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, acc);
+}
+
+// Row-major (rows x cols) source, any dtype -> fp32 (rows x ld) with zero padding.
+at::Tensor pack(const at::Tensor& w, int rows, int cols, int ld, bool transpose) {
+  at::Tensor src = w.to(at::kFloat).contiguous().view({rows, cols});
+  if (transpose) src = src.t().contiguous();
+  int r = transpose ? cols : rows, c = transpose ? rows : cols;
+  at::Tensor out = at::zeros({r, ld}, src.options());
+  out.narrow(1, 0, c).copy_(src);
+  return out;
+}
+
+at::Tensor pack_vec(const c10::optional<at::Tensor>& b, int n, int ld) {
+  at::Tensor out = at::zeros({ld}, at::TensorOptions().dtype(at::kFloat));
+  if (b.has_value() && b->defined()) out.narrow(0, 0, n).copy_(b->to(at::kFloat).view({n}));
+  return out;
+}
+
+struct Dims {
+  int m, c, H, heads, hd;
+  int cp, c3p, Hp, mp;  // padded row lengths (multiples of 8)
+  float eps, scale;
+};
+
+// The fp32 weights of one call, packed for the micro-kernel (forward: transposed, backward: as stored).
+struct Weights {
+  at::Tensor ln1w, ln1b, ln2w, ln2b;  // (cp)
+  at::Tensor wqkvT, bqkv;             // (c, c3p), (c3p)
+  at::Tensor wpT, bp;                 // (c, cp), (cp)
+  at::Tensor w1T, b1;                 // (c, Hp), (Hp)
+  at::Tensor w2T, b2;                 // (H, cp), (cp)
+  at::Tensor wqkv, wp, w1, w2;        // backward: (3c, cp), (c, cp), (H, cp), (c, Hp)
+};
+
+// Per-tile scratch: every forward intermediate of up to R words.
+struct Scratch {
+  std::vector<float> x, xn1, qkv, o, x1, xn2, h, g, mean1, rstd1, mean2, rstd2;
+  std::vector<float> qT, sT, oT, dPT, dqT, doT, rowdot;
+  Scratch(int R, const Dims& d)
+      : x(R * d.cp), xn1(R * d.cp), qkv(R * d.c3p), o(R * d.cp), x1(R * d.cp), xn2(R * d.cp), h(R * d.Hp),
+        g(R * d.Hp), mean1(R), rstd1(R), mean2(R), rstd2(R), qT(d.hd * d.mp), sT(d.m * d.mp),
+        oT(d.hd * d.mp), dPT(d.m * d.mp), dqT(d.hd * d.mp), doT(d.hd * d.mp), rowdot(d.mp) {}
+};
+
+template <typename T>
+void load_rows(const T* src, int rows, int c, int ld, float* dst) {
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < c; ++j) dst[r * ld + j] = static_cast<float>(src[r * c + j]);
+}
+
+template <typename T>
+void store_rows(const float* src, int rows, int c, int ld, T* dst) {
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < c; ++j) dst[r * c + j] = static_cast<T>(src[r * ld + j]);
+}
+
+// LayerNorm over the first c of each padded row; keeps mean and 1/std per row; padding stays zero.
+void layer_norm(const float* x, int rows, const Dims& d, const float* w, const float* b, float* y, float* mean,
+                float* rstd) {
+  for (int r = 0; r < rows; ++r) {
+    const float* xr = x + r * d.cp;
+    float s = 0.f;
+    for (int j = 0; j < d.c; ++j) s += xr[j];
+    float mu = s / d.c, v = 0.f;
+    for (int j = 0; j < d.c; ++j) v += (xr[j] - mu) * (xr[j] - mu);
+    float rs = 1.0f / std::sqrt(v / d.c + d.eps);
+    mean[r] = mu;
+    rstd[r] = rs;
+    float* yr = y + r * d.cp;
+    for (int j = 0; j < d.c; ++j) yr[j] = (xr[j] - mu) * rs * w[j] + b[j];
+  }
+}
+
+// dx (+)= LayerNorm backward of dy; accumulates the weight and bias gradients.
+void layer_norm_backward(const float* dy, const float* x, int rows, const Dims& d, const float* w,
+                         const float* mean, const float* rstd, float* dx, float* gw, float* gb) {
+  for (int r = 0; r < rows; ++r) {
+    const float* dyr = dy + r * d.cp;
+    const float* xr = x + r * d.cp;
+    float* dxr = dx + r * d.cp;
+    float mu = mean[r], rs = rstd[r], s1 = 0.f, s2 = 0.f;
+    for (int j = 0; j < d.c; ++j) {
+      float xhat = (xr[j] - mu) * rs, g = dyr[j] * w[j];
+      gw[j] += dyr[j] * xhat;
+      gb[j] += dyr[j];
+      s1 += g;
+      s2 += g * xhat;
+    }
+    s1 /= d.c;
+    s2 /= d.c;
+    for (int j = 0; j < d.c; ++j) {
+      float xhat = (xr[j] - mu) * rs;
+      dxr[j] += rs * (dyr[j] * w[j] - s1 - xhat * s2);
+    }
+  }
+}
+
+// Transposed attention weights of one sentence and head: PT[j][i] = softmax_j(q_i . k_j * scale).
+// Also leaves qT[d][i] = q[i][d] * scale. q and k point at the head's first column in the qkv rows.
+void attention_weights(const float* q, const float* k, const Dims& d, float* qT, float* PT) {
+  const int m = d.m, mp = d.mp;
+  for (int dd = 0; dd < d.hd; ++dd)
+    for (int i = 0; i < mp; ++i) qT[dd * mp + i] = i < m ? q[i * d.c3p + dd] * d.scale : 0.f;
+  for (int j = 0; j < m; ++j)
+    for (int u = 0; u < mp; u += kW) {
+      vf acc{};
+      for (int dd = 0; dd < d.hd; ++dd) acc += splat(k[j * d.c3p + dd]) * vld(qT + dd * mp + u);
+      vst(PT + j * mp + u, acc);
+    }
+  for (int u = 0; u < mp; u += kW) {
+    vf mx = vld(PT + u);
+    for (int j = 1; j < m; ++j) mx = vmax(mx, vld(PT + j * mp + u));
+    vf sum{};
+    for (int j = 0; j < m; ++j) {
+      vf e = vexp(vld(PT + j * mp + u) - mx);
+      vst(PT + j * mp + u, e);
+      sum += e;
+    }
+    vf inv = 1.0f / sum;
+    for (int j = 0; j < m; ++j) vst(PT + j * mp + u, vld(PT + j * mp + u) * inv);
+  }
+}
+
+// Forward of one tile of `rows` words (rows / m sentences). Fills every buffer of `s`; s.x1 gets x1 and
+// `out` (padded rows) gets x2.
+void tile_forward(Scratch& s, int rows, const Dims& d, const Weights& w, const float* keep1, const float* keep2,
+                  float* out) {
+  const float* ln1w = w.ln1w.data_ptr<float>();
+  const float* ln1b = w.ln1b.data_ptr<float>();
+  const float* ln2w = w.ln2w.data_ptr<float>();
+  const float* ln2b = w.ln2b.data_ptr<float>();
+  const int cp = d.cp, c3p = d.c3p, Hp = d.Hp, m = d.m, mp = d.mp;
+  layer_norm(s.x.data(), rows, d, ln1w, ln1b, s.xn1.data(), s.mean1.data(), s.rstd1.data());
+  float* qkv = s.qkv.data();
+  const float* bqkv = w.bqkv.data_ptr<float>();
+  for (int r = 0; r < rows; ++r) std::memcpy(qkv + r * c3p, bqkv, c3p * sizeof(float));
+  gemm(rows, c3p, d.c, s.xn1.data(), cp, 1, w.wqkvT.data_ptr<float>(), c3p, qkv, c3p, true);
+  for (int r0 = 0; r0 < rows; r0 += m)
+    for (int hh = 0; hh < d.heads; ++hh) {
+      const float* q = qkv + r0 * c3p + hh * d.hd;
+      attention_weights(q, q + d.c, d, s.qT.data(), s.sT.data());
+      const float* v = q + 2 * d.c;
+      for (int dd = 0; dd < d.hd; ++dd)
+        for (int u = 0; u < mp; u += kW) {
+          vf acc{};
+          for (int j = 0; j < m; ++j) acc += splat(v[j * c3p + dd]) * vld(s.sT.data() + j * mp + u);
+          vst(s.oT.data() + dd * mp + u, acc);
+        }
+      float* o = s.o.data() + r0 * cp + hh * d.hd;
+      for (int i = 0; i < m; ++i)
+        for (int dd = 0; dd < d.hd; ++dd) o[i * cp + dd] = s.oT[dd * mp + i];
+    }
+  // x1 = x + keep1 * (o Wp^T + bp)
+  float* x1 = s.x1.data();
+  gemm(rows, cp, d.c, s.o.data(), cp, 1, w.wpT.data_ptr<float>(), cp, x1, cp, false);
+  const float* bp = w.bp.data_ptr<float>();
+  for (int r = 0; r < rows; ++r) {
+    float k1 = keep1 ? keep1[r / m] : 1.0f;
+    for (int j = 0; j < cp; j += kW) {
+      vf y = vld(x1 + r * cp + j) + vld(bp + j);
+      vst(x1 + r * cp + j, keep1 ? vld(s.x.data() + r * cp + j) + y * k1 : vld(s.x.data() + r * cp + j) + y);
+    }
+  }
+  layer_norm(x1, rows, d, ln2w, ln2b, s.xn2.data(), s.mean2.data(), s.rstd2.data());
+  float* h = s.h.data();
+  const float* b1 = w.b1.data_ptr<float>();
+  for (int r = 0; r < rows; ++r) std::memcpy(h + r * Hp, b1, Hp * sizeof(float));
+  gemm(rows, Hp, d.c, s.xn2.data(), cp, 1, w.w1T.data_ptr<float>(), Hp, h, Hp, true);
+  float* g = s.g.data();
+  for (int i = 0; i < rows * Hp; i += kW) {
+    vf a = vld(h + i);
+    vst(g + i, 0.5f * a * (1.0f + verf(a * kSqrtHalf)));
+  }
+  gemm(rows, cp, d.H, g, Hp, 1, w.w2T.data_ptr<float>(), cp, out, cp, false);
+  const float* b2 = w.b2.data_ptr<float>();
+  for (int r = 0; r < rows; ++r) {
+    float k2 = keep2 ? keep2[r / m] : 1.0f;
+    for (int j = 0; j < cp; j += kW) {
+      vf z = vld(out + r * cp + j) + vld(b2 + j);
+      vst(out + r * cp + j, keep2 ? vld(x1 + r * cp + j) + z * k2 : vld(x1 + r * cp + j) + z);
+    }
+  }
+}
+
+struct Problem {
+  Dims d;
+  int64_t S;
+  int tile;  // sentences per tile
+};
+
+Problem make_problem(const at::Tensor& x, const at::Tensor& fc1_w, int64_t heads, double eps) {
+  TORCH_CHECK(x.dim() == 3, "inner_transformer: x must be (sentences, words, dim), got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "inner_transformer: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "inner_transformer: x must be float32 or bfloat16");
+  Problem p;
+  Dims& d = p.d;
+  p.S = x.size(0);
+  d.m = static_cast<int>(x.size(1));
+  d.c = static_cast<int>(x.size(2));
+  d.H = static_cast<int>(fc1_w.size(0));
+  d.heads = static_cast<int>(heads);
+  TORCH_CHECK(d.heads > 0 && d.c % d.heads == 0, "inner_transformer: dim not divisible by heads");
+  d.hd = d.c / d.heads;
+  d.cp = rup(d.c);
+  d.c3p = rup(3 * d.c);
+  d.Hp = rup(d.H);
+  d.mp = rup(d.m);
+  d.eps = static_cast<float>(eps);
+  d.scale = 1.0f / std::sqrt(static_cast<float>(d.hd));
+  p.tile = std::max(1, kTileWords / std::max(1, d.m));
+  return p;
+}
+
+Weights pack_weights(const Dims& d, const at::Tensor& ln1_w, const at::Tensor& ln1_b, const at::Tensor& qk_w,
+                     const c10::optional<at::Tensor>& qk_b, const at::Tensor& v_w,
+                     const c10::optional<at::Tensor>& v_b, const at::Tensor& proj_w, const at::Tensor& proj_b,
+                     const at::Tensor& ln2_w, const at::Tensor& ln2_b, const at::Tensor& fc1_w,
+                     const at::Tensor& fc1_b, const at::Tensor& fc2_w, const at::Tensor& fc2_b, bool backward) {
+  Weights w;
+  w.ln1w = pack_vec(ln1_w, d.c, d.cp);
+  w.ln1b = pack_vec(ln1_b, d.c, d.cp);
+  w.ln2w = pack_vec(ln2_w, d.c, d.cp);
+  w.ln2b = pack_vec(ln2_b, d.c, d.cp);
+  at::Tensor wqkv = at::cat({qk_w.to(at::kFloat), v_w.to(at::kFloat)}, 0);  // (3c, c), q rows first
+  w.wqkvT = pack(wqkv, 3 * d.c, d.c, d.c3p, true);
+  at::Tensor bqkv = at::zeros({d.c3p}, at::TensorOptions().dtype(at::kFloat));
+  if (qk_b.has_value() && qk_b->defined()) {
+    bqkv.narrow(0, 0, 2 * d.c).copy_(qk_b->to(at::kFloat));
+    bqkv.narrow(0, 2 * d.c, d.c).copy_(v_b->to(at::kFloat));
+  }
+  w.bqkv = bqkv;
+  w.wpT = pack(proj_w, d.c, d.c, d.cp, true);
+  w.bp = pack_vec(proj_b, d.c, d.cp);
+  w.w1T = pack(fc1_w, d.H, d.c, d.Hp, true);
+  w.b1 = pack_vec(fc1_b, d.H, d.Hp);
+  w.w2T = pack(fc2_w, d.c, d.H, d.cp, true);
+  w.b2 = pack_vec(fc2_b, d.c, d.cp);
+  if (backward) {
+    w.wqkv = pack(wqkv, 3 * d.c, d.c, d.cp, false);
+    w.wp = pack(proj_w, d.c, d.c, d.cp, false);
+    w.w1 = pack(fc1_w, d.H, d.c, d.cp, false);
+    w.w2 = pack(fc2_w, d.c, d.H, d.Hp, false);
+  }
+  return w;
+}
+
+const float* keep_ptr(const c10::optional<at::Tensor>& keep, at::Tensor& holder, int64_t S) {
+  if (!keep.has_value() || !keep->defined()) return nullptr;
+  TORCH_CHECK(keep->numel() == S, "inner_transformer: drop-path scales must have one entry per sentence");
+  holder = keep->to(at::kFloat).contiguous();
+  return holder.data_ptr<float>();
+}
+
+template <typename T>
+void copy_in(const at::Tensor& x, int64_t s0, int rows, const Dims& d, float* dst) {
+  load_rows(x.data_ptr<T>() + s0 * d.m * d.c, rows, d.c, d.cp, dst);
+}
+
+void load_tile(const at::Tensor& x, int64_t s0, int rows, const Dims& d, float* dst) {
+  if (x.scalar_type() == at::kFloat) copy_in<float>(x, s0, rows, d, dst);
+  else copy_in<c10::BFloat16>(x, s0, rows, d, dst);
+}
+
+void store_tile(const float* src, int64_t s0, int rows, const Dims& d, at::Tensor& y) {
+  if (y.scalar_type() == at::kFloat) store_rows(src, rows, d.c, d.cp, y.data_ptr<float>() + s0 * d.m * d.c);
+  else store_rows(src, rows, d.c, d.cp, y.data_ptr<c10::BFloat16>() + s0 * d.m * d.c);
+}
+
+at::Tensor inner_transformer_cpu(const at::Tensor& x_in, const at::Tensor& ln1_w, const at::Tensor& ln1_b,
+                                 const at::Tensor& qk_w, const c10::optional<at::Tensor>& qk_b,
+                                 const at::Tensor& v_w, const c10::optional<at::Tensor>& v_b,
+                                 const at::Tensor& proj_w, const at::Tensor& proj_b, const at::Tensor& ln2_w,
+                                 const at::Tensor& ln2_b, const at::Tensor& fc1_w, const at::Tensor& fc1_b,
+                                 const at::Tensor& fc2_w, const at::Tensor& fc2_b,
+                                 const c10::optional<at::Tensor>& keep1, const c10::optional<at::Tensor>& keep2,
+                                 int64_t num_heads, double eps) {
+  at::Tensor x = x_in.contiguous();
+  Problem p = make_problem(x, fc1_w, num_heads, eps);
+  const Dims& d = p.d;
+  Weights w = pack_weights(d, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b,
+                           fc2_w, fc2_b, false);
+  at::Tensor k1h, k2h;
+  const float* k1 = keep_ptr(keep1, k1h, p.S);
+  const float* k2 = keep_ptr(keep2, k2h, p.S);
+  at::Tensor y = at::empty_like(x);
+  const int64_t ntiles = (p.S + p.tile - 1) / p.tile;
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    Scratch s(p.tile * d.m, d);
+    std::vector<float> out(p.tile * d.m * d.cp);
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t s0 = t * p.tile;
+      int ns = static_cast<int>(std::min<int64_t>(p.tile, p.S - s0)), rows = ns * d.m;
+      load_tile(x, s0, rows, d, s.x.data());
+      tile_forward(s, rows, d, w, k1 ? k1 + s0 : nullptr, k2 ? k2 + s0 : nullptr, out.data());
+      store_tile(out.data(), s0, rows, d, y);
+    }
+  });
+  return y;
+}
+
+// Gradient accumulators of one thread, fp32, padded like the packed weights.
+struct Grads {
+  std::vector<float> ln1w, ln1b, ln2w, ln2b, wqkv, bqkv, wp, bp, w1, b1, w2, b2;
+  explicit Grads(const Dims& d)
+      : ln1w(d.cp), ln1b(d.cp), ln2w(d.cp), ln2b(d.cp), wqkv(3 * d.c * d.cp), bqkv(d.c3p), wp(d.c * d.cp),
+        bp(d.cp), w1(d.H * d.cp), b1(d.Hp), w2(d.c * d.Hp), b2(d.cp) {}
+};
+
+void col_sum(const float* a, int rows, int ld, float* out) {
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < ld; j += kW) vst(out + j, vld(out + j) + vld(a + r * ld + j));
+}
+
+// Backward of one tile whose forward buffers `s` are filled; dx2 (padded rows) in `dy` is consumed.
+// Writes the input gradient into `dx` (padded rows) and accumulates weight gradients into `gr`.
+void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const float* keep1, const float* keep2,
+                   float* dy, float* dz, float* dg, float* dx, float* dqkv, Grads& gr) {
+  const int cp = d.cp, c3p = d.c3p, Hp = d.Hp, m = d.m, mp = d.mp;
+  // MLP branch: dz = keep2 * dx2
+  for (int r = 0; r < rows; ++r) {
+    float k2 = keep2 ? keep2[r / m] : 1.0f;
+    for (int j = 0; j < cp; j += kW) vst(dz + r * cp + j, vld(dy + r * cp + j) * k2);
+  }
+  gemm(d.c, Hp, rows, dz, 1, cp, s.g.data(), Hp, gr.w2.data(), Hp, true);  // dW2 += dz^T g
+  col_sum(dz, rows, cp, gr.b2.data());
+  gemm(rows, Hp, d.c, dz, cp, 1, w.w2.data_ptr<float>(), Hp, dg, Hp, false);  // dg = dz W2
+  const float* h = s.h.data();
+  for (int i = 0; i < rows * Hp; i += kW) {  // dh = dg * gelu'(h)
+    vf a = vld(h + i);
+    vf cdf = 0.5f * (1.0f + verf(a * kSqrtHalf));
+    vf pdf = kInvSqrt2Pi * vexp(-0.5f * a * a);
+    vst(dg + i, vld(dg + i) * (cdf + a * pdf));
+  }
+  gemm(d.H, cp, rows, dg, 1, Hp, s.xn2.data(), cp, gr.w1.data(), cp, true);  // dW1 += dh^T xn2
+  col_sum(dg, rows, Hp, gr.b1.data());
+  gemm(rows, cp, d.H, dg, Hp, 1, w.w1.data_ptr<float>(), cp, dz, cp, false);  // dxn2 = dh W1 (into dz)
+  layer_norm_backward(dz, s.x1.data(), rows, d, w.ln2w.data_ptr<float>(), s.mean2.data(), s.rstd2.data(), dy,
+                      gr.ln2w.data(), gr.ln2b.data());  // dy now holds dx1
+  // attention branch: dz = keep1 * dx1
+  for (int r = 0; r < rows; ++r) {
+    float k1 = keep1 ? keep1[r / m] : 1.0f;
+    for (int j = 0; j < cp; j += kW) vst(dz + r * cp + j, vld(dy + r * cp + j) * k1);
+  }
+  gemm(d.c, cp, rows, dz, 1, cp, s.o.data(), cp, gr.wp.data(), cp, true);  // dWp += dy^T o
+  col_sum(dz, rows, cp, gr.bp.data());
+  float* dO = dg;  // reuse: (rows, cp) gradient of the attention output
+  gemm(rows, cp, d.c, dz, cp, 1, w.wp.data_ptr<float>(), cp, dO, cp, false);
+  const float* qkv = s.qkv.data();
+  float *PT = s.sT.data(), *qT = s.qT.data(), *doT = s.doT.data(), *dPT = s.dPT.data(), *dqT = s.dqT.data();
+  float* rowdot = s.rowdot.data();
+  for (int r0 = 0; r0 < rows; r0 += m)
+    for (int hh = 0; hh < d.heads; ++hh) {
+      const float* q = qkv + r0 * c3p + hh * d.hd;
+      const float* k = q + d.c;
+      const float* v = q + 2 * d.c;
+      attention_weights(q, k, d, qT, PT);
+      const float* dOh = dO + r0 * cp + hh * d.hd;
+      for (int dd = 0; dd < d.hd; ++dd)
+        for (int i = 0; i < mp; ++i) doT[dd * mp + i] = i < m ? dOh[i * cp + dd] : 0.f;
+      float* dq = dqkv + r0 * c3p + hh * d.hd;
+      float* dk = dq + d.c;
+      float* dv = dq + 2 * d.c;
+      for (int j = 0; j < m; ++j) {
+        for (int dd = 0; dd < d.hd; ++dd) {  // dv[j] = sum_i P[i][j] dO[i]
+          vf acc{};
+          for (int u = 0; u < mp; u += kW) acc += vld(PT + j * mp + u) * vld(doT + dd * mp + u);
+          dv[j * c3p + dd] = hsum(acc);
+        }
+        for (int u = 0; u < mp; u += kW) {  // dP[i][j] = dO[i] . v[j]
+          vf acc{};
+          for (int dd = 0; dd < d.hd; ++dd) acc += splat(v[j * c3p + dd]) * vld(doT + dd * mp + u);
+          vst(dPT + j * mp + u, acc);
+        }
+      }
+      for (int u = 0; u < mp; u += kW) {  // softmax backward over keys, per query lane
+        vf acc{};
+        for (int j = 0; j < m; ++j) acc += vld(PT + j * mp + u) * vld(dPT + j * mp + u);
+        vst(rowdot + u, acc);
+      }
+      for (int j = 0; j < m; ++j)
+        for (int u = 0; u < mp; u += kW)
+          vst(dPT + j * mp + u, vld(PT + j * mp + u) * (vld(dPT + j * mp + u) - vld(rowdot + u)));  // dS^T
+      for (int dd = 0; dd < d.hd; ++dd)
+        for (int u = 0; u < mp; u += kW) {  // dq[i] = scale * sum_j dS[i][j] k[j]
+          vf acc{};
+          for (int j = 0; j < m; ++j) acc += splat(k[j * c3p + dd]) * vld(dPT + j * mp + u);
+          vst(dqT + dd * mp + u, acc * d.scale);
+        }
+      for (int i = 0; i < m; ++i)
+        for (int dd = 0; dd < d.hd; ++dd) dq[i * c3p + dd] = dqT[dd * mp + i];
+      for (int j = 0; j < m; ++j)
+        for (int dd = 0; dd < d.hd; ++dd) {  // dk[j] = sum_i dS[i][j] q[i] * scale (qT holds the scale)
+          vf acc{};
+          for (int u = 0; u < mp; u += kW) acc += vld(dPT + j * mp + u) * vld(qT + dd * mp + u);
+          dk[j * c3p + dd] = hsum(acc);
+        }
+    }
+  gemm(3 * d.c, cp, rows, dqkv, 1, c3p, s.xn1.data(), cp, gr.wqkv.data(), cp, true);  // dWqkv += dqkv^T xn1
+  col_sum(dqkv, rows, c3p, gr.bqkv.data());
+  gemm(rows, cp, 3 * d.c, dqkv, c3p, 1, w.wqkv.data_ptr<float>(), cp, dz, cp, false);  // dxn1
+  std::memcpy(dx, dy, sizeof(float) * rows * cp);  // residual: dx = dx1 + LN1 backward
+  layer_norm_backward(dz, s.x.data(), rows, d, w.ln1w.data_ptr<float>(), s.mean1.data(), s.rstd1.data(), dx,
+                      gr.ln1w.data(), gr.ln1b.data());
+}
+
+// (rows x ld) padded fp32 accumulator -> (rows x cols) tensor of `like`'s dtype.
+at::Tensor unpack(const std::vector<float>& acc, int rows, int cols, int ld, const at::Tensor& like) {
+  at::Tensor t = at::from_blob(const_cast<float*>(acc.data()), {rows, ld}, at::TensorOptions().dtype(at::kFloat));
+  return t.narrow(1, 0, cols).to(like.scalar_type()).clone().view(like.sizes());  // clone: acc is freed
+}
+
+std::vector<at::Tensor> inner_transformer_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& ln1_w, const at::Tensor& ln1_b,
+    const at::Tensor& qk_w, const c10::optional<at::Tensor>& qk_b, const at::Tensor& v_w,
+    const c10::optional<at::Tensor>& v_b, const at::Tensor& proj_w, const at::Tensor& proj_b,
+    const at::Tensor& ln2_w, const at::Tensor& ln2_b, const at::Tensor& fc1_w, const at::Tensor& fc1_b,
+    const at::Tensor& fc2_w, const at::Tensor& fc2_b, const c10::optional<at::Tensor>& keep1,
+    const c10::optional<at::Tensor>& keep2, int64_t num_heads, double eps) {
+  at::Tensor x = x_in.contiguous();
+  at::Tensor grad = grad_in.contiguous();
+  Problem p = make_problem(x, fc1_w, num_heads, eps);
+  const Dims& d = p.d;
+  TORCH_CHECK(grad.sizes() == x.sizes(), "inner_transformer_backward: grad and x differ in shape");
+  Weights w = pack_weights(d, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b,
+                           fc2_w, fc2_b, true);
+  at::Tensor k1h, k2h;
+  const float* k1 = keep_ptr(keep1, k1h, p.S);
+  const float* k2 = keep_ptr(keep2, k2h, p.S);
+  at::Tensor gx = at::empty_like(x);
+  const int64_t ntiles = (p.S + p.tile - 1) / p.tile;
+  const int nthreads = at::get_num_threads();
+  std::vector<Grads> grads(nthreads, Grads(d));
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    const int R = p.tile * d.m;
+    Scratch s(R, d);
+    std::vector<float> out(R * d.cp), dy(R * d.cp), dz(R * d.cp), dg(R * std::max(d.Hp, d.cp)), dx(R * d.cp),
+        dqkv(R * d.c3p);
+    Grads& gr = grads[at::get_thread_num()];
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t s0 = t * p.tile;
+      int ns = static_cast<int>(std::min<int64_t>(p.tile, p.S - s0)), rows = ns * d.m;
+      load_tile(x, s0, rows, d, s.x.data());
+      const float* kk1 = k1 ? k1 + s0 : nullptr;
+      const float* kk2 = k2 ? k2 + s0 : nullptr;
+      tile_forward(s, rows, d, w, kk1, kk2, out.data());
+      load_tile(grad, s0, rows, d, dy.data());
+      tile_backward(s, rows, d, w, kk1, kk2, dy.data(), dz.data(), dg.data(), dx.data(), dqkv.data(), gr);
+      store_tile(dx.data(), s0, rows, d, gx);
+    }
+  });
+  Grads& tot = grads[0];
+  for (int t = 1; t < nthreads; ++t) {
+    auto add = [](std::vector<float>& a, const std::vector<float>& b) {
+      for (size_t i = 0; i < a.size(); ++i) a[i] += b[i];
+    };
+    add(tot.ln1w, grads[t].ln1w), add(tot.ln1b, grads[t].ln1b), add(tot.ln2w, grads[t].ln2w);
+    add(tot.ln2b, grads[t].ln2b), add(tot.wqkv, grads[t].wqkv), add(tot.bqkv, grads[t].bqkv);
+    add(tot.wp, grads[t].wp), add(tot.bp, grads[t].bp), add(tot.w1, grads[t].w1), add(tot.b1, grads[t].b1);
+    add(tot.w2, grads[t].w2), add(tot.b2, grads[t].b2);
+  }
+  const int c = d.c;
+  at::Tensor gwqkv = at::from_blob(tot.wqkv.data(), {3 * c, d.cp}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor gbqkv = at::from_blob(tot.bqkv.data(), {d.c3p}, at::TensorOptions().dtype(at::kFloat));
+  const bool qkv_bias = qk_b.has_value() && qk_b->defined();
+  at::Tensor empty = at::empty({0}, x.options().dtype(at::kFloat));
+  return {
+      gx,
+      unpack(tot.ln1w, 1, c, d.cp, ln1_w),
+      unpack(tot.ln1b, 1, c, d.cp, ln1_b),
+      gwqkv.narrow(0, 0, 2 * c).narrow(1, 0, c).to(qk_w.scalar_type()).clone(),
+      qkv_bias ? gbqkv.narrow(0, 0, 2 * c).to(qk_b->scalar_type()).clone() : empty,
+      gwqkv.narrow(0, 2 * c, c).narrow(1, 0, c).to(v_w.scalar_type()).clone(),
+      qkv_bias ? gbqkv.narrow(0, 2 * c, c).to(v_b->scalar_type()).clone() : empty,
+      unpack(tot.wp, c, c, d.cp, proj_w),
+      unpack(tot.bp, 1, c, d.cp, proj_b),
+      unpack(tot.ln2w, 1, c, d.cp, ln2_w),
+      unpack(tot.ln2b, 1, c, d.cp, ln2_b),
+      unpack(tot.w1, d.H, c, d.cp, fc1_w),
+      unpack(tot.b1, 1, d.H, d.Hp, fc1_b),
+      unpack(tot.w2, c, d.H, d.Hp, fc2_w),
+      unpack(tot.b2, 1, c, d.cp, fc2_b),
+  };
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tntvision, m) {
+  m.def(
+      "inner_transformer(Tensor x, Tensor ln1_w, Tensor ln1_b, Tensor qk_w, Tensor? qk_b, Tensor v_w, "
+      "Tensor? v_b, Tensor proj_w, Tensor proj_b, Tensor ln2_w, Tensor ln2_b, Tensor fc1_w, Tensor fc1_b, "
+      "Tensor fc2_w, Tensor fc2_b, Tensor? keep1, Tensor? keep2, int num_heads, float eps) -> Tensor");
+  m.def(
+      "inner_transformer_backward(Tensor grad, Tensor x, Tensor ln1_w, Tensor ln1_b, Tensor qk_w, Tensor? qk_b, "
+      "Tensor v_w, Tensor? v_b, Tensor proj_w, Tensor proj_b, Tensor ln2_w, Tensor ln2_b, Tensor fc1_w, "
+      "Tensor fc1_b, Tensor fc2_w, Tensor fc2_b, Tensor? keep1, Tensor? keep2, int num_heads, float eps) "
+      "-> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(tntvision, CPU, m) {
+  m.impl("inner_transformer", &inner_transformer_cpu);
+  m.impl("inner_transformer_backward", &inner_transformer_backward_cpu);
+}

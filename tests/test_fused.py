@@ -1,0 +1,244 @@
+"""The fused inner transformer (``torch.ops.tntvision.inner_transformer``) equals the reference path.
+
+Every registered model, weights perturbed away from their init (so a swapped LayerNorm or a dropped bias
+shows), outputs and every gradient compared between the fused op and the pure-PyTorch reference path:
+fp32 within 1e-5 (gradients relative to each gradient's largest entry), bf16 within the tolerances of
+test_speed_parity.py. A call counter on the op proves that the fused path really ran (or, where it must
+not, that it did not).
+"""
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+import tntvision
+from tntvision.models import kernels
+from tntvision.models.layers import drop_path_scale
+
+from .conftest import ALL_MODELS, small_input_size
+
+INNER_MODELS = [
+    n for n in ALL_MODELS if tntvision.models.registry.get_model_entry(n).config.inner_blocks != ()
+]
+
+
+def test_the_kernel_builds_on_this_machine():
+    """CI machines have a compiler: the fused path must be what the other tests exercise, not skipped."""
+    assert kernels.fused_available(), kernels._STATE["error"]
+
+
+def _model(name: str, **kw) -> tntvision.models.tnt.TNT:
+    model = tntvision.create_model(name, img_size=small_input_size(name), **kw)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+@contextmanager
+def _count_fused_calls():
+    calls = []
+    real = kernels.inner_transformer
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    kernels.inner_transformer = counting
+    try:
+        yield calls
+    finally:
+        kernels.inner_transformer = real
+
+
+def _run(model, x, *, fused: bool, seed: int = 3, amp: bool = False):
+    """Output, input gradient and parameter gradients of one forward/backward with the path chosen."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    with kernels.fused_kernels(fused), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        torch.manual_seed(seed)
+        out = model(x)
+        (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach().float(), x.grad.float(), grads
+
+
+def _assert_grads_close(got: dict, want: dict, rel: float) -> None:
+    assert got.keys() == want.keys()
+    for name, g in want.items():
+        err = (got[name].float() - g.float()).abs().max().item()
+        assert err <= rel * g.float().abs().max().item() + 1e-7, f"{name}: max diff {err}"
+
+
+@pytest.mark.parametrize("name", INNER_MODELS)
+@pytest.mark.parametrize("mode", ["eval", "train", "drop_path"])
+def test_fused_matches_reference_fp32(name, mode):
+    model = _model(name, drop_path_rate=0.3 if mode == "drop_path" else 0.0).train(mode != "eval")
+    x = torch.randn(3, model.in_chans, *(2 * [small_input_size(name)]))
+    with _count_fused_calls() as calls:
+        out, gx, grads = _run(model, x, fused=True)
+    assert len(calls) == sum(b.has_inner for b in model.blocks)
+    ref, ref_gx, ref_grads = _run(model, x, fused=False)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gx, ref_gx, rtol=0, atol=1e-5 * ref_gx.abs().max().item())
+    _assert_grads_close(grads, ref_grads, rel=1e-5)
+    if mode == "drop_path":  # a different random stream must change the result: the masks matter
+        other, _, _ = _run(model, x, fused=True, seed=4)
+        assert (other - out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["tnt_s_patch16_224", "tnt_mini_patch4_28"])
+def test_fused_matches_reference_bf16_autocast(name):
+    model = _model(name, drop_path_rate=0.2).train()
+    x = torch.randn(2, model.in_chans, *(2 * [small_input_size(name)]))
+    with _count_fused_calls() as calls:
+        out, _, grads = _run(model, x, fused=True, amp=True)
+    assert calls
+    ref, _, ref_grads = _run(model, x, fused=False, amp=True)
+    span = (ref.max() - ref.min()).item()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0.03 * span)
+    _assert_grads_close(grads, ref_grads, rel=0.05)
+
+
+def test_fused_matches_reference_bf16_weights():
+    model = _model("tnt_s_patch16_224").to(torch.bfloat16).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        with kernels.fused_kernels(True):
+            out = model(x).float()
+        with kernels.fused_kernels(False):
+            ref = model(x).float()
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=0.03 * (ref.max() - ref.min()).item())
+
+
+def test_dropout_takes_the_reference_path_with_the_same_stream():
+    model = _model("tnt_mini_patch4_28", attn_drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.1).train()
+    x = torch.randn(2, 1, 28, 28)
+    with _count_fused_calls() as calls:
+        out, _, _ = _run(model, x, fused=True)
+    assert not calls  # dropout inside the inner transformer is only in the reference path
+    ref, _, _ = _run(model, x, fused=False)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    with _count_fused_calls() as calls, torch.no_grad():
+        model.eval()(x)
+    assert calls  # in eval, dropout is off, so the fused op runs
+
+
+def test_drop_path_scales_are_the_reference_stream():
+    torch.manual_seed(7)
+    a = drop_path_scale(1000, 0.25, dtype=torch.float32)
+    torch.manual_seed(7)
+    want = torch.empty(1000).bernoulli_(0.75) / 0.75  # stochastic depth as torchvision and timm draw it
+    torch.testing.assert_close(a, want, rtol=0, atol=0)
+    torch.manual_seed(7)
+    b = tntvision.models.layers.drop_path(torch.ones(1000, 2, 3), 0.25, True)[:, 0, 0]
+    torch.testing.assert_close(b, want, rtol=0, atol=0)
+    assert 150 < (a == 0).sum() < 350
+
+
+def test_fused_op_against_an_independent_formula():
+    """The op on random weights against the block written out with torch.nn.functional."""
+    block = _model("tnt_mini_patch4_28").blocks[0]
+    x = torch.randn(10, 4, 8)
+    keep1, keep2 = torch.tensor([0.0, 2.0] * 5), torch.tensor([2.0, 0.0, 1.0, 1.0, 2.0] * 2)
+    got = kernels.inner_transformer(x, block, keep1, keep2)
+    F = torch.nn.functional
+    a, m = block.attn_in, block.mlp_in
+    h = F.layer_norm(x, (8,), block.norm_in.weight, block.norm_in.bias)
+    q, k = F.linear(h, a.qk.weight).chunk(2, dim=-1)
+    v = F.linear(h, a.v.weight)
+    q, k, v = (t.reshape(10, 4, 2, 4).transpose(1, 2) for t in (q, k, v))  # (S, heads, m, hd)
+    att = ((q @ k.transpose(-1, -2)) / 2.0).softmax(-1) @ v  # scale 1/sqrt(4)
+    y = F.linear(att.transpose(1, 2).reshape(10, 4, 8), a.proj.weight, a.proj.bias)
+    x1 = x + keep1[:, None, None] * y
+    z = F.linear(
+        F.gelu(
+            F.linear(
+                F.layer_norm(x1, (8,), block.norm_mlp_in.weight, block.norm_mlp_in.bias),
+                m.fc1.weight,
+                m.fc1.bias,
+            )
+        ),
+        m.fc2.weight,
+        m.fc2.bias,
+    )
+    torch.testing.assert_close(got, x1 + keep2[:, None, None] * z, rtol=0, atol=1e-5)
+
+
+def test_compile_fullgraph_keeps_one_op_per_inner_transformer():
+    model = _model("tnt_s_patch16_224", depth=2).train()
+    x = torch.randn(2, 3, 32, 32)
+    graphs = []
+
+    def recorder(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    out, gx, grads = _run(model, x, fused=True)
+    compiled = torch.compile(model, fullgraph=True, backend=recorder)
+    out_c, gx_c, grads_c = _run(compiled, x, fused=True)
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert targets.count("tntvision.inner_transformer") == 2
+    torch.testing.assert_close(out_c, out, rtol=0, atol=1e-5)
+    _assert_grads_close({k.removeprefix("_orig_mod."): v for k, v in grads_c.items()}, grads, rel=1e-5)
+
+
+def test_torch_export_runs_the_fused_op():
+    model = _model("tnt_mini_patch4_28").eval()
+    x = torch.randn(2, 1, 28, 28)
+    prog = torch.export.export(model, (x,))
+    ops = [str(n.target) for n in prog.graph.nodes if n.op == "call_function"]
+    assert ops.count("tntvision.inner_transformer.default") == len(model.blocks)
+    with torch.no_grad(), kernels.fused_kernels(False):
+        ref = model(x)
+    torch.testing.assert_close(prog.module()(x), ref, rtol=0, atol=1e-5)
+
+
+def test_reference_path_when_the_kernel_cannot_be_built(tmp_path):
+    """A machine where the build fails: one warning, the reference path, the same logits."""
+    code = (
+        "import warnings, torch, tntvision\n"
+        "from torch.utils import cpp_extension\n"
+        "def fail(*a, **k): raise RuntimeError('no compiler here')\n"
+        "cpp_extension.load = fail\n"
+        "from tntvision.models import kernels\n"
+        "torch.manual_seed(0); m = tntvision.create_model('tnt_mini_patch4_28').eval()\n"
+        "torch.manual_seed(1); x = torch.randn(2, 1, 28, 28)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    with torch.no_grad(): y = m(x)\n"
+        "print(kernels.fused_available(), len([i for i in w if 'reference path' in str(i.message)]))\n"
+        "torch.save(y, r'%s')\n" % (tmp_path / "y.pt")
+    )
+    env = {**os.environ, "TNTVISION_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert proc.stdout.split() == ["False", "1"]
+    torch.manual_seed(0)
+    model = tntvision.create_model("tnt_mini_patch4_28").eval()
+    torch.manual_seed(1)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        want = model(x)
+    got = torch.load(tmp_path / "y.pt")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_disabled_by_environment():
+    code = "from tntvision.models import kernels; print(kernels.fused_kernels_enabled())"
+    env = {**os.environ, "TNTVISION_FUSED": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_bad_input_is_refused_by_the_op():
+    block = _model("tnt_mini_patch4_28").blocks[0]
+    with pytest.raises(RuntimeError, match="sentences, words, dim"):
+        kernels.inner_transformer(torch.randn(4, 8), block, None, None)
+    with pytest.raises(RuntimeError, match="one entry per sentence"):
+        kernels.inner_transformer(torch.randn(3, 4, 8), block, torch.ones(2), None)
