@@ -29,6 +29,26 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+// Section timers for development (-DTNT_PROFILE, one thread): torch.ops.tntvision.kernel_profile() returns
+// and resets the seconds spent in each section (0-7 forward, 8-13 backward). Compiled out otherwise.
+#ifdef TNT_PROFILE
+#include <chrono>
+static double g_prof[16];
+static double g_last;
+inline double prof_now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+#define PROF_START() (g_last = prof_now())
+#define PROF(i) (g_prof[i] += prof_now() - g_last, g_last = prof_now())
+#else
+#define PROF_START() ((void)0)
+#define PROF(i) ((void)0)
+#endif
+
 namespace {
 
 constexpr int kW = 8;                 // floats per vector
@@ -42,19 +62,31 @@ inline vf vld(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void vst(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 inline vf splat(float a) { return vf{} + a; }
 inline float hsum(vf v) {
+#if defined(__AVX__)
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+#else
   float s = 0.f;
   for (int i = 0; i < kW; ++i) s += v[i];
   return s;
+#endif
 }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
 // exp(x), Cephes-style: 2^n * p(r), |rel err| ~ 1 ulp. Inputs are clamped to [-87, 88].
 inline vf vexp(vf x) {
+#if defined(__AVX__)
+  x = (vf)_mm256_max_ps(_mm256_min_ps((__m256)x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  vf fx = x * 1.44269504088896341f + 0.5f;
+  vf fl = (vf)_mm256_round_ps((__m256)fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#else
   x = x > 88.0f ? splat(88.0f) : x;
   x = x < -87.0f ? splat(-87.0f) : x;
   vf fx = x * 1.44269504088896341f + 0.5f;
   vf t = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);  // trunc toward zero
   vf fl = t + __builtin_convertvector(t > fx, vf);                      // floor (true lanes are -1)
+#endif
   x = x - fl * 0.693359375f - fl * -2.12194440e-4f;
   vf z = x * x;
   vf y = splat(1.9875691500e-4f);
@@ -70,10 +102,24 @@ inline vf vexp(vf x) {
   return y * pow2n;
 }
 
+// 1/a to within ~1 ulp: the hardware estimate refined by Newton steps (a divide is several times slower).
+inline vf vrcp(vf a) {
+#if defined(__AVX512VL__)
+  vf r = (vf)_mm256_rcp14_ps((__m256)a);  // 14-bit estimate
+  return r * (2.0f - a * r);
+#elif defined(__AVX__)
+  vf r = (vf)_mm256_rcp_ps((__m256)a);  // 12-bit estimate
+  r = r * (2.0f - a * r);
+  return r * (2.0f - a * r);
+#else
+  return 1.0f / a;
+#endif
+}
+
 // erf(x), Abramowitz & Stegun 7.1.26 (|abs err| <= 1.5e-7), the formula PyTorch's vectorised CPU erf uses.
 inline vf verf(vf x) {
   vf ax = x < 0.f ? -x : x;
-  vf t = 1.0f / (1.0f + 0.3275911f * ax);
+  vf t = vrcp(1.0f + 0.3275911f * ax);
   vf r = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
   vf e = 1.0f - r * vexp(-ax * ax);
   return x < 0.f ? -e : e;
@@ -101,10 +147,18 @@ inline void gemm_block(int K, const float* A, int64_t sam, int64_t sak, const fl
     for (int v = 0; v < NB; ++v) vst(C + r * ldc + v * kW, c[r][v]);
 }
 
+// Rows per register block: 8 x 3 accumulators fit AVX-512's 32 vector registers, 4 x 3 fit AVX2's 16.
+#if defined(__AVX512VL__)
+constexpr int kMR = 8;
+#else
+constexpr int kMR = 4;
+#endif
+
 template <int NB>
 inline void gemm_cols(int M, int K, const float* A, int64_t sam, int64_t sak, const float* B, int64_t ldb, float* C,
                       int64_t ldc, bool acc) {
   int m = 0;
+  for (; m + kMR <= M; m += kMR) gemm_block<kMR, NB>(K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, acc);
   for (; m + 4 <= M; m += 4) gemm_block<4, NB>(K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, acc);
   for (; m < M; ++m) gemm_block<1, NB>(K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, acc);
 }
@@ -152,12 +206,14 @@ struct Weights {
 
 // Per-tile scratch: every forward intermediate of up to R words.
 struct Scratch {
-  std::vector<float> x, xn1, qkv, o, x1, xn2, h, g, mean1, rstd1, mean2, rstd2;
-  std::vector<float> qT, sT, oT, dPT, dqT, doT, rowdot;
+  std::vector<float> x, xn1, qkv, o, x1, xn2, h, g, cdf, mean1, rstd1, mean2, rstd2;
+  std::vector<float> P;  // transposed attention weights of every (sentence, head) of the tile: (m, mp) each
+  std::vector<float> qT, oT, dPT, dqT, doT, rowdot;
   Scratch(int R, const Dims& d)
       : x(R * d.cp), xn1(R * d.cp), qkv(R * d.c3p), o(R * d.cp), x1(R * d.cp), xn2(R * d.cp), h(R * d.Hp),
-        g(R * d.Hp), mean1(R), rstd1(R), mean2(R), rstd2(R), qT(d.hd * d.mp), sT(d.m * d.mp),
-        oT(d.hd * d.mp), dPT(d.m * d.mp), dqT(d.hd * d.mp), doT(d.hd * d.mp), rowdot(d.mp) {}
+        g(R * d.Hp), cdf(R * d.Hp), mean1(R), rstd1(R), mean2(R), rstd2(R), P((R / d.m) * d.heads * d.m * d.mp),
+        qT(d.hd * d.mp), oT(d.hd * d.mp), dPT(d.m * d.mp), dqT(d.hd * d.mp), doT(d.hd * d.mp), rowdot(d.mp) {}
+  float* weights(int sentence, int head, const Dims& d) { return P.data() + (sentence * d.heads + head) * d.m * d.mp; }
 };
 
 template <typename T>
@@ -172,53 +228,76 @@ void store_rows(const float* src, int rows, int c, int ld, T* dst) {
     for (int j = 0; j < c; ++j) dst[r * c + j] = static_cast<T>(src[r * ld + j]);
 }
 
-// LayerNorm over the first c of each padded row; keeps mean and 1/std per row; padding stays zero.
+// Lanes of the last vector of a padded row that hold data (1) or padding (0).
+inline vf tail_mask(int c, int cp) {
+  vf m;
+  for (int l = 0; l < kW; ++l) m[l] = (cp - kW + l) < c ? 1.f : 0.f;
+  return m;
+}
+
+// LayerNorm over the first c of each padded row; keeps mean and 1/std per row; padding stays zero (x's
+// padding is zero, and so is the padding of w and b).
 void layer_norm(const float* x, int rows, const Dims& d, const float* w, const float* b, float* y, float* mean,
                 float* rstd) {
+  const int cp = d.cp;
+  const vf last = tail_mask(d.c, cp);
   for (int r = 0; r < rows; ++r) {
-    const float* xr = x + r * d.cp;
-    float s = 0.f;
-    for (int j = 0; j < d.c; ++j) s += xr[j];
-    float mu = s / d.c, v = 0.f;
-    for (int j = 0; j < d.c; ++j) v += (xr[j] - mu) * (xr[j] - mu);
-    float rs = 1.0f / std::sqrt(v / d.c + d.eps);
+    const float* xr = x + r * cp;
+    vf s{};
+    for (int j = 0; j < cp; j += kW) s += vld(xr + j);
+    const float mu = hsum(s) / d.c;
+    vf v{};
+    for (int j = 0; j < cp; j += kW) {
+      vf dv = vld(xr + j) - mu;
+      if (j + kW == cp) dv *= last;
+      v += dv * dv;
+    }
+    const float rs = 1.0f / std::sqrt(hsum(v) / d.c + d.eps);
     mean[r] = mu;
     rstd[r] = rs;
-    float* yr = y + r * d.cp;
-    for (int j = 0; j < d.c; ++j) yr[j] = (xr[j] - mu) * rs * w[j] + b[j];
+    float* yr = y + r * cp;
+    for (int j = 0; j < cp; j += kW) vst(yr + j, (vld(xr + j) - mu) * rs * vld(w + j) + vld(b + j));
   }
 }
 
-// dx (+)= LayerNorm backward of dy; accumulates the weight and bias gradients.
+// dx (+)= LayerNorm backward of dy (whose padding is zero); accumulates the weight and bias gradients.
 void layer_norm_backward(const float* dy, const float* x, int rows, const Dims& d, const float* w,
                          const float* mean, const float* rstd, float* dx, float* gw, float* gb) {
+  const int cp = d.cp;
+  const vf last = tail_mask(d.c, cp);
   for (int r = 0; r < rows; ++r) {
-    const float* dyr = dy + r * d.cp;
-    const float* xr = x + r * d.cp;
-    float* dxr = dx + r * d.cp;
-    float mu = mean[r], rs = rstd[r], s1 = 0.f, s2 = 0.f;
-    for (int j = 0; j < d.c; ++j) {
-      float xhat = (xr[j] - mu) * rs, g = dyr[j] * w[j];
-      gw[j] += dyr[j] * xhat;
-      gb[j] += dyr[j];
+    const float* dyr = dy + r * cp;
+    const float* xr = x + r * cp;
+    float* dxr = dx + r * cp;
+    const float mu = mean[r], rs = rstd[r];
+    vf s1{}, s2{};
+    for (int j = 0; j < cp; j += kW) {
+      vf xhat = (vld(xr + j) - mu) * rs, g = vld(dyr + j) * vld(w + j);
+      vst(gw + j, vld(gw + j) + vld(dyr + j) * xhat);
+      vst(gb + j, vld(gb + j) + vld(dyr + j));
       s1 += g;
       s2 += g * xhat;
     }
-    s1 /= d.c;
-    s2 /= d.c;
-    for (int j = 0; j < d.c; ++j) {
-      float xhat = (xr[j] - mu) * rs;
-      dxr[j] += rs * (dyr[j] * w[j] - s1 - xhat * s2);
+    const float m1 = hsum(s1) / d.c, m2 = hsum(s2) / d.c;
+    for (int j = 0; j < cp; j += kW) {
+      vf xhat = (vld(xr + j) - mu) * rs;
+      vf g = rs * (vld(dyr + j) * vld(w + j) - m1 - xhat * m2);
+      if (j + kW == cp) g *= last;
+      vst(dxr + j, vld(dxr + j) + g);
     }
   }
 }
 
 // Transposed attention weights of one sentence and head: PT[j][i] = softmax_j(q_i . k_j * scale).
 // Also leaves qT[d][i] = q[i][d] * scale. q and k point at the head's first column in the qkv rows.
+inline void scaled_q_transposed(const float* q, const Dims& d, float* qT) {
+  for (int dd = 0; dd < d.hd; ++dd)
+    for (int i = 0; i < d.mp; ++i) qT[dd * d.mp + i] = i < d.m ? q[i * d.c3p + dd] * d.scale : 0.f;
+}
+
 void attention_weights(const float* q, const float* k, const Dims& d, float* qT, float* PT) {
   const int m = d.m, mp = d.mp;
-  for (int dd = 0; dd < d.hd; ++dd)
-    for (int i = 0; i < mp; ++i) qT[dd * mp + i] = i < m ? q[i * d.c3p + dd] * d.scale : 0.f;
+  scaled_q_transposed(q, d, qT);
   for (int j = 0; j < m; ++j)
     for (int u = 0; u < mp; u += kW) {
       vf acc{};
@@ -239,35 +318,40 @@ void attention_weights(const float* q, const float* k, const Dims& d, float* qT,
   }
 }
 
-// Forward of one tile of `rows` words (rows / m sentences). Fills every buffer of `s`; s.x1 gets x1 and
-// `out` (padded rows) gets x2.
+// Forward of one tile of `rows` words (rows / m sentences) into `out` (padded rows). With `for_backward`,
+// it stops before fc2 (backward does not need x2) and also keeps GELU's cdf, Phi(h), in s.cdf.
 void tile_forward(Scratch& s, int rows, const Dims& d, const Weights& w, const float* keep1, const float* keep2,
-                  float* out) {
+                  float* out, bool for_backward) {
   const float* ln1w = w.ln1w.data_ptr<float>();
   const float* ln1b = w.ln1b.data_ptr<float>();
   const float* ln2w = w.ln2w.data_ptr<float>();
   const float* ln2b = w.ln2b.data_ptr<float>();
   const int cp = d.cp, c3p = d.c3p, Hp = d.Hp, m = d.m, mp = d.mp;
+  PROF_START();
   layer_norm(s.x.data(), rows, d, ln1w, ln1b, s.xn1.data(), s.mean1.data(), s.rstd1.data());
+  PROF(0);
   float* qkv = s.qkv.data();
   const float* bqkv = w.bqkv.data_ptr<float>();
   for (int r = 0; r < rows; ++r) std::memcpy(qkv + r * c3p, bqkv, c3p * sizeof(float));
   gemm(rows, c3p, d.c, s.xn1.data(), cp, 1, w.wqkvT.data_ptr<float>(), c3p, qkv, c3p, true);
+  PROF(1);
   for (int r0 = 0; r0 < rows; r0 += m)
     for (int hh = 0; hh < d.heads; ++hh) {
       const float* q = qkv + r0 * c3p + hh * d.hd;
-      attention_weights(q, q + d.c, d, s.qT.data(), s.sT.data());
+      float* PT = s.weights(r0 / m, hh, d);
+      attention_weights(q, q + d.c, d, s.qT.data(), PT);
       const float* v = q + 2 * d.c;
       for (int dd = 0; dd < d.hd; ++dd)
         for (int u = 0; u < mp; u += kW) {
           vf acc{};
-          for (int j = 0; j < m; ++j) acc += splat(v[j * c3p + dd]) * vld(s.sT.data() + j * mp + u);
+          for (int j = 0; j < m; ++j) acc += splat(v[j * c3p + dd]) * vld(PT + j * mp + u);
           vst(s.oT.data() + dd * mp + u, acc);
         }
       float* o = s.o.data() + r0 * cp + hh * d.hd;
       for (int i = 0; i < m; ++i)
         for (int dd = 0; dd < d.hd; ++dd) o[i * cp + dd] = s.oT[dd * mp + i];
     }
+  PROF(2);
   // x1 = x + keep1 * (o Wp^T + bp)
   float* x1 = s.x1.data();
   gemm(rows, cp, d.c, s.o.data(), cp, 1, w.wpT.data_ptr<float>(), cp, x1, cp, false);
@@ -280,16 +364,23 @@ void tile_forward(Scratch& s, int rows, const Dims& d, const Weights& w, const f
     }
   }
   layer_norm(x1, rows, d, ln2w, ln2b, s.xn2.data(), s.mean2.data(), s.rstd2.data());
+  PROF(3);
   float* h = s.h.data();
   const float* b1 = w.b1.data_ptr<float>();
   for (int r = 0; r < rows; ++r) std::memcpy(h + r * Hp, b1, Hp * sizeof(float));
   gemm(rows, Hp, d.c, s.xn2.data(), cp, 1, w.w1T.data_ptr<float>(), Hp, h, Hp, true);
+  PROF(4);
   float* g = s.g.data();
   for (int i = 0; i < rows * Hp; i += kW) {
     vf a = vld(h + i);
-    vst(g + i, 0.5f * a * (1.0f + verf(a * kSqrtHalf)));
+    vf cdf = 0.5f + 0.5f * verf(a * kSqrtHalf);
+    if (for_backward) vst(s.cdf.data() + i, cdf);
+    vst(g + i, a * cdf);
   }
+  PROF(5);
+  if (for_backward) return;
   gemm(rows, cp, d.H, g, Hp, 1, w.w2T.data_ptr<float>(), cp, out, cp, false);
+  PROF(6);
   const float* b2 = w.b2.data_ptr<float>();
   for (int r = 0; r < rows; ++r) {
     float k2 = keep2 ? keep2[r / m] : 1.0f;
@@ -298,6 +389,7 @@ void tile_forward(Scratch& s, int rows, const Dims& d, const Weights& w, const f
       vst(out + r * cp + j, keep2 ? vld(x1 + r * cp + j) + z * k2 : vld(x1 + r * cp + j) + z);
     }
   }
+  PROF(7);
 }
 
 struct Problem {
@@ -410,7 +502,7 @@ at::Tensor inner_transformer_cpu(const at::Tensor& x_in, const at::Tensor& ln1_w
       int64_t s0 = t * p.tile;
       int ns = static_cast<int>(std::min<int64_t>(p.tile, p.S - s0)), rows = ns * d.m;
       load_tile(x, s0, rows, d, s.x.data());
-      tile_forward(s, rows, d, w, k1 ? k1 + s0 : nullptr, k2 ? k2 + s0 : nullptr, out.data());
+      tile_forward(s, rows, d, w, k1 ? k1 + s0 : nullptr, k2 ? k2 + s0 : nullptr, out.data(), false);
       store_tile(out.data(), s0, rows, d, y);
     }
   });
@@ -435,6 +527,7 @@ void col_sum(const float* a, int rows, int ld, float* out) {
 void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const float* keep1, const float* keep2,
                    float* dy, float* dz, float* dg, float* dx, float* dqkv, Grads& gr) {
   const int cp = d.cp, c3p = d.c3p, Hp = d.Hp, m = d.m, mp = d.mp;
+  PROF_START();
   // MLP branch: dz = keep2 * dx2
   for (int r = 0; r < rows; ++r) {
     float k2 = keep2 ? keep2[r / m] : 1.0f;
@@ -444,17 +537,19 @@ void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const 
   col_sum(dz, rows, cp, gr.b2.data());
   gemm(rows, Hp, d.c, dz, cp, 1, w.w2.data_ptr<float>(), Hp, dg, Hp, false);  // dg = dz W2
   const float* h = s.h.data();
-  for (int i = 0; i < rows * Hp; i += kW) {  // dh = dg * gelu'(h)
+  const float* cdf = s.cdf.data();
+  for (int i = 0; i < rows * Hp; i += kW) {  // dh = dg * gelu'(h) = dg * (Phi(h) + h * phi(h))
     vf a = vld(h + i);
-    vf cdf = 0.5f * (1.0f + verf(a * kSqrtHalf));
     vf pdf = kInvSqrt2Pi * vexp(-0.5f * a * a);
-    vst(dg + i, vld(dg + i) * (cdf + a * pdf));
+    vst(dg + i, vld(dg + i) * (vld(cdf + i) + a * pdf));
   }
   gemm(d.H, cp, rows, dg, 1, Hp, s.xn2.data(), cp, gr.w1.data(), cp, true);  // dW1 += dh^T xn2
   col_sum(dg, rows, Hp, gr.b1.data());
   gemm(rows, cp, d.H, dg, Hp, 1, w.w1.data_ptr<float>(), cp, dz, cp, false);  // dxn2 = dh W1 (into dz)
+  PROF(8);
   layer_norm_backward(dz, s.x1.data(), rows, d, w.ln2w.data_ptr<float>(), s.mean2.data(), s.rstd2.data(), dy,
                       gr.ln2w.data(), gr.ln2b.data());  // dy now holds dx1
+  PROF(9);
   // attention branch: dz = keep1 * dx1
   for (int r = 0; r < rows; ++r) {
     float k1 = keep1 ? keep1[r / m] : 1.0f;
@@ -464,15 +559,17 @@ void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const 
   col_sum(dz, rows, cp, gr.bp.data());
   float* dO = dg;  // reuse: (rows, cp) gradient of the attention output
   gemm(rows, cp, d.c, dz, cp, 1, w.wp.data_ptr<float>(), cp, dO, cp, false);
+  PROF(10);
   const float* qkv = s.qkv.data();
-  float *PT = s.sT.data(), *qT = s.qT.data(), *doT = s.doT.data(), *dPT = s.dPT.data(), *dqT = s.dqT.data();
+  float *qT = s.qT.data(), *doT = s.doT.data(), *dPT = s.dPT.data(), *dqT = s.dqT.data();
   float* rowdot = s.rowdot.data();
   for (int r0 = 0; r0 < rows; r0 += m)
     for (int hh = 0; hh < d.heads; ++hh) {
       const float* q = qkv + r0 * c3p + hh * d.hd;
       const float* k = q + d.c;
       const float* v = q + 2 * d.c;
-      attention_weights(q, k, d, qT, PT);
+      const float* PT = s.weights(r0 / m, hh, d);  // kept by the forward recompute
+      scaled_q_transposed(q, d, qT);
       const float* dOh = dO + r0 * cp + hh * d.hd;
       for (int dd = 0; dd < d.hd; ++dd)
         for (int i = 0; i < mp; ++i) doT[dd * mp + i] = i < m ? dOh[i * cp + dd] : 0.f;
@@ -514,12 +611,15 @@ void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const 
           dk[j * c3p + dd] = hsum(acc);
         }
     }
+  PROF(11);
   gemm(3 * d.c, cp, rows, dqkv, 1, c3p, s.xn1.data(), cp, gr.wqkv.data(), cp, true);  // dWqkv += dqkv^T xn1
   col_sum(dqkv, rows, c3p, gr.bqkv.data());
   gemm(rows, cp, 3 * d.c, dqkv, c3p, 1, w.wqkv.data_ptr<float>(), cp, dz, cp, false);  // dxn1
+  PROF(12);
   std::memcpy(dx, dy, sizeof(float) * rows * cp);  // residual: dx = dx1 + LN1 backward
   layer_norm_backward(dz, s.x.data(), rows, d, w.ln1w.data_ptr<float>(), s.mean1.data(), s.rstd1.data(), dx,
                       gr.ln1w.data(), gr.ln1b.data());
+  PROF(13);
 }
 
 // (rows x ld) padded fp32 accumulator -> (rows x cols) tensor of `like`'s dtype.
@@ -561,7 +661,7 @@ std::vector<at::Tensor> inner_transformer_backward_cpu(
       load_tile(x, s0, rows, d, s.x.data());
       const float* kk1 = k1 ? k1 + s0 : nullptr;
       const float* kk2 = k2 ? k2 + s0 : nullptr;
-      tile_forward(s, rows, d, w, kk1, kk2, out.data());
+      tile_forward(s, rows, d, w, kk1, kk2, out.data(), true);
       load_tile(grad, s0, rows, d, dy.data());
       tile_backward(s, rows, d, w, kk1, kk2, dy.data(), dz.data(), dg.data(), dx.data(), dqkv.data(), gr);
       store_tile(dx.data(), s0, rows, d, gx);
@@ -614,6 +714,15 @@ TORCH_LIBRARY(tntvision, m) {
       "Tensor fc1_b, Tensor fc2_w, Tensor fc2_b, Tensor? keep1, Tensor? keep2, int num_heads, float eps) "
       "-> Tensor[]");
 }
+
+#ifdef TNT_PROFILE
+at::Tensor kernel_profile() {
+  at::Tensor t = at::empty({16}, at::TensorOptions().dtype(at::kDouble));
+  for (int i = 0; i < 16; ++i) t[i] = g_prof[i], g_prof[i] = 0;
+  return t;
+}
+TORCH_LIBRARY_FRAGMENT(tntvision, m) { m.def("kernel_profile() -> Tensor", &kernel_profile); }
+#endif
 
 TORCH_LIBRARY_IMPL(tntvision, CPU, m) {
   m.impl("inner_transformer", &inner_transformer_cpu);
