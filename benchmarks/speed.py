@@ -169,6 +169,48 @@ def speed_section(runs: list[list[dict]], command: str) -> str:
     return "\n".join(lines)
 
 
+def profile_section(batch: int = 16, top: int = 12) -> str:
+    """Top operators (self CPU time, one call, ``torch.profiler``) of TNT-S on the reference path (before),
+    on the fused path (after) and of DeiT-S, per workload: where the milliseconds over DeiT-S go."""
+    import timm
+
+    from tntvision import create_model
+    from tntvision.tools.bench import _inference_fn, _on_path, _train_fn, profile_ops
+
+    torch.manual_seed(0)
+    models = {"ours": create_model(MODEL), "deit": timm.create_model("deit_small_patch16_224")}
+    x = torch.randn(batch, 3, 224, 224)
+    lines = [
+        "### Profile: TNT-S before (reference path) and after (fused), and DeiT-S",
+        "",
+        f"Self CPU time of one call at batch {batch} (`torch.profiler`, {torch.get_num_threads()} threads), "
+        f"top {top} operators of the fused run plus any other that costs DeiT-S or the reference path more "
+        "than 5% of its total; `total` is the sum over all operators.",
+    ]
+    for label, make, amp in (
+        ("inference fp32", _inference_fn, "none"),
+        ("inference bf16 autocast", _inference_fn, "bfloat16"),
+        ("train step fp32", _train_fn, "none"),
+    ):
+        prof = {
+            "reference": profile_ops(_on_path(make(models["ours"], x, "cpu", amp), False), top=200),
+            "fused": profile_ops(_on_path(make(models["ours"], x, "cpu", amp), True), top=200),
+            "DeiT-S": profile_ops(make(models["deit"], x, "cpu", amp), top=200),
+        }
+        ms = {k: {r["op"]: (r["self_ms"], r["calls"]) for r in rows} for k, rows in prof.items()}
+        totals = {k: sum(v for v, _ in d.values()) for k, d in ms.items()}
+        ops = [r["op"] for r in prof["fused"][:top]]
+        for k in ("reference", "DeiT-S"):
+            ops += [r["op"] for r in prof[k] if r["share"] > 0.05 and r["op"] not in ops]
+        lines += ["", f"{label}:", "", "| op | reference ms (calls) | fused ms (calls) | DeiT-S ms (calls) |"]
+        lines.append("|---|---|---|---|")
+        for op in ops:
+            cells = [f"{ms[k][op][0]:.1f} ({ms[k][op][1]})" if op in ms[k] else "-" for k in prof]
+            lines.append(f"| `{op}` | " + " | ".join(cells) + " |")
+        lines.append("| total | " + " | ".join(f"{totals[k]:.1f}" for k in prof) + " |")
+    return "\n".join(lines)
+
+
 def write_section(path: Path, section: str) -> None:
     """Replace the `## Speed` section of ``path`` (up to the next `## ` heading), or append it."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
@@ -185,6 +227,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of the whole plan (default: 3)")
     parser.add_argument("--quick", action="store_true", help="tiny batches and rounds (smoke test)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile inference rows")
+    parser.add_argument("--profile", action="store_true", help="add the per-operator profile tables")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
     runs = []
@@ -197,6 +240,8 @@ def main() -> None:
     (results / "speed.json").write_text(json.dumps({"cpu": cpu_name(), "runs": raw}, indent=2) + "\n")
     command = "python benchmarks/speed.py" + "".join(f" {a}" for a in sys.argv[1:])
     section = speed_section(runs, command)
+    if args.profile:
+        section = section.rstrip("\n") + "\n\n" + profile_section() + "\n"
     write_section(Path(args.out), section)
     print(section)
 

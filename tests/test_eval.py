@@ -128,6 +128,20 @@ def test_autocast_option(image_folder, run_folder, expected, tmp_path):
         evaluate_checkpoint(run_folder, str(image_folder), split="val", amp="fp8", progress=False)
 
 
+def test_bf16_weights_option(image_folder, run_folder, expected, tmp_path, capsys):
+    result = evaluate_checkpoint(
+        run_folder, str(image_folder), split="val", dtype="bfloat16", out=tmp_path, progress=False
+    )
+    assert result.n == 25 and int(result.confusion.sum()) == 25
+    assert abs(result.loss - expected["loss"]) < 0.1  # bf16 rounding only
+    assert result.loss != expected["loss"]  # it really ran in bf16
+    args = ["eval", "--checkpoint", str(run_folder), "--data", str(image_folder), "--split", "val"]
+    assert main([*args, "--dtype", "bfloat16", "--out", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 25
+    with pytest.raises(InputError):
+        evaluate_checkpoint(run_folder, str(image_folder), split="val", dtype="float16", progress=False)
+
+
 def test_report_folder(run_folder, tmp_path):
     assert report_folder(run_folder) == run_folder
     assert report_folder(run_folder / "model") == run_folder

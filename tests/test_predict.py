@@ -80,6 +80,19 @@ def test_prediction_is_softmax_of_the_model_sorted(grey_model, tmp_path):
     np.testing.assert_allclose(pred.probs, [expected[i] for i in order], rtol=0, atol=1e-6)
 
 
+def test_bf16_weights_predict_close_to_fp32_and_leave_the_model_alone(grey_model, tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(noise((40, 40))).save(path)
+    want = full_probs(grey_model, path)
+    pred = predict_images(grey_model, [path], topk=len(CLASSES), dtype=torch.bfloat16).predictions[0]
+    got = [0.0] * len(CLASSES)
+    for i, p in zip(pred.indices, pred.probs, strict=True):
+        got[i] = p
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.02)
+    assert got != want  # bf16 really ran
+    assert all(p.dtype == torch.float32 for p in grey_model.parameters())
+
+
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "CMYK", "L", "I;16", "LA", "1", "F"])
 def test_every_image_mode_is_predicted(grey_model, rgb_model, tmp_path, mode):
     if mode == "I;16":

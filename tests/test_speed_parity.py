@@ -205,3 +205,34 @@ def test_bench_cli_user_errors_exit_2(argv, message, capsys):
     assert main(["bench", *argv, "--no-memory"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_bench_headline_ratios_macs_and_profile(capsys):
+    from tntvision.tools.info import count_macs
+
+    vit = "tntvision:vit_mini_patch4_28"
+    argv = ["bench", "--model", "tnt_mini_patch4_28", "--batch-size", "2", "--rounds", "1", "--warmup", "0"]
+    argv += ["--no-memory", "--compare", vit, "--compare", "ours:reference", "--profile", "40", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    want = count_macs(tntvision.create_model("tnt_mini_patch4_28")) / count_macs(
+        tntvision.create_model("vit_mini_patch4_28")
+    )
+    assert result["flop_ratio"][vit] == pytest.approx(want)
+    assert result["flop_ratio"]["ours:reference"] == 1.0
+    per = result["inference"]["per_impl"]
+    assert result["inference"]["time_ratio"][vit] == pytest.approx(
+        per["ours"]["median_ms"] / per[vit]["median_ms"]
+    )
+    ops = [row["op"] for row in result["inference"]["profile"]]
+    assert "tntvision::inner_transformer" in ops  # the profile is of our model, on the fused path
+
+
+def test_bench_bf16_weights_and_refused_bf16_training(capsys):
+    argv = ["bench", "--model", "tnt_mini_patch4_28", "--batch-size", "2", "--rounds", "1", "--warmup", "0"]
+    assert main([*argv, "--no-memory", "--dtype", "bfloat16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dtype"] == "bfloat16" and result["amp"] == "none"
+    assert result["inference"]["per_impl"]["ours"]["img_per_s"] > 0
+    assert main([*argv, "--no-memory", "--dtype", "bfloat16", "--train"]) == 2
+    assert "float32 weights" in capsys.readouterr().err

@@ -76,11 +76,16 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    import torch
+
     from .models import load_model
     from .tools.predict import predict_images
 
     model = load_model(args.checkpoint)
-    report = predict_images(model, args.images, topk=args.topk, batch_size=args.batch_size, warn=log)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    report = predict_images(
+        model, args.images, topk=args.topk, batch_size=args.batch_size, dtype=dtype, warn=log
+    )
 
     def text() -> str:
         lines = []
@@ -134,6 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         workers=args.workers,
         amp=args.amp,
+        dtype=args.dtype,
         out=args.out,
         warn=log,
     )
@@ -249,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (walked)")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of weights and images"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_predict)
 
@@ -274,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
     p.add_argument(
         "--amp", choices=("none", "bfloat16", "float16"), default="none", help="autocast (default: none)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of weights and images (bfloat16: inference without autocast's weight casts)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)

@@ -278,11 +278,14 @@ def _workload(summary: dict[str, dict[str, float]]) -> dict[str, Any]:
     }
 
 
-def _macs(model: nn.Module, shape: tuple[int, ...], device: str) -> int:
-    from .info import forward_macs
+def _macs(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """MACs of one image: ours as ``tnt info`` counts them (the paper's convention), others as run."""
+    from ..models.tnt import TNT
+    from .info import count_macs, forward_macs
 
-    with torch.device(device):
-        return forward_macs(model.float(), torch.zeros(1, *shape))
+    if isinstance(model, TNT):
+        return count_macs(model, shape[-1])
+    return forward_macs(model, torch.zeros(1, *shape))
 
 
 def profile_ops(fn: Callable[[], None], *, top: int = 15) -> list[dict[str, Any]]:
@@ -375,7 +378,7 @@ def bench_model(
             i.label: (ours if i.spec == "ours" else i.build(model_name, weights_from=ours)) for i in impls
         }
         shape = _input_shape(model_name)
-        result["macs"] = {k: _macs(m, shape, "cpu") for k, m in models.items()}
+        result["macs"] = {k: _macs(m, shape) for k, m in models.items()}
         macs = result["macs"]
         result["flop_ratio"] = {k: macs["ours"] / v for k, v in macs.items() if k != "ours"}
         models = {k: m.to(device, wdtype) for k, m in models.items()}

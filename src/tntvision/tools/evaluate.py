@@ -130,6 +130,7 @@ def evaluate_checkpoint(
     workers: int = 0,
     device: str = "cpu",
     amp: str = "none",
+    dtype: str = "float32",
     out: str | Path | None = None,
     progress: bool = True,
     warn: Callable[[str], None] | None = None,
@@ -141,6 +142,8 @@ def evaluate_checkpoint(
         data: ``"fashion-mnist"`` or an ImageFolder root (see :func:`tntvision.data.build_dataset`).
         split: ``"val"`` or ``"test"``.
         amp: ``"none"`` (float32), ``"bfloat16"`` or ``"float16"`` autocast, as training may evaluate.
+        dtype: ``"float32"`` or ``"bfloat16"``: the dtype weights and images are held in (bf16 inference
+            without autocast's per-call weight casts).
         out: folder for ``confusion_<split>.png`` (default: :func:`report_folder` of ``checkpoint``).
         progress: show a progress bar on stderr.
         warn: called with notes for the user.
@@ -152,9 +155,12 @@ def evaluate_checkpoint(
     amp_dtypes = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if amp not in amp_dtypes:
         raise InputError(f"amp must be one of {', '.join(amp_dtypes)}, got {amp!r}")
+    weight_dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if dtype not in weight_dtypes:
+        raise InputError(f"dtype must be one of {', '.join(weight_dtypes)}, got {dtype!r}")
     if batch_size < 1 or workers < 0:
         raise InputError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
-    model = load_model(checkpoint).eval()
+    model = load_model(checkpoint).eval().to(weight_dtypes[dtype])
     dataset = build_dataset(data, split, transform=eval_transform(model.meta))
     classes = [str(c) for c in dataset.classes]
     _check_classes(model, classes, warn)

@@ -8,6 +8,7 @@ reported and skipped, while a file named explicitly must be an image.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,7 @@ def predict_images(
     topk: int = 5,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
     warn: Callable[[str], None] | None = None,
 ) -> PredictReport:
     """Top-k softmax predictions for every image in ``inputs`` (files and folders).
@@ -133,6 +135,8 @@ def predict_images(
         inputs: image files and folders; see :func:`find_images`.
         topk: classes per image; capped at the number of classes.
         batch_size: images per forward pass.
+        dtype: the dtype weights and images are held in (``torch.bfloat16``: bf16 inference without
+            autocast; probabilities are computed in fp32 from its logits).
         warn: called with notes for the user (missing class names, skipped files).
 
     Raises:
@@ -146,10 +150,12 @@ def predict_images(
     labels = class_labels(model, warn=warn)
     transform = eval_transform(model.meta)
     k = min(topk, len(labels))
-    model = model.eval().to(device)
+    if next(model.parameters()).dtype != dtype:  # a converted copy: the caller's model stays as it is
+        model = copy.deepcopy(model)
+    model = model.eval().to(device, dtype)
     report = PredictReport()
     for paths, x in _batches(files, transform, batch_size, report):
-        probs = model(x.to(device)).float().softmax(dim=-1)  # (b, classes)
+        probs = model(x.to(device, dtype)).float().softmax(dim=-1)  # (b, classes)
         top_p, top_i = probs.topk(k, dim=-1)  # (b, k) each
         for path, p_row, i_row in zip(paths, top_p.tolist(), top_i.tolist(), strict=True):
             report.predictions.append(

@@ -196,10 +196,11 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
+    dtype = next(model.parameters()).dtype  # images follow the weights (bf16 weights: bf16 inference)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, samples
     matrix: torch.Tensor | None = None
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = x.to(device, dtype, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             logits = model(x)
         logits = logits.float()  # (B, K)
