@@ -2,7 +2,7 @@
 
 import torch
 
-from tntvision.models.convert import _AUTHOR_SEGMENTS
+from tntvision.models.weights import _AUTHOR_SEGMENTS
 
 _OURS_TO_AUTHORS = {v: k for k, v in _AUTHOR_SEGMENTS.items()}
 

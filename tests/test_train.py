@@ -30,15 +30,15 @@ from tntvision.train import (
     evaluate,
     from_dict,
     load_yaml,
+    lr_schedule,
     parse_set,
-    resolve_config,
+    resolve_train_config,
     to_dict,
     train,
     train_one_epoch,
 )
 from tntvision.train.config import ConfigError, OptimConfig
 from tntvision.train.optim import MuonAdamW, build_optimizer, param_groups
-from tntvision.train.run import lr_schedule
 
 from .data_helpers import make_fashion_mnist, make_image_folder
 
@@ -56,7 +56,7 @@ def fmnist(tmp_path, monkeypatch):
 def _cfg(out: Path, **changes) -> TrainConfig:
     data = {"model": "tnt_mini_patch4_28", "data": "fashion-mnist", "out": str(out), "epochs": 2}
     data.update(batch_size=16, workers=0, amp="none", **changes)
-    return resolve_config(overrides=data)
+    return resolve_train_config(overrides=data)
 
 
 def _env(fm_dir: Path) -> dict[str, str]:
@@ -92,7 +92,7 @@ def test_config_yaml_and_overrides():
 def test_recipes_in_configs_folder():
     """configs/fashion_mnist.yaml spells out the small-image recipe; the ImageNet file is the default."""
     fm = from_dict(load_yaml(REPO / "configs" / "fashion_mnist.yaml"))
-    auto = resolve_config(
+    auto = resolve_train_config(
         overrides={"model": "tnt_mini_patch4_28", "data": "fashion-mnist", "out": "/nonexistent"}
     )
     assert to_dict(fm) == {**to_dict(auto), "out": ""}
@@ -227,12 +227,16 @@ def test_run_folder_contents(fmnist, tmp_path):
     assert (out / "checkpoints" / "last.pt").is_file()
     assert yaml.safe_load((out / "config.yaml").read_text())["model"] == "tnt_mini_patch4_28"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2] and all("top1" in r and "train_loss" in r for r in rows)
+    assert [r["epoch"] for r in rows] == [1, 2] and all("val_top1" in r and "train_loss" in r for r in rows)
     saved = json.loads((out / "summary.json").read_text())
     assert saved == summary
     for key in ("top1", "top5", "loss", "epochs", "images_seen", "wall_seconds"):
         assert key in saved
-    assert saved["images_seen"] == 2 * 96 and saved["epochs"] == 2 and saved["n"] == 32
+    # 96 training images: 10 held out for validation, 86 -> 5 steps of 16; the summary is the test set's
+    assert saved["images_seen"] == 2 * 80 and saved["epochs"] == 2 and saved["n"] == 32
+    assert rows[-1]["val_n"] == 10 and saved["val_n"] == 10 and saved["val_top1"] == rows[-1]["val_top1"]
+    split = json.loads((out / "val_split.json").read_text())
+    assert split["val_seed"] == 0 and len(split["val_indices"]) == 10
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     model = tntvision.load_model(out)
     assert model.class_names[:2] == ["T-shirt/top", "Trouser"]
@@ -246,7 +250,7 @@ def test_fused_adamw_follows_the_for_loop_adamw(fmnist, tmp_path):
     for fused in (True, False):
         out = tmp_path / f"fused_{fused}"
         summary = train(_cfg(out, epochs=1, optim={"name": "adamw", "fused": fused}), log=lambda _m: None)
-        assert summary["images_seen"] == 96
+        assert summary["images_seen"] == 80  # 86 training images (10 held out): 5 steps of 16
         state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
         assert all(g["fused"] is fused for g in state["optimizer"]["param_groups"])
         runs[fused] = _weights(out)
@@ -271,9 +275,9 @@ def test_non_finite_loss_keeps_last_good_checkpoint(fmnist, tmp_path, monkeypatc
         def forward(self, logits, target):
             calls["n"] += 1
             loss = super().forward(logits, target)
-            return loss * float("nan") if calls["n"] > 8 else loss  # epoch 1 (6 steps) is fine
+            return loss * float("nan") if calls["n"] > 7 else loss  # epoch 1 (5 steps) is fine
 
-    monkeypatch.setattr("tntvision.train.run.nn.CrossEntropyLoss", Diverging)
+    monkeypatch.setattr("tntvision.train.builder.nn.CrossEntropyLoss", Diverging)
     good = {}
 
     def snapshot(msg):
@@ -341,7 +345,7 @@ def test_ddp_two_processes_match_one(fmnist, tmp_path, optimizer, weight_tol):
     """
     env = _env(fmnist)
     args = ["train", "--model", "tnt_mini_patch4_28", "--data", "fashion-mnist", "--epochs", "2"]
-    args += ["--batch-size", "16", "--seed", "1", "--set", f"optim.name={optimizer}", *FAST]
+    args += ["--batch-size", "16", "--seed", "1", "--set", f"optim.name={optimizer}", *FAST, "--json"]
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(
         [sys.executable, "-m", "tntvision.cli", *args, "--out", str(one)],
@@ -365,6 +369,7 @@ def test_ddp_two_processes_match_one(fmnist, tmp_path, optimizer, weight_tol):
     for r1, r2 in zip(*rows, strict=True):
         assert r1["train_loss"] == pytest.approx(r2["train_loss"], rel=1e-4, abs=1e-5)
         assert r1["val_loss"] == pytest.approx(r2["val_loss"], rel=1e-4, abs=1e-5)
+    assert json.loads(res.stdout) == s2  # exactly one JSON object on stdout: rank 0's summary
     w1, w2 = _weights(one), _weights(two)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < weight_tol
 

@@ -12,13 +12,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.convert import CheckpointError
-from ..models.io import _unwrap, atomic_write
+from ..errors import CheckpointError
+from ..models.saving import unwrap_model
+from ..utils.files import atomic_write
 
-__all__ = ["CHECKPOINT_NAME", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "checkpoint_path", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_NAME = "last.pt"
 FORMAT = "tntvision-train/1"
+
+
+def checkpoint_path(run_folder: str | Path) -> Path:
+    """Where a run folder keeps its resumable state: ``checkpoints/last.pt``."""
+    return Path(run_folder) / "checkpoints" / CHECKPOINT_NAME
 
 
 def save_checkpoint(
@@ -40,7 +46,7 @@ def save_checkpoint(
     """
     state = {
         "format": FORMAT,
-        "model": _unwrap(model).state_dict(),
+        "model": unwrap_model(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
