@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("convert", help="weights of the authors' code / timm -> a tntvision model folder")
+    p = sub.add_parser("convert", help="weights of the authors' code, timm or mmpretrain -> a model folder")
     p.add_argument("src", help="weights file (.pth, .pth.tar, .bin, .safetensors) or folder")
     p.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
     p.add_argument("--model", default=None, help="registered name (default: matched from the weights)")
