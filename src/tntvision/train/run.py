@@ -25,7 +25,7 @@ from .engine import EpochControl, evaluate, train_one_epoch
 from .run_folder import RunFolder
 from .signals import StopFlag, catch_signals
 
-__all__ = ["Progress", "train"]
+__all__ = ["Progress", "reproducibility_notes", "train"]
 
 
 @dataclass
@@ -85,6 +85,8 @@ def _train(
 ) -> dict[str, Any]:
     say = log or (lambda _msg: None)
     folder = RunFolder(cfg.out, writes=world.is_main)
+    if not resume:
+        folder.check_creatable()
     state = load_checkpoint(folder.checkpoint) if resume else None
     parts = build_run(cfg, device=device, world=world, state=state, say=say)
     if state is not None:
@@ -94,6 +96,8 @@ def _train(
         progress = Progress()
         folder.start(cfg, parts.splits.record)
     say(_describe(parts))
+    for note in reproducibility_notes(cfg, processes=world.size, resumed=state is not None):
+        say(f"note: {note}")
     clock, stopped_by = _Clock(progress.wall_seconds), "epochs"
     elapsed, flag = clock(), StopFlag()
     if cfg.tensorboard:
@@ -123,6 +127,27 @@ def _train(
     summary = _summary(parts, progress, clock, stopped_by)
     folder.write_summary(summary)
     return summary
+
+
+def reproducibility_notes(cfg: TrainConfig, *, processes: int, resumed: bool) -> list[str]:
+    """Where this run leaves the two guarantees of docs/training.md (empty: it keeps both).
+
+    A resumed run ends with the weights of an uninterrupted one, bit for bit, unless the schedule follows
+    the clock (``sched.by_time`` with a time budget). N processes follow the trajectory of one process
+    (up to float summation order) unless drop path or MixUp/CutMix is on: those draw per rank.
+    """
+    notes = []
+    if resumed and cfg.sched.by_time and cfg.time_budget > 0:
+        notes.append(
+            "sched.by_time follows the clock: this resumed run will not end with the weights of an "
+            "uninterrupted one bit for bit"
+        )
+    if processes > 1 and (cfg.drop_path > 0 or cfg.aug.mixup > 0 or cfg.aug.cutmix > 0):
+        notes.append(
+            f"drop path and MixUp/CutMix draw per rank: {processes} processes do not follow the trajectory "
+            "of one process (the run is still seeded and resumable)"
+        )
+    return notes
 
 
 def _run_epoch(

@@ -11,6 +11,7 @@ writes: on the other ranks a :class:`RunFolder` made with ``writes=False`` does 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,19 @@ class RunFolder:
     @property
     def checkpoint(self) -> Path:
         return checkpoint_path(self.path)
+
+    def check_creatable(self) -> None:
+        """Refuse (:class:`ConfigError`) a folder that cannot be created, before anything is built.
+
+        The nearest existing ancestor must be a writable folder; nothing is created here.
+        """
+        existing = self.path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"{self.path}: cannot create the run folder ({existing} is not a folder)")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{self.path}: cannot create the run folder ({existing} is not writable)")
 
     def start(self, cfg: TrainConfig, split_record: dict[str, Any]) -> None:
         """A new run: create the folder, write ``config.yaml`` and ``val_split.json``.
