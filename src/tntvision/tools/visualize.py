@@ -1,4 +1,4 @@
-"""`tnt visualize`: the paper's figures (spec section 10) for one image and one TNT model.
+"""`tnt visualize`: the paper's figures (see docs/architecture.md) for one image and one TNT model.
 
 One forward pass of the model itself (``forward_intermediates`` inside
 :func:`~tntvision.models.tnt.record_attention`, plus forward hooks that keep the word embeddings) gives

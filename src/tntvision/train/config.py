@@ -86,7 +86,7 @@ class AugConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs. Defaults are the paper's DeiT-style ImageNet recipe (docs/recipes.md).
+    """Everything a run needs. Defaults are the paper's DeiT-style ImageNet recipe (docs/training.md).
 
     ``batch_size`` is the global batch of one optimizer step: split over processes and then over
     ``accum_steps`` micro-batches. ``time_budget`` is in minutes of training (0: none). When the data has
