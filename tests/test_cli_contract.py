@@ -32,6 +32,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_misuse_of_every_subcommand_exits_2_with_one_line(tmp_path):
     data = make_image_folder(tmp_path / "d", per_class=2, size=28)
     img = next((data / "val").rglob("*.png"))

@@ -292,6 +292,7 @@ def test_non_finite_loss_keeps_last_good_checkpoint(fmnist, tmp_path, monkeypatc
     assert not (out / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_and_sigterm_is_bit_exact(fmnist, tmp_path):
     """An uninterrupted run == one killed (SIGKILL) after epoch 1 and resumed == one stopped by SIGTERM
     in the middle of an epoch and resumed: the same weights, bit for bit (same seed, 1 thread, CPU, no time
@@ -340,6 +341,7 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(fmnist, tmp_path):
             assert losses[0] == losses[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("optimizer", "weight_tol"), [("adamw", 1e-4), ("muon", 2e-3)])
 def test_ddp_two_processes_match_one(fmnist, tmp_path, optimizer, weight_tol):
     """torchrun with 2 CPU processes (gloo) and the same global batch follows the 1-process run.
