@@ -25,7 +25,7 @@ from .weights import (
     to_tntvision_keys,
 )
 
-__all__ = ["find_variant", "load_model", "model_from_weights", "save_model", "unwrap_model"]
+__all__ = ["load_model", "model_from_weights", "save_model", "unwrap_model"]
 
 FORMAT = "tntvision/1"
 
@@ -69,11 +69,6 @@ def save_model(model: nn.Module, folder: str | Path, class_names: list[str] | No
     }
     write_json(folder / "config.json", config)
     return folder
-
-
-def find_variant(path: str | Path) -> str:
-    """The registered variant whose architecture matches the weights at ``path`` (any layout)."""
-    return _match_variant(_checkpoint_info(path))
 
 
 def _checkpoint_info(path: str | Path, *, use_ema: bool = True) -> CheckpointInfo:
