@@ -139,7 +139,7 @@ def test_unsafe_file_refused_by_every_entry_point(tmp_path, capsys):
     assert not (tmp_path / "conv").exists() and not (tmp_path / "ft").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign", "empty"])
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "empty", "older format"])
 def test_resume_on_a_damaged_checkpoint_changes_nothing(tmp_path, capsys, damage):
     data = make_image_folder(tmp_path / "d", per_class=4, size=28)
     run = tmp_path / "run"
@@ -150,8 +150,11 @@ def test_resume_on_a_damaged_checkpoint_changes_nothing(tmp_path, capsys, damage
         last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     elif damage == "foreign":
         torch.save(tntvision.create_model(MINI).state_dict(), last)  # weights, not a training state
-    else:
+    elif damage == "empty":
         last.write_bytes(b"")
+    else:
+        state = torch.load(last, weights_only=True)
+        torch.save({**state, "format": "tntvision-train/1"}, last)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "--epochs", "2"]) == 2

@@ -19,7 +19,9 @@ from ..utils.files import atomic_write
 __all__ = ["CHECKPOINT_NAME", "checkpoint_path", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_NAME = "last.pt"
-FORMAT = "tntvision-train/1"
+# 2: runs hold out a validation split of the training images (docs/training.md); a /1 run trained on all
+# of them, so resuming it with the split would change its training set mid-run.
+FORMAT = "tntvision-train/2"
 
 
 def checkpoint_path(run_folder: str | Path) -> Path:
@@ -66,6 +68,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, foreign pickle, ...: torch raises many types
         raise CheckpointError(f"{path}: not a readable training checkpoint ({type(e).__name__})") from None
+    if isinstance(state, dict) and state.get("format") == "tntvision-train/1":
+        raise CheckpointError(
+            f"{path}: written by an earlier tntvision that validated on the test set; it cannot be resumed "
+            "(its model/ folder still loads)"
+        )
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a tntvision training checkpoint")
     return state
