@@ -38,7 +38,9 @@ from tntvision.train import (
     train_one_epoch,
 )
 from tntvision.train.config import ConfigError, OptimConfig
+from tntvision.train.engine import StepOptions
 from tntvision.train.optim import MuonAdamW, build_optimizer, param_groups
+from tntvision.train.run_folder import RunFolder
 
 from .data_helpers import make_fashion_mnist, make_image_folder
 
@@ -191,6 +193,37 @@ def test_few_steps_reduce_the_loss(optimizer):
         assert res["steps"] == 4 and res["images"] == 32
     after = evaluate(model, loader, device=dev)["loss"]
     assert after < 0.7 * before, (before, after)
+
+
+def test_accumulated_micro_batches_give_the_whole_batch_step():
+    """accum_steps splits each batch; the summed gradients are the whole batch's: same weights."""
+    x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    weights = []
+    for accum in (1, 4):
+        torch.manual_seed(0)
+        model = tntvision.create_model("tnt_mini_patch4_28", depth=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        res = train_one_epoch(
+            model, loader, opt, device=torch.device("cpu"), epoch=0, steps_per_epoch=2,
+            options=StepOptions(accum_steps=accum),
+        )  # fmt: skip
+        assert res["steps"] == 2 and res["next_step"] == 2 and not res["stopped"]
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-6)
+
+
+def test_run_folder_writes_only_on_rank_0(tmp_path):
+    quiet = RunFolder(tmp_path / "other_rank", writes=False)
+    quiet.start(TrainConfig(model="m", data="d", out=str(quiet.path)), {"val_source": "x"})
+    quiet.write_summary({"top1": 1.0})
+    assert not quiet.path.exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="is not a folder"):
+        RunFolder(blocker / "run").check_creatable()
+    RunFolder(tmp_path / "a" / "b").check_creatable()  # creatable: nothing made yet
+    assert not (tmp_path / "a").exists()
 
 
 def test_evaluate_metrics_and_confusion():
