@@ -270,6 +270,17 @@ def test_run_folder_contents(fmnist, tmp_path):
     assert rows[-1]["val_n"] == 10 and saved["val_n"] == 10 and saved["val_top1"] == rows[-1]["val_top1"]
     split = json.loads((out / "val_split.json").read_text())
     assert split["val_seed"] == 0 and len(split["val_indices"]) == 10
+    # tnt eval finds the held-out images through val_split.json, and the test set as the summary has it
+    from tntvision.tools.evaluate import evaluate_checkpoint
+
+    val = evaluate_checkpoint(out, "fashion-mnist", split="val", progress=False)
+    assert (
+        val.n == 10
+        and val.top1 == pytest.approx(saved["val_top1"])
+        and val.loss == pytest.approx(saved["val_loss"], rel=1e-5)
+    )
+    test = evaluate_checkpoint(out, "fashion-mnist", split="test", progress=False)
+    assert test.n == 32 and test.top1 == pytest.approx(saved["top1"])
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     model = tntvision.load_model(out)
     assert model.class_names[:2] == ["T-shirt/top", "Trouser"]

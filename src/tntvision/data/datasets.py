@@ -108,8 +108,8 @@ class FashionMNIST(Dataset):
     def __init__(self, *, root: str | Path | None = None, split: str = "train", transform=None) -> None:
         if split == "val":
             raise DataError(
-                "fashion-mnist has no val split (training holds out part of train, see val_split.json "
-                "in the run folder); use the test split"
+                "fashion-mnist has no val split: training holds out part of train (val_split.json in "
+                "the run folder; `tnt eval --checkpoint RUN_FOLDER --split val` evaluates it), or use test"
             )
         if split not in _FASHION_FILES:
             raise DataError(f"fashion-mnist has splits train and test, not {split!r}")

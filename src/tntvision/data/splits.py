@@ -8,7 +8,9 @@ set is used only for the final summary and ``tnt eval``. Which images were held 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ from ..errors import DataError
 from .datasets import build_dataset, has_val_split
 from .sampler import mix_seed
 
-__all__ = ["RunSplits", "hold_out", "hold_out_indices", "run_splits"]
+__all__ = ["RunSplits", "held_out_split", "hold_out", "hold_out_indices", "run_splits"]
 
 
 def hold_out_indices(n: int, *, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,6 +44,27 @@ def hold_out(dataset: Dataset, *, fraction: float, seed: int) -> tuple[Dataset, 
         "val_indices": held.tolist(),  # indices into the full training split, in its file order
     }
     return dataset.subset(kept, split="train"), dataset.subset(held, split="val"), record
+
+
+def held_out_split(data: str, record_path: str | Path, *, transform=None) -> Dataset:
+    """The validation images a run held out of ``data``'s training split, as its ``val_split.json`` says.
+
+    Raises:
+        DataError: no readable record, or one that does not fit ``data`` (another training set size).
+    """
+    try:
+        record = json.loads(Path(record_path).read_text())
+        indices = torch.tensor(record["val_indices"], dtype=torch.int64)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(
+            f"{record_path}: no held-out validation split recorded ({type(e).__name__})"
+        ) from None
+    full = build_dataset(data, "train", transform=transform)
+    if len(full) != record["train_images"] + len(indices) or (
+        len(indices) and int(indices.max()) >= len(full)
+    ):
+        raise DataError(f"{record_path}: recorded for another training set than {data}'s {len(full)} images")
+    return full.subset(indices, split="val")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import EvalBatches, build_dataset, eval_transform, has_image_tensor
+from ..data import EvalBatches, build_dataset, eval_transform, has_image_tensor, has_val_split
+from ..data.splits import held_out_split
 from ..errors import DataError, InputError
 from ..models import load_model
 from ..train.engine import evaluate
@@ -138,7 +139,8 @@ def evaluate_checkpoint(
     Args:
         checkpoint: a run folder, ``model/`` folder or weights file (see :func:`tntvision.load_model`).
         data: ``"fashion-mnist"`` or an ImageFolder root (see :func:`tntvision.data.build_dataset`).
-        split: ``"val"`` or ``"test"``.
+        split: ``"val"`` or ``"test"``. For data without a val split of its own (Fashion-MNIST), ``"val"``
+            of a run folder is the validation its training held out (``val_split.json``).
         amp: ``"none"`` (float32), ``"bfloat16"`` or ``"float16"`` autocast, as training may evaluate.
         out: folder for ``confusion_<split>.png`` (default: :func:`report_folder` of ``checkpoint``).
         progress: show a progress bar on stderr.
@@ -152,7 +154,11 @@ def evaluate_checkpoint(
     if batch_size < 1 or workers < 0:
         raise InputError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
     model = load_model(checkpoint).eval()
-    dataset = build_dataset(data, split, transform=eval_transform(model.meta))
+    record = report_folder(checkpoint) / "val_split.json"
+    if split == "val" and not has_val_split(data) and record.is_file():  # the images its training held out
+        dataset = held_out_split(data, record, transform=eval_transform(model.meta))
+    else:
+        dataset = build_dataset(data, split, transform=eval_transform(model.meta))
     classes = [str(c) for c in dataset.classes]
     _check_classes(model, classes, warn)
     if len(dataset) == 0:
