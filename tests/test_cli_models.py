@@ -9,7 +9,7 @@ import torch
 import tntvision
 from tntvision.cli import main
 
-from .helpers import to_authors_layout
+from .helpers import authors_state_dict
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -38,9 +38,9 @@ def test_unknown_model_exits_2_with_suggestion():
 
 
 def test_convert_authors_checkpoint(tmp_path, capsys):
-    src = tntvision.create_model("tnt_s_patch16_224", num_classes=5).eval()
     path = tmp_path / "authors.pth.tar"
-    torch.save({"state_dict_ema": to_authors_layout(src.state_dict(), 196, 384)}, path)
+    torch.save({"state_dict_ema": authors_state_dict(n=196, k=5)}, path)
+    src = tntvision.create_model("tnt_s_patch16_224", num_classes=5, pretrained=str(path)).eval()
     assert main(["convert", str(path), "--out", str(tmp_path / "conv"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["model"] == "tnt_s_patch16_224" and result["num_classes"] == 5

@@ -19,9 +19,11 @@ from tntvision.data import (
     batch_mixer,
     build_dataset,
     eval_transform,
+    has_image_tensor,
     read_idx,
     train_transform,
 )
+from tntvision.data.splits import hold_out_indices, run_splits
 from tntvision.errors import DataError
 
 from .data_helpers import make_fashion_mnist, make_image_folder, write_idx
@@ -53,8 +55,10 @@ def test_read_idx_round_trip_and_errors(tmp_path):
 def test_fashion_mnist_from_env_dir(fmnist):
     meta = tntvision.create_model("tnt_mini_patch4_28").meta
     train = build_dataset("fashion-mnist", "train", transform=eval_transform(meta))
-    test = build_dataset("fashion-mnist", "val", transform=eval_transform(meta))  # val is the test set
+    test = build_dataset("fashion-mnist", "test", transform=eval_transform(meta))
     assert (len(train), len(test)) == (40, 20)
+    with pytest.raises(DataError, match="no val split"):  # the test set never stands in for validation
+        build_dataset("fashion-mnist", "val")
     assert train.classes[0] == "T-shirt/top" and len(train.classes) == 10
     x, y = train[3]
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and 0 <= y < 10
@@ -245,3 +249,33 @@ def test_batch_mixer_soft_labels():
     x, y = mix(torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1]))
     assert x.shape == (6, 3, 8, 8) and y.shape == (6, 4)
     torch.testing.assert_close(y.sum(1), torch.ones(6))
+
+
+def test_validation_held_out_of_fashion_mnist_train(fmnist):
+    """No val split of its own: a seeded tenth of train is held out, the same for any run seed; test apart."""
+    splits = run_splits("fashion-mnist", val_fraction=0.1, val_seed=3)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (36, 4, 20)
+    full = FashionMNIST(root=fmnist, split="train")
+    held = splits.record["val_indices"]
+    assert len(set(held)) == 4 and splits.record["val_source"] == "held out of train"
+    assert torch.equal(splits.val.images, full.images[held])
+    kept = sorted(set(range(40)) - set(held))
+    assert torch.equal(splits.train.images, full.images[kept])
+    assert has_image_tensor(splits.train) and splits.val.split == "val"
+    again = run_splits("fashion-mnist", val_fraction=0.1, val_seed=3)
+    assert again.record["val_indices"] == held
+    assert run_splits("fashion-mnist", val_fraction=0.1, val_seed=4).record["val_indices"] != held
+    kept_idx, held_idx = hold_out_indices(1000, fraction=0.1, seed=0)
+    assert len(held_idx) == 100 and len(set(kept_idx.tolist()) | set(held_idx.tolist())) == 1000
+
+
+def test_image_folder_splits(tmp_path):
+    """val/ is validation when present; with train/ and test/ only, validation is held out of train/."""
+    own = make_image_folder(tmp_path / "own", per_class=4, splits=("train", "val", "test"))
+    splits = run_splits(str(own), val_fraction=0.25, val_seed=0)
+    assert splits.val.split == "val" and splits.test.split == "test" and len(splits.train) == 12
+    carved = make_image_folder(tmp_path / "carved", per_class=4, splits=("train", "test"))
+    splits = run_splits(str(carved), val_fraction=0.25, val_seed=0)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (9, 3, 12)
+    assert not set(splits.train.samples) & set(splits.val.samples)
+    assert splits.val[0][1] == splits.val.targets[0]

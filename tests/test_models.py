@@ -215,7 +215,7 @@ def test_atomic_write_gives_normal_permissions(tmp_path):
     import os
     from pathlib import Path
 
-    from tntvision.models.io import atomic_write
+    from tntvision.utils.files import atomic_write
 
     umask = os.umask(0o022)
     try:

@@ -1,7 +1,9 @@
 """The `tnt` command: argument parsing only, one small function per sub-command.
 
-Contract (DESIGN.md): every sub-command takes --help; with --json, stdout carries exactly one JSON object;
-logs and progress go to stderr; a user error exits 2 with a one-line message; exit 1 means a bug.
+Contract (docs/cli.md): every sub-command takes --help; with --json, stdout carries exactly one JSON object
+(under torchrun, rank 0's only); logs and progress go to stderr; a user error (bad argument, missing or
+unwritable file, bad data) exits 2 with a one-line message on stderr; an interrupted run exits 130; exit 1
+means a bug.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import UserError
+from .utils.messages import log_stderr
 
 
 def emit(args: argparse.Namespace, obj: Any, text: str | Callable[[], str]) -> None:
@@ -23,9 +26,7 @@ def emit(args: argparse.Namespace, obj: Any, text: str | Callable[[], str]) -> N
         sys.stdout.write((text() if callable(text) else text).rstrip("\n") + "\n")
 
 
-def log(msg: str) -> None:
-    """A line for the user on stderr (stdout is kept for results)."""
-    print(msg, file=sys.stderr, flush=True)
+log = log_stderr  # a line for the user on stderr (stdout is kept for results)
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -59,7 +60,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from .models import save_model
-    from .models.io import model_from_weights
+    from .models.saving import model_from_weights
 
     model = model_from_weights(args.src, name=args.model, use_ema=not args.no_ema)
     out = save_model(model, args.out)
@@ -76,13 +77,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    import torch
-
     from .models import load_model
     from .tools.predict import predict_images
 
     model = load_model(args.checkpoint)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    from .utils.amp import weight_dtype
+
+    dtype = weight_dtype(args.dtype)
     report = predict_images(
         model, args.images, topk=args.topk, batch_size=args.batch_size, dtype=dtype, warn=log
     )
@@ -184,7 +185,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import parse_set, resolve_config, train
+    from .train import parse_set, resolve_train_config, train
+    from .train.distributed import is_main_process
 
     overrides = parse_set(args.set or [])
     for key, value in (
@@ -201,29 +203,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             overrides[key] = value
-    cfg = resolve_config(overrides=overrides, config_file=args.config, resume=args.resume)
+    cfg = resolve_train_config(overrides=overrides, config_file=args.config, resume=args.resume)
     summary = train(cfg, resume=args.resume, log=log)
+    if not is_main_process():
+        return 130 if "interrupted" in summary else 0  # rank 0 prints the one summary of the job
     if "interrupted" in summary:
+        if args.json:
+            emit(args, summary, "")
         return 130
     emit(
         args,
         summary,
         lambda: (
-            f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  loss {summary['loss']:.4f}  "
-            f"after {summary['epochs']:g} epochs, {summary['wall_seconds'] / 60:.1f} min, "
-            f"{summary['train_images_per_s']:.0f} train images/s\n"
+            f"test top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  loss {summary['loss']:.4f}  "
+            f"(validation top-1 {summary['val_top1']:.2f}%) after {_epochs_text(summary['epochs'])}, "
+            f"{summary['wall_seconds'] / 60:.1f} min, {summary['train_images_per_s']:.0f} train images/s\n"
             f"run folder {summary['out']}: model/ (weights + class names), curves.png, metrics.jsonl, "
-            "summary.json, checkpoints/"
+            "summary.json, val_split.json, checkpoints/"
         ),
     )
     return 0
 
 
+def _epochs_text(epochs: float) -> str:
+    """6.34 -> '6 epochs and 34% of the 7th'; 3.0 -> '3 epochs'."""
+    whole = int(epochs)
+    part = round(100 * (epochs - whole))
+    text = f"{whole} epoch{'s' if whole != 1 else ''}"
+    if part == 0:
+        return text
+    nth = whole + 1
+    suffix = "th" if 10 <= nth % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(nth % 10, "th")
+    return f"{text} and {part}% of the {nth}{suffix}"
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (``tnt train: error: ...``) and exit 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tnt", description="Transformer-iN-Transformer vision models.")
+    parser = _Parser(prog="tnt", description="Transformer-iN-Transformer vision models.")
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"tntvision {__version__}")
@@ -240,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("convert", help="weights of the authors' code / timm -> a tntvision model folder")
+    p = sub.add_parser("convert", help="weights of the authors' code, timm or mmpretrain -> a model folder")
     p.add_argument("src", help="weights file (.pth, .pth.tar, .bin, .safetensors) or folder")
     p.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
     p.add_argument("--model", default=None, help="registered name (default: matched from the weights)")
@@ -371,12 +396,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = args.func(args)
     except UserError as e:
-        print(f"tnt {args.command}: error: {e}", file=sys.stderr)
+        print(f"tnt {args.command}: error: {_first_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or folder the user named: missing, unwritable, a disk that is full
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"tnt {args.command}: error: {where}{e.strerror or _first_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tnt {args.command}: interrupted", file=sys.stderr)
+        if getattr(args, "json", False):
+            emit(args, {"interrupted": "SIGINT"}, "")
         return 130
     return int(code or 0)
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "unknown error"
 
 
 if __name__ == "__main__":

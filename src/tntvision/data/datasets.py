@@ -6,6 +6,7 @@ the same transforms (:func:`~tntvision.data.transforms.eval_transform`, ``train_
 
 from __future__ import annotations
 
+import copy
 import gzip
 import os
 import struct
@@ -27,6 +28,7 @@ __all__ = [
     "ImageFolder",
     "build_dataset",
     "fashion_mnist_dir",
+    "has_val_split",
     "read_idx",
 ]
 
@@ -96,15 +98,21 @@ class FashionMNIST(Dataset):
     """Fashion-MNIST (60,000 train / 10,000 test 28x28 grey images, 10 classes), held in memory as uint8.
 
     Items are ``(transform(image), label)`` with the image a Pillow ``"L"`` image (the raw tensor with
-    ``transform=None``). Split ``"val"`` is the test set: Fashion-MNIST has no separate validation set.
+    ``transform=None``). Fashion-MNIST has no validation split: training holds out part of ``"train"``
+    (see :func:`tntvision.data.splits.hold_out`), and ``"val"`` is refused so that the test set is never
+    mistaken for one.
     """
 
     classes = FASHION_MNIST_CLASSES
 
     def __init__(self, *, root: str | Path | None = None, split: str = "train", transform=None) -> None:
-        split = {"val": "test"}.get(split, split)
+        if split == "val":
+            raise DataError(
+                "fashion-mnist has no val split: training holds out part of train (val_split.json in "
+                "the run folder; `tnt eval --checkpoint RUN_FOLDER --split val` evaluates it), or use test"
+            )
         if split not in _FASHION_FILES:
-            raise DataError(f"fashion-mnist has splits train, test (and val = test), not {split!r}")
+            raise DataError(f"fashion-mnist has splits train and test, not {split!r}")
         folder = Path(root) if root is not None else fashion_mnist_dir()
         if not folder.is_dir():
             raise DataError(
@@ -128,6 +136,12 @@ class FashionMNIST(Dataset):
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def subset(self, indices: torch.Tensor, *, split: str) -> FashionMNIST:
+        """The images at ``indices`` (a 1-D index tensor) as a data set of their own, named ``split``."""
+        part = copy.copy(self)
+        part.images, part.targets, part.split = self.images[indices], self.targets[indices], split
+        return part
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         img = self.images[index]
@@ -197,6 +211,15 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def subset(self, indices: torch.Tensor, *, split: str) -> ImageFolder:
+        """The images at ``indices`` (a 1-D index tensor) as a data set of their own, named ``split``."""
+        part = copy.copy(self)
+        part.samples = [self.samples[i] for i in indices.tolist()]
+        part.targets = [label for _, label in part.samples]
+        part.split = split
+        part.skipped = self.skipped if split == self.split else 0  # counted once, with the listed split
+        return part
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
@@ -244,6 +267,15 @@ def _check_same_classes(root: Path, split_dir: Path, classes: list[str]) -> None
             )
 
 
+def _is_fashion_mnist(data: str) -> bool:
+    return data.lower() in ("fashion-mnist", "fashion_mnist", "fashionmnist")
+
+
+def has_val_split(data: str) -> bool:
+    """Whether ``data`` has a validation split of its own: an ImageFolder ``val/`` (Fashion-MNIST: none)."""
+    return not _is_fashion_mnist(data) and (Path(data) / "val").is_dir()
+
+
 def build_dataset(
     data: str, split: str, *, transform: Callable | None = None, on_bad_image: str = "error"
 ) -> Dataset:
@@ -252,7 +284,8 @@ def build_dataset(
     Args:
         data: ``"fashion-mnist"`` (read from ``$TNT_FASHION_MNIST_DIR`` or the Debian package folder) or
             the path of a folder with ``train/`` and ``val/`` (or ``test/``) ImageFolder splits.
-        split: ``"train"``, ``"val"`` or ``"test"`` (``val`` and ``test`` stand in for each other).
+        split: ``"train"``, ``"val"`` or ``"test"`` (in an ImageFolder tree ``val/`` and ``test/`` stand in
+            for each other; Fashion-MNIST has no ``val``).
         transform: applied to each Pillow image.
         on_bad_image: ImageFolder only; ``"error"`` or ``"skip"`` (see :class:`ImageFolder`).
 
@@ -260,6 +293,6 @@ def build_dataset(
         DataError: a missing or empty folder, a missing split, a split without classes or images, splits
             with different class sets, an unreadable image (with ``on_bad_image="error"``).
     """
-    if data.lower() in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
+    if _is_fashion_mnist(data):
         return FashionMNIST(split=split, transform=transform)
     return ImageFolder(root=data, split=split, transform=transform, on_bad_image=on_bad_image)

@@ -2,10 +2,10 @@
 
 from ..errors import UnknownModelError
 from . import tnt  # noqa: F401  (registers the variants)
-from .convert import CheckpointError, LoadReport, load_pretrained
-from .io import load_model, save_model
 from .registry import ModelMeta, create_model, list_models
+from .saving import load_model, save_model
 from .tnt import TNT, TNTConfig, record_attention
+from .weights import CheckpointError, LoadReport, load_pretrained
 
 __all__ = [
     "TNT",

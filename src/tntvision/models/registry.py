@@ -7,7 +7,6 @@ error, and asking for an unknown name or argument raises with close matches sugg
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError, UnknownModelError
+from ..utils.messages import did_you_mean
 
 __all__ = [
     "ModelMeta",
@@ -87,9 +87,7 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 def _unknown_name_message(kind: str, name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"unknown {kind} {name!r}{hint}"
+    return f"unknown {kind} {name!r}{did_you_mean(name, known)}"
 
 
 def get_model_entry(name: str) -> _Entry:
@@ -138,7 +136,7 @@ def create_model(
     model.model_name = name
     model.meta = entry.meta.resolved(in_chans=cfg.in_chans, img_size=cfg.img_size)
     if pretrained is not None:
-        from .convert import load_pretrained  # local import: convert imports the model modules
+        from .weights import load_pretrained  # local import: weights imports the model modules
 
         load_pretrained(model, pretrained)
     if features_only:

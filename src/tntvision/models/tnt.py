@@ -6,7 +6,7 @@ projection of a patch's words into that patch's embedding, then runs an outer tr
 embeddings and a class token.
 
 Parameter names follow timm's official-structure TNT (itself a renaming of the authors' code), so timm's
-state dicts load as they are; `convert.py` maps the authors' names and the legacy structure.
+state dicts load as they are; `weights.py` maps the authors' and mmpretrain's names and the legacy structure.
 
 Shapes below: B images, N = gh*gw patches, m = words per patch, c = inner (word) dim, d = outer dim.
 """
@@ -512,7 +512,7 @@ class TNTConfig:
 
     ``inner_blocks`` lists the 0-based blocks that have an inner transformer (None: every block; ``()``:
     none, a ViT on TNT's word-based patch embedding). ``se_ratio > 0`` adds the paper's SE gate to the outer
-    MLP. ``legacy`` selects the structure of older checkpoints (spec section 7).
+    MLP. ``legacy`` selects the structure of older checkpoints (docs/architecture.md, "The legacy structure").
     """
 
     img_size: int = 224

@@ -32,10 +32,10 @@ from ..errors import ConfigError
 from ..models import create_model
 from ..models.kernels import fused_kernels, set_fused_kernels
 from ..models.registry import get_model_entry
+from ..utils.amp import WEIGHT_DTYPES, amp_dtype, autocast, weight_dtype
 
 __all__ = ["Impl", "bench_model", "format_report"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 AMP = ("none", "bfloat16")
 
 
@@ -101,9 +101,7 @@ def _parse_impls(compare: Sequence[str]) -> list[Impl]:
 
 
 def _autocast(device: str, amp: str) -> contextlib.AbstractContextManager:
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=DTYPES[amp])
+    return autocast(torch.device(device), amp_dtype(amp))
 
 
 def _on_path(fn: Callable[[], None], fused: bool) -> Callable[[], None]:
@@ -190,8 +188,8 @@ def _memory_probe(
     torch.manual_seed(0)
     impl = Impl(impl_spec)
     set_fused_kernels(impl.fused)
-    model = impl.build(model_name, lean_backward=lean_backward).to(device, DTYPES[dtype])
-    x = torch.randn(batch, *_input_shape(model_name), device=device, dtype=DTYPES[dtype])
+    model = impl.build(model_name, lean_backward=lean_backward).to(device, weight_dtype(dtype))
+    x = torch.randn(batch, *_input_shape(model_name), device=device, dtype=weight_dtype(dtype))
     run = (_train_fn if train else _inference_fn)(model, x, device, amp)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -343,8 +341,8 @@ def bench_model(
     ``speedup`` = other's median time / ours and ``time_ratio`` = ours / other's; ``macs`` per
     implementation (one image, ``torch.utils.flop_counter``) and ``flop_ratio`` = ours / other's.
     """
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
     if amp not in AMP:
         raise ConfigError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
     if train and dtype != "float32":
@@ -369,7 +367,7 @@ def bench_model(
         "implementations": [i.label for i in impls],
         "rounds": rounds,
     }
-    wdtype = DTYPES[dtype]
+    wdtype = weight_dtype(dtype)
     with _threads(threads) as n_threads:
         result["threads"] = n_threads
         torch.manual_seed(0)

@@ -8,7 +8,6 @@ training report the same thing for the same weights.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,11 +19,13 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import EvalBatches, build_dataset, eval_transform, has_image_tensor
+from ..data import EvalBatches, build_dataset, eval_transform, has_image_tensor, has_val_split
+from ..data.splits import held_out_split
 from ..errors import DataError, InputError
 from ..models import load_model
-from ..models.io import atomic_write
 from ..train.engine import evaluate
+from ..utils.amp import amp_dtype, weight_dtype
+from ..utils.files import save_figure, write_json
 
 __all__ = ["EvalResult", "evaluate_checkpoint", "plot_confusion", "report_folder"]
 
@@ -117,8 +118,7 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], *, title: str, pat
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return path
+    return save_figure(fig, path)
 
 
 def evaluate_checkpoint(
@@ -140,7 +140,8 @@ def evaluate_checkpoint(
     Args:
         checkpoint: a run folder, ``model/`` folder or weights file (see :func:`tntvision.load_model`).
         data: ``"fashion-mnist"`` or an ImageFolder root (see :func:`tntvision.data.build_dataset`).
-        split: ``"val"`` or ``"test"``.
+        split: ``"val"`` or ``"test"``. For data without a val split of its own (Fashion-MNIST), ``"val"``
+            of a run folder is the validation its training held out (``val_split.json``).
         amp: ``"none"`` (float32), ``"bfloat16"`` or ``"float16"`` autocast, as training may evaluate.
         dtype: ``"float32"`` or ``"bfloat16"``: the dtype weights and images are held in (bf16 inference
             without autocast's per-call weight casts).
@@ -152,16 +153,16 @@ def evaluate_checkpoint(
         DataError: a data set whose classes do not fit the model, or an empty one.
         InputError: a bad batch size or ``amp`` value.
     """
-    amp_dtypes = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if amp not in amp_dtypes:
-        raise InputError(f"amp must be one of {', '.join(amp_dtypes)}, got {amp!r}")
-    weight_dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if dtype not in weight_dtypes:
-        raise InputError(f"dtype must be one of {', '.join(weight_dtypes)}, got {dtype!r}")
+    autocast_dtype = amp_dtype(amp)
+    weights = weight_dtype(dtype)
     if batch_size < 1 or workers < 0:
         raise InputError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
-    model = load_model(checkpoint).eval().to(weight_dtypes[dtype])
-    dataset = build_dataset(data, split, transform=eval_transform(model.meta))
+    model = load_model(checkpoint).eval().to(weights)
+    record = report_folder(checkpoint) / "val_split.json"
+    if split == "val" and not has_val_split(data) and record.is_file():  # the images its training held out
+        dataset = held_out_split(data, record, transform=eval_transform(model.meta))
+    else:
+        dataset = build_dataset(data, split, transform=eval_transform(model.meta))
     classes = [str(c) for c in dataset.classes]
     _check_classes(model, classes, warn)
     if len(dataset) == 0:
@@ -174,7 +175,7 @@ def evaluate_checkpoint(
         from tqdm import tqdm
 
         loader = tqdm(loader, desc=f"eval {split}", unit="batch", file=sys.stderr, leave=False)
-    metrics = evaluate(model, loader, device=torch.device(device), amp_dtype=amp_dtypes[amp], confusion=True)
+    metrics = evaluate(model, loader, device=torch.device(device), amp_dtype=autocast_dtype, confusion=True)
     confusion = np.asarray(torch.as_tensor(metrics["confusion"]).cpu(), dtype=np.int64)  # (true, predicted)
     result = EvalResult(
         top1=float(metrics["top1"]),
@@ -190,8 +191,5 @@ def evaluate_checkpoint(
     title = f"{name} on {Path(data).name} {split}: top-1 {result.top1:.2f}% (n = {result.n})"
     png = folder / f"confusion_{split}.png"
     result.confusion_png = plot_confusion(confusion, classes, title=title, path=png)
-    atomic_write(
-        folder / f"eval_{split}.json",
-        lambda tmp: Path(tmp).write_text(json.dumps(result.to_dict(), indent=2) + "\n"),
-    )
+    write_json(folder / f"eval_{split}.json", result.to_dict())
     return result

@@ -1,4 +1,4 @@
-"""`tnt visualize`: the paper's figures (spec section 10) for one image and one TNT model.
+"""`tnt visualize`: the paper's figures (see docs/architecture.md) for one image and one TNT model.
 
 One forward pass of the model itself (``forward_intermediates`` inside
 :func:`~tntvision.models.tnt.record_attention`, plus forward hooks that keep the word embeddings) gives
@@ -32,7 +32,7 @@ from torch import nn
 from ..data import eval_transform, open_image
 from ..errors import InputError
 from ..models import record_attention
-from ..models.io import atomic_write
+from ..utils.files import save_figure
 
 __all__ = ["FIGURES", "Capture", "VisualizeReport", "capture", "default_blocks", "visualize"]
 
@@ -174,8 +174,7 @@ def _clean(ax) -> None:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return path
+    return save_figure(fig, path)
 
 
 def _pred_text(prediction: tuple[str, float] | None) -> str:

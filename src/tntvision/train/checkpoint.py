@@ -12,13 +12,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.convert import CheckpointError
-from ..models.io import _unwrap, atomic_write
+from ..errors import CheckpointError
+from ..models.saving import unwrap_model
+from ..utils.files import atomic_write
 
-__all__ = ["CHECKPOINT_NAME", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "checkpoint_path", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_NAME = "last.pt"
-FORMAT = "tntvision-train/1"
+# 2: runs hold out a validation split of the training images (docs/training.md); a /1 run trained on all
+# of them, so resuming it with the split would change its training set mid-run.
+FORMAT = "tntvision-train/2"
+
+
+def checkpoint_path(run_folder: str | Path) -> Path:
+    """Where a run folder keeps its resumable state: ``checkpoints/last.pt``."""
+    return Path(run_folder) / "checkpoints" / CHECKPOINT_NAME
 
 
 def save_checkpoint(
@@ -40,7 +48,7 @@ def save_checkpoint(
     """
     state = {
         "format": FORMAT,
-        "model": _unwrap(model).state_dict(),
+        "model": unwrap_model(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
@@ -60,6 +68,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, foreign pickle, ...: torch raises many types
         raise CheckpointError(f"{path}: not a readable training checkpoint ({type(e).__name__})") from None
+    if isinstance(state, dict) and state.get("format") == "tntvision-train/1":
+        raise CheckpointError(
+            f"{path}: written by an earlier tntvision that validated on the test set; it cannot be resumed "
+            "(its model/ folder still loads)"
+        )
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a tntvision training checkpoint")
     return state

@@ -7,7 +7,6 @@ stored in checkpoints as plain data (``to_dict``), never as an argparse Namespac
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,8 +16,10 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..utils.messages import did_you_mean
 
 __all__ = [
+    "RESUMABLE_KEYS",
     "AugConfig",
     "OptimConfig",
     "ScheduleConfig",
@@ -28,6 +29,7 @@ __all__ = [
     "from_dict",
     "load_yaml",
     "parse_set",
+    "resolve_train_config",
     "to_dict",
 ]
 
@@ -84,10 +86,13 @@ class AugConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs. Defaults are the paper's DeiT-style ImageNet recipe (spec section 8).
+    """Everything a run needs. Defaults are the paper's DeiT-style ImageNet recipe (docs/training.md).
 
     ``batch_size`` is the global batch of one optimizer step: split over processes and then over
-    ``accum_steps`` micro-batches. ``time_budget`` is in minutes of training (0: none).
+    ``accum_steps`` micro-batches. ``time_budget`` is in minutes of training (0: none). When the data has
+    no validation split of its own (Fashion-MNIST, an ImageFolder tree without ``val/``), a seeded
+    ``val_fraction`` of the training images is held out for validation (``val_seed`` fixes which, the
+    same for every run seed, so trials compare on the same images).
     """
 
     model: str = ""
@@ -110,6 +115,8 @@ class TrainConfig:
     lean_backward: bool = True  # recompute inner activations in backward (less memory, small models: slower)
     ema_decay: float = 0.99996  # 0 = no EMA of the weights
     eval_every: int = 1
+    val_fraction: float = 0.1
+    val_seed: int = 0
     on_bad_image: str = "error"  # error | skip
     tensorboard: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -151,6 +158,7 @@ class TrainConfig:
         need(0.0 <= self.drop_path < 1.0, f"drop_path must be in [0, 1), got {self.drop_path}")
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
+        need(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         need(
             self.on_bad_image in ("error", "skip"),
             f"on_bad_image must be error or skip, not {self.on_bad_image!r}",
@@ -288,9 +296,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def _unknown(key: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"unknown config key {key!r}{did_you_mean(key.rsplit('.', 1)[-1], known)}")
 
 
 def _update(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
@@ -365,3 +371,73 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
         else:
             out[key] = value
     return out
+
+
+# ---------------------------------------------------------------------------------- resolving a run's config
+
+# Keys a resumed run may change; anything else would make it a different run.
+RESUMABLE_KEYS = frozenset({"out", "time_budget", "workers", "tensorboard", "on_bad_image"})
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _recipe_for(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The base recipe of a new run: :data:`SMALL_IMAGE_RECIPE` for inputs of 64 px or less, else none."""
+    from ..models.registry import get_model_entry  # local: the model registry is not needed to parse
+
+    model = overrides.get("model")
+    img = overrides.get("img_size") or (get_model_entry(model).config.img_size if model else 224)
+    return SMALL_IMAGE_RECIPE if img <= 64 else {}
+
+
+def resolve_train_config(
+    *, overrides: dict[str, Any], config_file: str | Path | None = None, resume: bool = False
+) -> TrainConfig:
+    """The run's config: defaults or a recipe, then ``config_file``, then ``overrides`` (plain data).
+
+    A new run without ``config_file`` takes the paper's recipe (the dataclass defaults), or
+    :data:`SMALL_IMAGE_RECIPE` for a model whose input is 64 px or less. With ``resume`` the base is the
+    config saved in the run's checkpoint and only :data:`RESUMABLE_KEYS` may differ. A new run refuses a
+    folder that already holds one, so nothing written before is overwritten.
+
+    Raises:
+        ConfigError: no ``out``, a bad value, a key a resumed run may not change, a folder already used.
+        CheckpointError: ``resume`` without a readable checkpoint in ``out``.
+    """
+    from .checkpoint import checkpoint_path, load_checkpoint  # local: checkpoint imports the models
+
+    out = overrides.get("out")
+    if not out:
+        raise ConfigError("no run folder given (--out DIR)")
+    ckpt = checkpoint_path(out)
+    if resume:
+        if config_file is not None:
+            raise ConfigError(
+                "--config cannot be combined with --resume: the run's config is in its checkpoint"
+            )
+        saved = load_checkpoint(ckpt)["config"]
+        merged = apply_overrides(saved, overrides)
+        before = _flatten(saved)
+        changed = sorted(k for k, v in _flatten(merged).items() if before.get(k) != v)
+        refused = [k for k in changed if k not in RESUMABLE_KEYS]
+        if refused:
+            raise ConfigError(
+                f"cannot change {', '.join(refused)} when resuming (only {', '.join(sorted(RESUMABLE_KEYS))})"
+            )
+        cfg = from_dict(merged)
+    else:
+        if ckpt.exists() or (Path(out) / "summary.json").exists():
+            raise ConfigError(f"{out} already holds a training run; add --resume or choose another --out")
+        base = load_yaml(config_file) if config_file is not None else _recipe_for(overrides)
+        cfg = from_dict(apply_overrides(base, overrides))
+    cfg.validate()
+    return cfg

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "all_reduce_sum", "barrier", "init_distributed", "shutdown"]
+__all__ = ["World", "all_reduce_sum", "init_distributed", "is_main_process", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,9 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job (``RANK`` unset or 0), or a process on its own."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def shutdown() -> None:

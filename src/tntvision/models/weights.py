@@ -1,10 +1,11 @@
 """Checkpoint reading and adaptation: every TNT weight layout people have -> our model.
 
 One entry point, :func:`load_pretrained`, reads a file safely (safetensors, or ``torch.load`` with
-``weights_only=True``), unwraps training checkpoints, maps the authors' key names to ours (spec section 6),
-detects the structure (official / legacy) and the widths, resamples the patch position table to the
-model's grid, adapts the first conv to another channel count, replaces a head of another size by a fresh
-one, and refuses anything else with a message that says what the checkpoint is and what was expected.
+``weights_only=True``), unwraps training checkpoints, maps the authors' and mmpretrain's key names to ours
+(docs/architecture.md, "Checkpoint layouts"), detects the structure (official / legacy) and the widths,
+resamples the patch position table to the model's grid, adapts the first conv to another channel count,
+replaces a head of another size by a fresh one, and refuses anything else with a message that says what
+the checkpoint is and what was expected.
 """
 
 from __future__ import annotations
@@ -56,6 +57,19 @@ _AUTHOR_SEGMENTS = {
 }
 _AUTHOR_ONLY = {"outer_tokens"}  # a frozen zero tensor the authors register and never use
 
+# mmpretrain (``mmpretrain/models/backbones/tnt.py``, legacy structure) inside an ImageClassifier: keys start
+# with ``backbone.``, the head is ``head.fc``. Each ``layers.{i}`` holds an ``inner_block`` and an
+# ``outer_block`` (mmcv transformer blocks: ``norm_attn``, ``attn.attn`` = torch's MultiheadAttention with
+# q, k, v stacked in ``in_proj_weight``, ``norm_ffn``, ``ffn.layers.0.0`` = fc1, ``ffn.layers.1`` = fc2)
+# and ``norm_proj`` / ``projection`` between them. mmcv block part -> ours, per transformer.
+_MM_BLOCK_PARTS = {
+    "inner_block": {"norm_attn": "norm_in", "attn.attn.out_proj": "attn_in.proj", "norm_ffn": "norm_mlp_in",
+                    "ffn.layers.0.0": "mlp_in.fc1", "ffn.layers.1": "mlp_in.fc2"},
+    "outer_block": {"norm_attn": "norm_out", "attn.attn.out_proj": "attn_out.proj", "norm_ffn": "norm_mlp",
+                    "ffn.layers.0.0": "mlp.fc1", "ffn.layers.1": "mlp.fc2"},
+}  # fmt: skip
+_MM_ATTN = {"inner_block": "attn_in", "outer_block": "attn_out"}
+
 
 @dataclass
 class CheckpointInfo:
@@ -86,7 +100,7 @@ class LoadReport:
     """What :func:`load_pretrained` did to make the weights fit."""
 
     source: str = ""
-    layout: str = ""  # "tntvision/timm" or "authors"
+    layout: str = ""  # "tntvision/timm", "authors" or "mmpretrain"
     wrapper: str | None = None
     dropped: list[str] = field(default_factory=list)
     resampled_pos: tuple[int, int] | None = None  # old grid, when the patch table was resampled
@@ -172,13 +186,63 @@ def _is_authors_layout(sd: dict[str, torch.Tensor]) -> bool:
     )
 
 
+def _is_mmpretrain_layout(sd: dict[str, torch.Tensor]) -> bool:
+    return "backbone.patch_pos" in sd or any(k.startswith("backbone.layers.") for k in sd)
+
+
+def _from_mmpretrain_key(key: str) -> str | None:
+    """Our name for an mmpretrain key (None: not part of the model); q/k/v are split by the caller."""
+    if key.startswith("head.fc."):
+        return "head." + key[len("head.fc.") :]
+    if not key.startswith("backbone."):
+        return None  # data_preprocessor buffers and other parts of the classifier
+    key = key[len("backbone.") :]
+    if key.startswith("projection."):
+        return "proj." + key[len("projection.") :]
+    if not key.startswith("layers."):
+        return key  # pixel_embed.proj, norm1_proj, norm2_proj, cls_token, patch_pos, pixel_pos, norm
+    _, index, rest = key.split(".", 2)
+    for old, new in (("norm_proj.", "norm1_proj."), ("projection.", "proj.")):
+        if rest.startswith(old):
+            return f"blocks.{index}.{new}{rest[len(old) :]}"
+    block, _, rest = rest.partition(".")
+    for old, new in _MM_BLOCK_PARTS.get(block, {}).items():
+        if rest.startswith(old + "."):
+            return f"blocks.{index}.{new}{rest[len(old) :]}"
+    return f"blocks.{index}.{block}.{rest}"  # unknown: reported as unexpected when loading
+
+
+def _from_mmpretrain(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """mmpretrain's TNT classifier -> our keys; returns (state dict, dropped keys)."""
+    out, dropped = {}, []
+    for key, v in sd.items():
+        m = re.fullmatch(
+            r"backbone\.layers\.(\d+)\.(inner_block|outer_block)\.attn\.attn\.in_proj_(weight|bias)", key
+        )
+        if m is not None:  # (3c, ...) stacked q, k, v -> our qk (2c, ...) and v (c, ...)
+            index, block, kind = m.groups()
+            c = v.shape[0] // 3
+            out[f"blocks.{index}.{_MM_ATTN[block]}.qk.{kind}"] = v[: 2 * c]
+            out[f"blocks.{index}.{_MM_ATTN[block]}.v.{kind}"] = v[2 * c :]
+            continue
+        new = _from_mmpretrain_key(key)
+        if new is None:
+            dropped.append(key)
+        else:
+            out[new] = v
+    return out, dropped
+
+
 def to_tntvision_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str, list[str]]:
-    """Map a state dict in the authors' or timm's layout to ours (timm's names).
+    """Map a state dict in the authors', mmpretrain's or timm's layout to ours (timm's names).
 
     Returns (state dict, layout name, dropped keys).
     """
     if "patch_pos" in sd and "pixel_embed.proj.weight" in sd:
         return dict(sd), "tntvision/timm", []
+    if _is_mmpretrain_layout(sd):
+        out, dropped = _from_mmpretrain(sd)
+        return out, "mmpretrain", dropped
     if not _is_authors_layout(sd):
         sample = ", ".join(list(sd)[:5])
         raise CheckpointError(f"not a TNT state dict (first keys: {sample})")

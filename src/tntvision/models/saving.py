@@ -1,18 +1,21 @@
-"""Saving and loading models as ``model.safetensors`` + ``config.json`` (enough to rebuild them)."""
+"""Model folders: saving a model as ``model.safetensors`` + ``config.json`` and rebuilding it from one.
+
+Reading and adapting the weights themselves (every layout, resampling, head reset) is
+:mod:`tntvision.models.weights`; this module adds the architecture and class names around them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .convert import (
+from ..utils.files import atomic_write, write_json
+from .registry import ModelMeta, create_model, get_model_entry, list_models
+from .weights import (
     CheckpointError,
     CheckpointInfo,
     describe_state_dict,
@@ -21,31 +24,13 @@ from .convert import (
     read_state_dict,
     to_tntvision_keys,
 )
-from .registry import ModelMeta, create_model, get_model_entry, list_models
 
-__all__ = ["atomic_write", "find_variant", "load_model", "model_from_weights", "save_model"]
+__all__ = ["load_model", "model_from_weights", "save_model", "unwrap_model"]
 
 FORMAT = "tntvision/1"
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Write ``path`` via ``write(tmp_path)`` and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain model under DDP / torch.compile / feature wrappers."""
     while True:
         for attr in ("module", "_orig_mod", "model"):
@@ -65,7 +50,7 @@ def save_model(model: nn.Module, folder: str | Path, class_names: list[str] | No
     """
     from safetensors.torch import save_file
 
-    model = _unwrap(model)
+    model = unwrap_model(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if class_names is not None and model.cfg.num_classes and len(class_names) != model.cfg.num_classes:
@@ -82,15 +67,8 @@ def save_model(model: nn.Module, folder: str | Path, class_names: list[str] | No
         "meta": dataclasses.asdict(meta),
         "class_names": list(class_names) if class_names is not None else None,
     }
-    atomic_write(
-        folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n")
-    )
+    write_json(folder / "config.json", config)
     return folder
-
-
-def find_variant(path: str | Path) -> str:
-    """The registered variant whose architecture matches the weights at ``path`` (any layout)."""
-    return _match_variant(_checkpoint_info(path))
 
 
 def _checkpoint_info(path: str | Path, *, use_ema: bool = True) -> CheckpointInfo:

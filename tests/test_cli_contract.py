@@ -1,0 +1,163 @@
+"""The command line's contract, through real processes and every entry point that reads a file.
+
+- Misuse of any sub-command exits 2 with one line on stderr, no traceback and nothing on stdout.
+- A file that would run code when unpickled (a zip-format ``torch.save`` payload) is refused wherever a
+  file is read, and its code does not run.
+- ``--resume`` on a truncated or foreign ``last.pt`` exits 2 with one line and leaves the run folder as
+  it was.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tntvision
+from tntvision.cli import main
+
+from .data_helpers import make_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+MINI = "tnt_mini_patch4_28"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.mark.slow
+def test_misuse_of_every_subcommand_exits_2_with_one_line(tmp_path):
+    data = make_image_folder(tmp_path / "d", per_class=2, size=28)
+    img = next((data / "val").rglob("*.png"))
+    missing = str(tmp_path / "missing.pth")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
+    cases = {
+        "no command": [],
+        "models: unknown flag": ["models", "--nope"],
+        "info: unknown model": ["info", "tnt_nope"],
+        "convert: missing file": ["convert", missing, "--out", str(tmp_path / "c")],
+        "predict: missing checkpoint": ["predict", "--checkpoint", missing, str(img)],
+        "predict: no image": ["predict", "--checkpoint", missing],
+        "visualize: unknown model": [
+            "visualize",
+            "--model",
+            "tnt_nope",
+            str(img),
+            "--out",
+            str(tmp_path / "v"),
+        ],
+        "eval: missing checkpoint": ["eval", "--checkpoint", missing, "--data", str(data)],
+        "eval: bad split": ["eval", "--checkpoint", missing, "--data", str(data), "--split", "dev"],
+        "train: no --out": ["train", "--model", MINI, "--data", str(data)],
+        "train: bad --epochs": ["train", "--model", MINI, "--data", str(data), "--out", "o", "--epochs", "x"],
+        "train: --out under a file": [
+            *("train", "--model", MINI, "--data", str(data), "--out", str(blocker / "run")),
+            *("--batch-size", "3", "--set", "workers=0", "--set", "amp=none"),
+        ],
+        "train: nothing to resume": ["train", "--out", str(tmp_path / "none"), "--resume"],
+        "bench: unknown model": ["bench", "--model", "tnt_nope", "--no-memory"],
+    }
+    procs = {  # all at once: most of each is importing torch
+        name: subprocess.Popen(
+            [sys.executable, "-m", "tntvision.cli", *argv],
+            env=_env(),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, argv in cases.items()
+    }
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (name, proc.returncode, err[-1500:])
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert out == "", (name, out)
+    assert blocker.read_text() == "in the way"
+
+
+# --------------------------------------------------------------------------------------- unsafe files
+
+
+class _Payload:
+    """Unpickling this runs code that writes ``marker`` (what an attacker's checkpoint would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('the payload ran')",))
+
+
+def _unsafe_file(path: Path, marker: Path) -> Path:
+    """A zip-format torch.save file: real-looking weights next to a payload."""
+    torch.save({"state_dict": tntvision.create_model(MINI).state_dict(), "extra": _Payload(marker)}, path)
+    return path
+
+
+def test_the_payload_is_live(tmp_path):
+    """The check below means something: loading the file without weights_only runs the payload."""
+    marker = tmp_path / "marker"
+    torch.load(_unsafe_file(tmp_path / "evil.pth", marker), weights_only=False)
+    assert marker.read_text() == "the payload ran"
+
+
+def test_unsafe_file_refused_by_every_entry_point(tmp_path, capsys):
+    marker = tmp_path / "marker"
+    evil = _unsafe_file(tmp_path / "evil.pth", marker)
+    data = make_image_folder(tmp_path / "d", per_class=2, size=28)
+    img = str(next((data / "val").rglob("*.png")))
+    with pytest.raises(tntvision.CheckpointError, match="not a readable weights file"):
+        tntvision.create_model(MINI, pretrained=str(evil))
+    with pytest.raises(tntvision.CheckpointError, match="not a readable weights file"):
+        tntvision.load_model(evil)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    _unsafe_file(run / "checkpoints" / "last.pt", marker)
+    train = ["train", "--model", MINI, "--data", str(data), "--batch-size", "3", "--set", "workers=0"]
+    commands = {
+        "convert": ["convert", str(evil), "--out", str(tmp_path / "conv")],
+        "eval": ["eval", "--checkpoint", str(evil), "--data", str(data)],
+        "predict": ["predict", "--checkpoint", str(evil), img],
+        "visualize": ["visualize", "--checkpoint", str(evil), img, "--out", str(tmp_path / "vis")],
+        "train --pretrained": [*train, "--out", str(tmp_path / "ft"), "--pretrained", str(evil)],
+        "train --resume": ["train", "--out", str(run), "--resume"],
+    }
+    for name, argv in commands.items():
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "not a readable" in err, (name, err)
+    assert not marker.exists()
+    assert not (tmp_path / "conv").exists() and not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "empty", "older format"])
+def test_resume_on_a_damaged_checkpoint_changes_nothing(tmp_path, capsys, damage):
+    data = make_image_folder(tmp_path / "d", per_class=4, size=28)
+    run = tmp_path / "run"
+    argv = ["train", "--model", MINI, "--data", str(data), "--out", str(run), "--epochs", "1"]
+    assert main([*argv, "--batch-size", "3", "--set", "workers=0", "--set", "amp=none"]) == 0
+    last = run / "checkpoints" / "last.pt"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    elif damage == "foreign":
+        torch.save(tntvision.create_model(MINI).state_dict(), last)  # weights, not a training state
+    elif damage == "empty":
+        last.write_bytes(b"")
+    else:
+        state = torch.load(last, weights_only=True)
+        torch.save({**state, "format": "tntvision-train/1"}, last)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "last.pt" in err, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
