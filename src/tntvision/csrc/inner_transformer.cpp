@@ -60,7 +60,7 @@ typedef int32_t vi __attribute__((vector_size(32)));
 inline int rup(int n) { return (n + kW - 1) / kW * kW; }
 inline vf vld(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void vst(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-inline vf splat(float a) { return vf{} + a; }
+inline vf splat(float a) { return vf{a, a, a, a, a, a, a, a}; }
 inline float hsum(vf v) {
 #if defined(__AVX__)
   __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
@@ -290,6 +290,52 @@ void layer_norm_backward(const float* dy, const float* x, int rows, const Dims& 
 
 // Transposed attention weights of one sentence and head: PT[j][i] = softmax_j(q_i . k_j * scale).
 // Also leaves qT[d][i] = q[i][d] * scale. q and k point at the head's first column in the qkv rows.
+// out[dd][u] = scale * sum_j coef[j * cs + dd] * rows[j][u] for dd < n, u < mp (rows and out: (., mp)).
+// Blocks of 4 dd x NU vectors keep 4 * NU independent accumulators in registers, so the m-long sums
+// pipeline instead of waiting on each FMA's latency.
+template <int NU>
+void mix_rows_nu(int n, int m, const float* coef, int64_t cs, const float* rows, float scale, float* out) {
+  constexpr int mp = NU * kW;
+  int dd = 0;
+  for (; dd + 4 <= n; dd += 4) {
+    vf acc[4][NU] = {};
+    for (int j = 0; j < m; ++j) {
+      vf r[NU];
+      for (int u = 0; u < NU; ++u) r[u] = vld(rows + j * mp + u * kW);
+      for (int t = 0; t < 4; ++t) {
+        vf c = splat(coef[j * cs + dd + t]);
+        for (int u = 0; u < NU; ++u) acc[t][u] += c * r[u];
+      }
+    }
+    for (int t = 0; t < 4; ++t)
+      for (int u = 0; u < NU; ++u) vst(out + (dd + t) * mp + u * kW, acc[t][u] * scale);
+  }
+  for (; dd < n; ++dd) {
+    vf acc[NU] = {};
+    for (int j = 0; j < m; ++j) {
+      vf c = splat(coef[j * cs + dd]);
+      for (int u = 0; u < NU; ++u) acc[u] += c * vld(rows + j * mp + u * kW);
+    }
+    for (int u = 0; u < NU; ++u) vst(out + dd * mp + u * kW, acc[u] * scale);
+  }
+}
+
+void mix_rows(const Dims& d, const float* coef, const float* rows, float scale, float* out) {
+  switch (d.mp / kW) {
+    case 1: return mix_rows_nu<1>(d.hd, d.m, coef, d.c3p, rows, scale, out);
+    case 2: return mix_rows_nu<2>(d.hd, d.m, coef, d.c3p, rows, scale, out);
+    case 3: return mix_rows_nu<3>(d.hd, d.m, coef, d.c3p, rows, scale, out);
+    case 4: return mix_rows_nu<4>(d.hd, d.m, coef, d.c3p, rows, scale, out);
+    default:
+      for (int dd = 0; dd < d.hd; ++dd)
+        for (int u = 0; u < d.mp; u += kW) {
+          vf acc{};
+          for (int j = 0; j < d.m; ++j) acc += splat(coef[j * d.c3p + dd]) * vld(rows + j * d.mp + u);
+          vst(out + dd * d.mp + u, acc * scale);
+        }
+  }
+}
+
 inline void scaled_q_transposed(const float* q, const Dims& d, float* qT) {
   for (int dd = 0; dd < d.hd; ++dd)
     for (int i = 0; i < d.mp; ++i) qT[dd * d.mp + i] = i < d.m ? q[i * d.c3p + dd] * d.scale : 0.f;
@@ -341,12 +387,7 @@ void tile_forward(Scratch& s, int rows, const Dims& d, const Weights& w, const f
       float* PT = s.weights(r0 / m, hh, d);
       attention_weights(q, q + d.c, d, s.qT.data(), PT);
       const float* v = q + 2 * d.c;
-      for (int dd = 0; dd < d.hd; ++dd)
-        for (int u = 0; u < mp; u += kW) {
-          vf acc{};
-          for (int j = 0; j < m; ++j) acc += splat(v[j * c3p + dd]) * vld(PT + j * mp + u);
-          vst(s.oT.data() + dd * mp + u, acc);
-        }
+      mix_rows(d, v, PT, 1.0f, s.oT.data());  // oT[dd][i] = sum_j v[j][dd] P[i][j]
       float* o = s.o.data() + r0 * cp + hh * d.hd;
       for (int i = 0; i < m; ++i)
         for (int dd = 0; dd < d.hd; ++dd) o[i * cp + dd] = s.oT[dd * mp + i];
@@ -418,7 +459,13 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& fc1_w, int64_t heads
   d.mp = rup(d.m);
   d.eps = static_cast<float>(eps);
   d.scale = 1.0f / std::sqrt(static_cast<float>(d.hd));
-  p.tile = std::max(1, kTileWords / std::max(1, d.m));
+  // Sentences per tile: ~kTileWords words, then evened out so the tile count is a multiple of the thread
+  // count (batch 1 of TNT-S: 14 tiles of 14 sentences, not 13 of 16 of which one thread would get 7).
+  const int64_t most = std::max(1, kTileWords / std::max(1, d.m));
+  const int64_t threads = std::max(1, at::get_num_threads());
+  int64_t ntiles = (p.S + most - 1) / most;
+  ntiles = (ntiles + threads - 1) / threads * threads;
+  p.tile = static_cast<int>(std::max<int64_t>(1, (p.S + ntiles - 1) / ntiles));
   return p;
 }
 
@@ -596,12 +643,7 @@ void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const 
       for (int j = 0; j < m; ++j)
         for (int u = 0; u < mp; u += kW)
           vst(dPT + j * mp + u, vld(PT + j * mp + u) * (vld(dPT + j * mp + u) - vld(rowdot + u)));  // dS^T
-      for (int dd = 0; dd < d.hd; ++dd)
-        for (int u = 0; u < mp; u += kW) {  // dq[i] = scale * sum_j dS[i][j] k[j]
-          vf acc{};
-          for (int j = 0; j < m; ++j) acc += splat(k[j * c3p + dd]) * vld(dPT + j * mp + u);
-          vst(dqT + dd * mp + u, acc * d.scale);
-        }
+      mix_rows(d, k, dPT, d.scale, dqT);  // dq[i] = scale * sum_j dS[i][j] k[j]
       for (int i = 0; i < m; ++i)
         for (int dd = 0; dd < d.hd; ++dd) dq[i * c3p + dd] = dqT[dd * mp + i];
       for (int j = 0; j < m; ++j)
