@@ -94,15 +94,24 @@ def test_fused_matches_reference_fp32(name, mode):
 
 @pytest.mark.parametrize("name", ["tnt_s_patch16_224", "tnt_mini_patch4_28"])
 def test_fused_matches_reference_bf16_autocast(name):
+    """Under autocast the fused op computes in fp32 where the reference rounds to bf16: its logits agree
+    within bf16 tolerance, and its gradients are at least as close to the fp32 ones as the reference's."""
     model = _model(name, drop_path_rate=0.2).train()
     x = torch.randn(2, model.in_chans, *(2 * [small_input_size(name)]))
     with _count_fused_calls() as calls:
         out, _, grads = _run(model, x, fused=True, amp=True)
     assert calls
     ref, _, ref_grads = _run(model, x, fused=False, amp=True)
+    _, _, fp32_grads = _run(model, x, fused=False)
     span = (ref.max() - ref.min()).item()
     torch.testing.assert_close(out, ref, rtol=0, atol=0.03 * span)
-    _assert_grads_close(grads, ref_grads, rel=0.05)
+    _assert_grads_close(grads, ref_grads, rel=0.1)
+
+    def distance(g: dict) -> float:  # summed over every gradient, relative to the fp32 gradients
+        num = sum((g[k].float() - fp32_grads[k]).abs().sum().item() for k in fp32_grads)
+        return num / sum(v.abs().sum().item() for v in fp32_grads.values())
+
+    assert distance(grads) <= 1.1 * distance(ref_grads)
 
 
 def test_fused_matches_reference_bf16_weights():
