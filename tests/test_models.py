@@ -161,6 +161,18 @@ def test_config_roundtrip_and_registry_errors():
     from dataclasses import asdict
 
     assert tntvision.TNT(**asdict(cfg)).cfg == cfg
+    assert tntvision.TNT(cfg).cfg == cfg
+    assert tntvision.TNT(cfg, num_classes=3).cfg == cfg.replace(num_classes=3)
+    with pytest.raises(ConfigError, match="unknown TNT config"):
+        tntvision.TNT(cfg, embed_dims=3)
+    # TNTConfig is the one home of the defaults and of inner_blocks' normal form
+    from tntvision.models.tnt import TNTConfig
+
+    bare = tntvision.TNT(depth=3, img_size=32)
+    assert bare.cfg == TNTConfig(depth=3, img_size=32, inner_blocks=(0, 1, 2))
+    assert bare.model_name is None and bare.meta is None and bare.class_names is None
+    assert TNTConfig(inner_blocks=[5, 0, 5]).inner_blocks == (0, 5)
+    assert TNTConfig(depth=4).inner_block_indices() == (0, 1, 2, 3)
     with pytest.raises(UnknownModelError, match="did you mean tnt_s_patch16_224"):
         tntvision.create_model("tnt_s_patch16_22")
     with pytest.raises(ConfigError, match="did you mean.*num_classes"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import platform
 import threading
@@ -73,14 +74,26 @@ def build_directory() -> Path:
     return root / key.hexdigest()[:16]
 
 
+def _import_cpp_extension():
+    """``torch.utils.cpp_extension``, without its import-time "No CUDA runtime is found" warning (it is
+    about CUDA builds; this CPU extension does not need CUDA)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _load() -> bool:
     """Compile (first time on this machine) and load the extension; register fake and autograd kernels."""
     with _LOCK:
         if _STATE["loaded"] is not None:
             return bool(_STATE["loaded"])
         try:
-            from torch.utils import cpp_extension
-
+            cpp_extension = _import_cpp_extension()
             build = build_directory()
             build.mkdir(parents=True, exist_ok=True)
             cpp_extension.load(

@@ -79,7 +79,7 @@ def _checkpoint_info(path: str | Path, *, use_ema: bool = True) -> CheckpointInf
 def _match_variant(info: CheckpointInfo) -> str:
     for name in list_models():
         cfg = get_model_entry(name).config
-        inner = tuple(range(cfg.depth)) if cfg.inner_blocks is None else tuple(cfg.inner_blocks)
+        inner = cfg.inner_block_indices()
         if (
             (cfg.embed_dim, cfg.inner_dim, cfg.depth) == (info.embed_dim, info.inner_dim, info.depth)
             and (cfg.se_ratio > 0) == info.se

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -218,39 +219,30 @@ class TNT(nn.Module):
     resampled on the fly for a grid other than the one it was built for.
     """
 
-    def __init__(
-        self,
-        *,
-        img_size: int = 224,
-        patch_size: int = 16,
-        word_stride: int = 4,
-        word_kernel: int = 7,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        global_pool: str = "token",
-        embed_dim: int = 384,
-        inner_dim: int = 24,
-        depth: int = 12,
-        num_heads: int = 6,
-        inner_num_heads: int = 4,
-        mlp_ratio: float = 4.0,
-        inner_mlp_ratio: float = 4.0,
-        qkv_bias: bool = False,
-        inner_blocks: Sequence[int] | None = None,
-        se_ratio: float = 0.0,
-        legacy: bool = False,
-        drop_rate: float = 0.0,
-        pos_drop_rate: float = 0.0,
-        proj_drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-    ) -> None:
+    def __init__(self, cfg: TNTConfig | None = None, /, **overrides: Any) -> None:
+        """``TNT(cfg)``, ``TNT(cfg, num_classes=10)`` or ``TNT(embed_dim=192, ...)``.
+
+        :class:`TNTConfig` is the single source of the architecture and its defaults; keyword overrides
+        are its field names (an unknown one raises :class:`ConfigError`).
+        """
         super().__init__()
-        inner_blocks = tuple(range(depth)) if inner_blocks is None else tuple(sorted(set(inner_blocks)))
-        self.cfg = TNTConfig(**{k: v for k, v in locals().items() if k in TNTConfig.__dataclass_fields__})
-        self.cfg.validate()
-        self.num_classes = num_classes
-        self.global_pool = global_pool
+        unknown = sorted(set(overrides) - set(TNTConfig.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"unknown TNT config field(s) {unknown}")
+        cfg = (cfg if cfg is not None else TNTConfig()).replace(**overrides)
+        cfg.validate()
+        inner_blocks = cfg.inner_block_indices()
+        self.cfg = cfg = cfg.replace(inner_blocks=inner_blocks)  # explicit in the model's own config
+        # Identity and preprocessing: set by create_model / load_model (None for a bare TNT(...)).
+        self.model_name: str | None = None
+        self.meta: ModelMeta | None = None
+        self.class_names: list[str] | None = None
+        self.load_report = None  # what load_pretrained adapted (tntvision.models.weights.LoadReport)
+
+        img_size, patch_size, in_chans = cfg.img_size, cfg.patch_size, cfg.in_chans
+        embed_dim, inner_dim, depth = cfg.embed_dim, cfg.inner_dim, cfg.depth
+        self.num_classes = cfg.num_classes
+        self.global_pool = cfg.global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.patch_size = patch_size
@@ -262,9 +254,9 @@ class TNT(nn.Module):
             patch_size=patch_size,
             in_chans=in_chans,
             inner_dim=inner_dim,
-            word_stride=word_stride,
-            word_kernel=word_kernel,
-            legacy=legacy,
+            word_stride=cfg.word_stride,
+            word_kernel=cfg.word_kernel,
+            legacy=cfg.legacy,
         )
         side, m = self.pixel_embed.words_per_side, self.pixel_embed.num_words
         num_patches = self.grid_size[0] * self.grid_size[1]
@@ -276,24 +268,25 @@ class TNT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.patch_pos = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))  # row 0: class token
         self.pixel_pos = nn.Parameter(torch.zeros(1, inner_dim, side, side))  # shared by all patches
-        self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
 
-        rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 1 else [drop_path_rate]
+        rate = cfg.drop_path_rate
+        rates = torch.linspace(0, rate, depth).tolist() if depth > 1 else [rate]
         self.blocks = nn.ModuleList(
             TNTBlock(
                 dim=embed_dim,
                 inner_dim=inner_dim if i in inner_blocks else 0,
                 num_words=m,
-                num_heads=num_heads,
-                inner_num_heads=inner_num_heads,
-                mlp_ratio=mlp_ratio,
-                inner_mlp_ratio=inner_mlp_ratio,
-                qkv_bias=qkv_bias,
-                proj_drop=proj_drop_rate,
-                attn_drop=attn_drop_rate,
+                num_heads=cfg.num_heads,
+                inner_num_heads=cfg.inner_num_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                inner_mlp_ratio=cfg.inner_mlp_ratio,
+                qkv_bias=cfg.qkv_bias,
+                proj_drop=cfg.proj_drop_rate,
+                attn_drop=cfg.attn_drop_rate,
                 drop_path=rates[i],
-                legacy=legacy,
-                se_ratio=se_ratio,
+                legacy=cfg.legacy,
+                se_ratio=cfg.se_ratio,
             )
             for i in range(depth)
         )
@@ -301,8 +294,8 @@ class TNT(nn.Module):
             dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)
         ]
         self.norm = nn.LayerNorm(embed_dim)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
 
     # ------------------------------------------------------------------------------------ init & misc
@@ -508,7 +501,7 @@ def record_attention(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 
 @dataclass(frozen=True)
 class TNTConfig:
-    """Architecture of one TNT variant; ``TNT(**asdict(cfg))`` builds it.
+    """Architecture of one TNT variant, the single source of its defaults; ``TNT(cfg)`` builds it.
 
     ``inner_blocks`` lists the 0-based blocks that have an inner transformer (None: every block; ``()``:
     none, a ViT on TNT's word-based patch embedding). ``se_ratio > 0`` adds the paper's SE gate to the outer
@@ -539,8 +532,16 @@ class TNTConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.inner_blocks is not None:  # any iterable of ints -> sorted tuple without repeats
+            object.__setattr__(self, "inner_blocks", tuple(sorted({int(i) for i in self.inner_blocks})))
+
     def replace(self, **changes) -> TNTConfig:
-        return TNTConfig(**{**asdict(self), **changes})
+        return TNTConfig(**{**asdict(self), **changes}) if changes else self
+
+    def inner_block_indices(self) -> tuple[int, ...]:
+        """The 0-based blocks with an inner transformer (``inner_blocks``, or every block when None)."""
+        return tuple(range(self.depth)) if self.inner_blocks is None else self.inner_blocks
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for a config that cannot build a model."""
@@ -569,7 +570,7 @@ class TNTConfig:
 
 def build_tnt(cfg: TNTConfig) -> TNT:
     """Factory used by the registry."""
-    return TNT(**asdict(cfg))
+    return TNT(cfg)
 
 
 _IMAGENET = ModelMeta()  # mean = std = 0.5, bicubic, crop 0.9: the released weights' preprocessing

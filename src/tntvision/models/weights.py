@@ -303,7 +303,7 @@ def adapt_state_dict(
     sd, report.layout, report.dropped = to_tntvision_keys(sd)
     info = describe_state_dict(sd)
     cfg = model.cfg
-    name = getattr(model, "model_name", type(model).__name__)
+    name = getattr(model, "model_name", None) or type(model).__name__
     model_legacy = cfg.legacy if cfg.inner_blocks else None
     if info.legacy is not None and model_legacy is not None and info.legacy != model_legacy:
         want = "legacy" if model_legacy else "official"
@@ -368,7 +368,7 @@ def load_pretrained(model: nn.Module, path: str | Path, *, use_ema: bool = True)
             for what, keys in (("missing", missing), ("unexpected", unexpected))
             if keys
         ]
-        name = getattr(model, "model_name", "the model")
+        name = getattr(model, "model_name", None) or "the model"
         raise CheckpointError(f"{path}: weights do not match {name}: " + "; ".join(parts))
     model.load_report = report
     return report

@@ -187,7 +187,7 @@ def evaluate_checkpoint(
         split=split,
     )
     folder = Path(out) if out is not None else report_folder(checkpoint)
-    name = getattr(model, "model_name", "model")
+    name = getattr(model, "model_name", None) or "model"
     title = f"{name} on {Path(data).name} {split}: top-1 {result.top1:.2f}% (n = {result.n})"
     png = folder / f"confusion_{split}.png"
     result.confusion_png = plot_confusion(confusion, classes, title=title, path=png)

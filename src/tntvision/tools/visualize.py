@@ -371,7 +371,7 @@ def visualize(
     figures: dict[str, Path] = {}
     skipped: dict[str, str] = {}
     inner = [b for b in blocks0 if b in cap.attn_in]
-    name = getattr(model, "model_name", "this model")
+    name = getattr(model, "model_name", None) or "this model"
     if inner:
         figures["inner_attention"] = plot_inner_attention(
             cap, patch=patch, words=query, blocks=inner, path=out / "inner_attention.png"
