@@ -166,7 +166,6 @@ def test_config_roundtrip_and_registry_errors():
     with pytest.raises(ConfigError, match="unknown TNT config"):
         tntvision.TNT(cfg, embed_dims=3)
     # TNTConfig is the one home of the defaults and of inner_blocks' normal form
-    from tntvision.models.tnt import TNTConfig
 
     bare = tntvision.TNT(depth=3, img_size=32)
     assert bare.cfg == TNTConfig(depth=3, img_size=32, inner_blocks=(0, 1, 2))

@@ -41,11 +41,11 @@ def test_forward_intermediates_match_timm(norm):
         want_nlc = ref.forward_intermediates(x, indices=2, output_fmt="NLC", intermediates_only=True)
     torch.testing.assert_close(got_final, want_final, rtol=0, atol=1e-5)
     assert len(got) == len(want) == 3
-    for g, w in zip(got, want, strict=True):
+    for g, w in zip(got, want, strict=True):  # raw block outputs grow with depth: 1e-5 of their scale
         assert g.shape == w.shape == (2, 384, 3, 3)
-        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * max(1.0, w.abs().max().item()))
     for g, w in zip(nlc, want_nlc, strict=True):
-        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * max(1.0, w.abs().max().item()))
 
 
 def test_position_table_resampling_matches_timm(tmp_path):

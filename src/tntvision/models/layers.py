@@ -128,8 +128,8 @@ class Attention(nn.Module):
                 attn = torch.baddbmm(zero, q, k.transpose(1, 2), beta=0.0, alpha=self.scale).softmax(dim=-1)
             if self.keep_attn:
                 self.last_attn = attn.detach().reshape(B, h, N, N)  # (B, h, queries, keys)
-            if dropout_p > 0.0:
-                attn = F.dropout(attn, dropout_p)
+            if dropout_p > 0.0:  # on the (B*h, Nq, Nk) layout, so the mask is drawn in timm's order
+                attn = F.dropout(attn.contiguous(), dropout_p)
             x = torch.bmm(attn, v)  # (B*h, N, hd)
         return x.view(B, h, N, hd).transpose(1, 2).reshape(B, N, C3 // 3)  # (B, N, C)
 
