@@ -251,3 +251,13 @@ def test_bad_input_is_refused_by_the_op():
         kernels.inner_transformer(torch.randn(4, 8), block, None, None)
     with pytest.raises(RuntimeError, match="one entry per sentence"):
         kernels.inner_transformer(torch.randn(3, 4, 8), block, torch.ones(2), None)
+
+
+def test_ninja_from_the_package_when_not_on_path(monkeypatch, tmp_path):
+    """An unactivated venv's python has no ninja on PATH; the build must still find the package's."""
+    import shutil
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert shutil.which("ninja") is None
+    kernels._ninja_on_path()
+    assert shutil.which("ninja") is not None

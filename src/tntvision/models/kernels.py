@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import threading
 import warnings
 from collections.abc import Iterator
@@ -87,12 +88,25 @@ def _import_cpp_extension():
     return cpp_extension
 
 
+def _ninja_on_path() -> None:
+    """torch's extension builder runs ``ninja`` from PATH; the ``ninja`` package (a dependency) ships the
+    binary next to the interpreter, which is not on PATH when a virtual env's python runs unactivated."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def _load() -> bool:
     """Compile (first time on this machine) and load the extension; register fake and autograd kernels."""
     with _LOCK:
         if _STATE["loaded"] is not None:
             return bool(_STATE["loaded"])
         try:
+            _ninja_on_path()
             cpp_extension = _import_cpp_extension()
             build = build_directory()
             build.mkdir(parents=True, exist_ok=True)
