@@ -524,6 +524,36 @@ void store_tile(const float* src, int64_t s0, int rows, const Dims& d, at::Tenso
   else store_rows(src, rows, d.c, d.cp, y.data_ptr<c10::BFloat16>() + s0 * d.m * d.c);
 }
 
+// What one call (forward or backward) needs: the shapes, the packed weights, the drop-path scales.
+struct Call {
+  at::Tensor x;
+  Problem p;
+  Weights w;
+  at::Tensor keep1_f32, keep2_f32;  // hold the fp32 copies k1 / k2 point into
+  const float* k1 = nullptr;
+  const float* k2 = nullptr;
+  int64_t ntiles = 0;
+  const float* keep1_at(int64_t s0) const { return k1 ? k1 + s0 : nullptr; }
+  const float* keep2_at(int64_t s0) const { return k2 ? k2 + s0 : nullptr; }
+};
+
+Call prepare_call(const at::Tensor& x_in, const at::Tensor& ln1_w, const at::Tensor& ln1_b, const at::Tensor& qk_w,
+                  const c10::optional<at::Tensor>& qk_b, const at::Tensor& v_w, const c10::optional<at::Tensor>& v_b,
+                  const at::Tensor& proj_w, const at::Tensor& proj_b, const at::Tensor& ln2_w,
+                  const at::Tensor& ln2_b, const at::Tensor& fc1_w, const at::Tensor& fc1_b, const at::Tensor& fc2_w,
+                  const at::Tensor& fc2_b, const c10::optional<at::Tensor>& keep1,
+                  const c10::optional<at::Tensor>& keep2, int64_t num_heads, double eps, bool backward) {
+  Call c;
+  c.x = x_in.contiguous();
+  c.p = make_problem(c.x, fc1_w, num_heads, eps);
+  c.w = pack_weights(c.p.d, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w,
+                     fc2_b, backward);
+  c.k1 = keep_ptr(keep1, c.keep1_f32, c.p.S);
+  c.k2 = keep_ptr(keep2, c.keep2_f32, c.p.S);
+  c.ntiles = (c.p.S + c.p.tile - 1) / c.p.tile;
+  return c;
+}
+
 at::Tensor inner_transformer_cpu(const at::Tensor& x_in, const at::Tensor& ln1_w, const at::Tensor& ln1_b,
                                  const at::Tensor& qk_w, const c10::optional<at::Tensor>& qk_b,
                                  const at::Tensor& v_w, const c10::optional<at::Tensor>& v_b,
@@ -532,24 +562,19 @@ at::Tensor inner_transformer_cpu(const at::Tensor& x_in, const at::Tensor& ln1_w
                                  const at::Tensor& fc2_w, const at::Tensor& fc2_b,
                                  const c10::optional<at::Tensor>& keep1, const c10::optional<at::Tensor>& keep2,
                                  int64_t num_heads, double eps) {
-  at::Tensor x = x_in.contiguous();
-  Problem p = make_problem(x, fc1_w, num_heads, eps);
+  const Call call = prepare_call(x_in, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b,
+                              fc2_w, fc2_b, keep1, keep2, num_heads, eps, false);
+  const Problem& p = call.p;
   const Dims& d = p.d;
-  Weights w = pack_weights(d, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b,
-                           fc2_w, fc2_b, false);
-  at::Tensor k1h, k2h;
-  const float* k1 = keep_ptr(keep1, k1h, p.S);
-  const float* k2 = keep_ptr(keep2, k2h, p.S);
-  at::Tensor y = at::empty_like(x);
-  const int64_t ntiles = (p.S + p.tile - 1) / p.tile;
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+  at::Tensor y = at::empty_like(call.x);
+  at::parallel_for(0, call.ntiles, 1, [&](int64_t t0, int64_t t1) {
     Scratch s(p.tile * d.m, d);
     std::vector<float> out(p.tile * d.m * d.cp);
     for (int64_t t = t0; t < t1; ++t) {
       int64_t s0 = t * p.tile;
       int ns = static_cast<int>(std::min<int64_t>(p.tile, p.S - s0)), rows = ns * d.m;
-      load_tile(x, s0, rows, d, s.x.data());
-      tile_forward(s, rows, d, w, k1 ? k1 + s0 : nullptr, k2 ? k2 + s0 : nullptr, out.data(), false);
+      load_tile(call.x, s0, rows, d, s.x.data());
+      tile_forward(s, rows, d, call.w, call.keep1_at(s0), call.keep2_at(s0), out.data(), false);
       store_tile(out.data(), s0, rows, d, y);
     }
   });
@@ -677,21 +702,18 @@ std::vector<at::Tensor> inner_transformer_backward_cpu(
     const at::Tensor& ln2_w, const at::Tensor& ln2_b, const at::Tensor& fc1_w, const at::Tensor& fc1_b,
     const at::Tensor& fc2_w, const at::Tensor& fc2_b, const c10::optional<at::Tensor>& keep1,
     const c10::optional<at::Tensor>& keep2, int64_t num_heads, double eps) {
-  at::Tensor x = x_in.contiguous();
-  at::Tensor grad = grad_in.contiguous();
-  Problem p = make_problem(x, fc1_w, num_heads, eps);
+  const Call call = prepare_call(x_in, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b,
+                              fc2_w, fc2_b, keep1, keep2, num_heads, eps, true);
+  const Problem& p = call.p;
   const Dims& d = p.d;
+  const at::Tensor& x = call.x;
+  const Weights& w = call.w;
+  at::Tensor grad = grad_in.contiguous();
   TORCH_CHECK(grad.sizes() == x.sizes(), "inner_transformer_backward: grad and x differ in shape");
-  Weights w = pack_weights(d, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b,
-                           fc2_w, fc2_b, true);
-  at::Tensor k1h, k2h;
-  const float* k1 = keep_ptr(keep1, k1h, p.S);
-  const float* k2 = keep_ptr(keep2, k2h, p.S);
   at::Tensor gx = at::empty_like(x);
-  const int64_t ntiles = (p.S + p.tile - 1) / p.tile;
   const int nthreads = at::get_num_threads();
   std::vector<Grads> grads(nthreads, Grads(d));
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, call.ntiles, 1, [&](int64_t t0, int64_t t1) {
     const int R = p.tile * d.m;
     Scratch s(R, d);
     std::vector<float> out(R * d.cp), dy(R * d.cp), dz(R * d.cp), dg(R * std::max(d.Hp, d.cp)), dx(R * d.cp),
@@ -701,8 +723,8 @@ std::vector<at::Tensor> inner_transformer_backward_cpu(
       int64_t s0 = t * p.tile;
       int ns = static_cast<int>(std::min<int64_t>(p.tile, p.S - s0)), rows = ns * d.m;
       load_tile(x, s0, rows, d, s.x.data());
-      const float* kk1 = k1 ? k1 + s0 : nullptr;
-      const float* kk2 = k2 ? k2 + s0 : nullptr;
+      const float* kk1 = call.keep1_at(s0);
+      const float* kk2 = call.keep2_at(s0);
       tile_forward(s, rows, d, w, kk1, kk2, out.data(), true);
       load_tile(grad, s0, rows, d, dy.data());
       tile_backward(s, rows, d, w, kk1, kk2, dy.data(), dz.data(), dg.data(), dx.data(), dqkv.data(), gr);
