@@ -3,27 +3,25 @@
 One entry per registered model (``torch.hub.list(path, source="local")``), each
 ``NAME(pretrained=None, **overrides)`` = :func:`tntvision.create_model` (``pretrained``: a path to weights
 in any supported layout; ``overrides``: ``num_classes``, ``img_size``, ``in_chans``, ...). The package is
-imported from this clone's ``src/`` when it is not installed.
+imported from this clone's ``src/``. Everything else here starts with ``_``: torch.hub lists every public
+callable of this module as an entry point.
 """
 
-from __future__ import annotations
-
-import sys
-from collections.abc import Callable
-from pathlib import Path
+import sys as _sys
+from pathlib import Path as _Path
 
 dependencies = ["torch", "torchvision", "safetensors"]
 
-_SRC = Path(__file__).resolve().parent / "src"
-if _SRC.is_dir() and str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))  # this clone's package, as torch.hub's "load from this folder" implies
+_SRC = _Path(__file__).resolve().parent / "src"
+if _SRC.is_dir() and str(_SRC) not in _sys.path:
+    _sys.path.insert(0, str(_SRC))  # this clone's package, as torch.hub's "load from this folder" implies
 
-import tntvision  # noqa: E402  (after the path above)
+import tntvision as _tntvision  # noqa: E402  (after the path above)
 
 
-def _entry(name: str) -> Callable:
+def _entry(name: str):
     def entry(pretrained: str | None = None, **overrides):
-        return tntvision.create_model(name, pretrained=pretrained, **overrides)
+        return _tntvision.create_model(name, pretrained=pretrained, **overrides)
 
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = (
@@ -33,5 +31,5 @@ def _entry(name: str) -> Callable:
     return entry
 
 
-for _name in tntvision.list_models():
+for _name in _tntvision.list_models():
     globals()[_name] = _entry(_name)

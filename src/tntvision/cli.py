@@ -187,6 +187,22 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from .tools.bench import bench_model, format_report
 
+    if args.checkpoint is not None:
+        from .tools.exported import bench_exported, format_bench
+
+        if args.compare or args.train or args.dtype != "float32" or args.amp != "none" or args.compile:
+            from .errors import ConfigError
+
+            raise ConfigError("--checkpoint FILE times the file and PyTorch in float32 inference only")
+        result = bench_exported(
+            args.checkpoint,
+            batch_size=args.batch_size,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            threads=args.threads,
+        )
+        emit(args, result, lambda: format_bench(result))
+        return
     if args.compare:
         log(f"timing ours and {', '.join(args.compare)} interleaved; peak memory in child processes")
     result = bench_model(
@@ -378,7 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="throughput, latency, training-step speed and peak memory")
-    p.add_argument("--model", required=True, help="a registered model name (random weights)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="a registered model name (random weights)")
+    which.add_argument(
+        "--checkpoint",
+        metavar="FILE.onnx|.pt2",
+        help="an exported file: its runtime against eager PyTorch on the same architecture",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
     p.add_argument(
         "--dtype",

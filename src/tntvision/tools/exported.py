@@ -302,3 +302,88 @@ def load_pt2_file(path: Path) -> ExportedModel:
         return module(x)
 
     return ExportedModel(path=path, metadata=metadata, run=run, runtime="torch.export")
+
+
+# ------------------------------------------------------------------------------------------ bench
+
+
+def bench_exported(
+    path: str | Path,
+    *,
+    batch_size: int = 16,
+    rounds: int = 6,
+    warmup: int = 2,
+    threads: int | None = None,
+    compare_pytorch: bool = True,
+) -> dict[str, Any]:
+    """`tnt bench --checkpoint FILE`: inference speed of an exported file, and of PyTorch on the same model.
+
+    Throughput at ``batch_size`` and latency at batch 1 on random images. With ``compare_pytorch`` the
+    file's architecture (from its metadata) also runs in eager PyTorch (fused kernels on, random weights:
+    speed does not depend on their values), interleaved round by round with the file as
+    :func:`tntvision.tools.bench.bench_model` does. ``threads`` sets torch's thread count, which the
+    onnxruntime session follows.
+
+    Returns plain data: per workload, per implementation ``median_ms`` / ``min_ms`` / ``img_per_s``, and
+    ``speedup`` = PyTorch's median time / the file's (> 1: the file is faster).
+    """
+    from ..errors import ConfigError
+    from ..models import create_model
+    from .bench import _summarise, _threads, _time_interleaved
+
+    if batch_size < 1 or rounds < 1 or warmup < 0:
+        raise ConfigError("batch size and rounds must be positive, warmup not negative")
+    with _threads(threads) as n_threads:
+        file_model = load_exported(path)  # after the thread count is set: the session takes it
+        label = f"{file_model.runtime}" + (f" {q}" if (q := file_model.metadata.get("quantize")) else "")
+        models: dict[str, nn.Module] = {label: file_model}
+        if compare_pytorch:
+            name, config = file_model.metadata.get("model"), dict(file_model.metadata.get("config") or {})
+            torch.manual_seed(0)
+            try:
+                models["pytorch"] = create_model(name, **config).eval()
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{path}: cannot rebuild its PyTorch model ({e})") from None
+        result: dict[str, Any] = {
+            "checkpoint": str(path),
+            "model": file_model.model_name,
+            "runtime": file_model.runtime,
+            "quantize": file_model.metadata.get("quantize"),
+            "batch_size": batch_size,
+            "threads": n_threads,
+            "torch": torch.__version__,
+            "implementations": list(models),
+        }
+        shape = tuple(file_model.meta.input_size)
+        for workload, batch, n_rounds in (("inference", batch_size, rounds), ("latency", 1, 2 * rounds)):
+            x = torch.randn(batch, *shape)
+
+            def call(m: nn.Module, x: torch.Tensor = x) -> Callable[[], None]:
+                def run() -> None:
+                    with torch.inference_mode():
+                        m(x)
+
+                return run
+
+            times = _time_interleaved({k: call(m) for k, m in models.items()}, warmup=warmup, rounds=n_rounds)
+            summary = _summarise(times, batch)
+            entry: dict[str, Any] = {"per_impl": summary}
+            if compare_pytorch:
+                entry["speedup"] = summary["pytorch"]["median_ms"] / summary[label]["median_ms"]
+            result[workload] = entry
+    return result
+
+
+def format_bench(result: dict[str, Any]) -> str:
+    """A human-readable table of :func:`bench_exported`'s result."""
+    lines = [
+        f"{result['checkpoint']} ({result['model']})  batch {result['batch_size']}  {result['threads']} threads  "
+        f"torch {result['torch']}"
+    ]
+    for key, title in (("inference", "inference"), ("latency", "latency (batch 1)")):
+        lines.append(f"{title}:")
+        for name, s in result[key]["per_impl"].items():
+            lines.append(f"  {name:<34}{s['median_ms']:10.1f} ms  {s['img_per_s']:8.2f} img/s")
+        if "speedup" in result[key]:
+            lines.append(f"  time pytorch / file{'':<15}{result[key]['speedup']:10.3f}x")
+    return "\n".join(lines)
