@@ -317,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("predict", help="top-k classes of image files and folders")
-    p.add_argument("--checkpoint", required=True, help="run folder, model/ folder, weights file or exported .onnx/.pt2")
+    p.add_argument(
+        "--checkpoint", required=True, help="run folder, model/ folder, weights file or exported .onnx/.pt2"
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (walked)")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
@@ -341,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("eval", help="top-1/top-5, loss, per-class accuracy and confusion matrix")
-    p.add_argument("--checkpoint", required=True, help="run folder, model/ folder, weights file or exported .onnx/.pt2")
+    p.add_argument(
+        "--checkpoint", required=True, help="run folder, model/ folder, weights file or exported .onnx/.pt2"
+    )
     p.add_argument("--data", required=True, help="'fashion-mnist' or an ImageFolder root")
     p.add_argument("--split", choices=("val", "test"), default="test", help="split (default: test)")
     p.add_argument("--out", default=None, help="folder for the confusion matrix (default: the run folder)")
@@ -447,7 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument(
-        "--quantize", choices=("int8",), default=None, help="int8 with onnxruntime (dynamic unless --calibrate)"
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help="int8 with onnxruntime (dynamic unless --calibrate)",
     )
     p.add_argument(
         "--calibrate",

@@ -158,7 +158,7 @@ def evaluate_checkpoint(
     weights = weight_dtype(dtype)
     if batch_size < 1 or workers < 0:
         raise InputError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
-    model = load_checkpoint(checkpoint).eval().to(weights)
+    model = load_checkpoint(checkpoint, autocast=autocast_dtype is not None).eval().to(weights)
     record = report_folder(checkpoint) / "val_split.json"
     if split == "val" and not has_val_split(data) and record.is_file():  # the images its training held out
         dataset = held_out_split(data, record, transform=eval_transform(model.meta))

@@ -1,4 +1,4 @@
-"""Exported files (``.onnx``, ``.pt2``) as checkpoints: a model object `tnt eval` / `predict` / `bench` can use.
+"""Exported files (``.onnx``, ``.pt2``) as checkpoints: a model `tnt eval` / `predict` / `bench` can use.
 
 :func:`load_checkpoint` is what the commands call for ``--checkpoint``: a file ending in ``.onnx`` or
 ``.pt2`` is read here, anything else by :func:`tntvision.load_model`. The object returned for an exported
@@ -54,9 +54,15 @@ def is_exported_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in EXPORTED_SUFFIXES
 
 
-def load_checkpoint(path: str | Path) -> nn.Module:
-    """``--checkpoint``: an exported ``.onnx`` / ``.pt2`` file, or whatever :func:`tntvision.load_model` reads."""
+def load_checkpoint(path: str | Path, *, autocast: bool = False) -> nn.Module:
+    """``--checkpoint``: an exported ``.onnx`` / ``.pt2`` file, or what :func:`tntvision.load_model` reads.
+
+    ``autocast=True`` (the caller will run the model under autocast, ``--amp``) is refused for an exported
+    file up front, before any work: the file runs in float32.
+    """
     if is_exported_file(path):
+        if autocast:
+            raise InputError(f"{Path(path).name}: autocast (--amp) applies to PyTorch checkpoints only")
         return load_exported(path)
     from ..models import load_model
 
@@ -75,7 +81,12 @@ class ExportedModel(nn.Module):
     """
 
     def __init__(
-        self, *, path: Path, metadata: dict[str, Any], run: Callable[[torch.Tensor], torch.Tensor], runtime: str
+        self,
+        *,
+        path: Path,
+        metadata: dict[str, Any],
+        run: Callable[[torch.Tensor], torch.Tensor],
+        runtime: str,
     ) -> None:
         super().__init__()
         self.path = path
@@ -95,7 +106,9 @@ class ExportedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expected = tuple(self.meta.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise InputError(f"{self.path.name} takes images (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+            raise InputError(
+                f"{self.path.name} takes images (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
+            )
         if torch.is_autocast_enabled("cpu"):
             raise InputError(f"{self.path.name}: autocast (--amp) applies to PyTorch checkpoints only")
         return self._run(x.detach().to("cpu", torch.float32).contiguous())
@@ -107,13 +120,15 @@ class ExportedModel(nn.Module):
             raise InputError(f"{self.path.name}: an exported model runs on the CPU, not {device}")
         if dtype is not None and dtype != torch.float32:
             raise InputError(
-                f"{self.path.name}: an exported model takes float32 images; --dtype {str(dtype).removeprefix('torch.')} "
-                "applies to PyTorch checkpoints"
+                f"{self.path.name}: an exported model takes float32 images; "
+                f"--dtype {str(dtype).removeprefix('torch.')} applies to PyTorch checkpoints"
             )
         return self
 
     def extra_repr(self) -> str:
-        return f"{self.path.name}: {self.model_name} on {self.runtime}, quantize={self.metadata.get('quantize')}"
+        return (
+            f"{self.path.name}: {self.model_name} on {self.runtime}, quantize={self.metadata.get('quantize')}"
+        )
 
 
 def load_exported(path: str | Path) -> ExportedModel:
@@ -195,7 +210,9 @@ def load_onnx_file(path: Path) -> ExportedModel:
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's own exception types (Fail, InvalidGraph, ...)
-        raise CheckpointError(f"{path}: onnxruntime cannot load it ({str(e).strip().splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: onnxruntime cannot load it ({str(e).strip().splitlines()[0]})"
+        ) from None
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
 
@@ -248,7 +265,9 @@ def check_pt2_archive(path: str | Path) -> None:
 
 def _check_pt2_entry(path: Path, name: str, read: Callable[[], bytes], C: Any) -> None:
     def refuse(what: str) -> None:
-        raise CheckpointError(f"{path}: refused, the archive holds {what} ({name}), which loading would unpickle")
+        raise CheckpointError(
+            f"{path}: refused, the archive holds {what} ({name}), which loading would unpickle"
+        )
 
     base = name.rsplit("/", 1)[-1]
     if name.startswith(C.AOTINDUCTOR_DIR):
@@ -262,6 +281,8 @@ def _check_pt2_entry(path: Path, name: str, read: Callable[[], bytes], C: Any) -
             try:
                 config = json.loads(read()).get("config", {})
             except (ValueError, AttributeError):
+                config = None
+            if not isinstance(config, dict):
                 refuse("an unreadable payload config")
             if any(isinstance(m, dict) and m.get("use_pickle") for m in config.values()):
                 refuse("pickled tensors")
@@ -273,8 +294,9 @@ def _check_pt2_entry(path: Path, name: str, read: Callable[[], bytes], C: Any) -
 
 
 def _pt2_metadata(path: Path) -> dict[str, Any]:
-    from .export import METADATA_KEY
     from torch.export.pt2_archive import constants as C
+
+    from .export import METADATA_KEY
 
     with zipfile.ZipFile(path) as z:
         entries = _archive_entries(z)
@@ -295,7 +317,9 @@ def load_pt2_file(path: Path) -> ExportedModel:
         with open(path, "rb") as f:  # a file object: torch.export.load wants a .pt2 name otherwise
             program = torch.export.load(f)
     except Exception as e:  # torch's deserialiser: a version mismatch, an op it does not know
-        raise CheckpointError(f"{path}: torch.export.load failed ({str(e).strip().splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: torch.export.load failed ({str(e).strip().splitlines()[0]})"
+        ) from None
     module = program.module()
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -377,8 +401,8 @@ def bench_exported(
 def format_bench(result: dict[str, Any]) -> str:
     """A human-readable table of :func:`bench_exported`'s result."""
     lines = [
-        f"{result['checkpoint']} ({result['model']})  batch {result['batch_size']}  {result['threads']} threads  "
-        f"torch {result['torch']}"
+        f"{result['checkpoint']} ({result['model']})  batch {result['batch_size']}  "
+        f"{result['threads']} threads  torch {result['torch']}"
     ]
     for key, title in (("inference", "inference"), ("latency", "latency (batch 1)")):
         lines.append(f"{title}:")
