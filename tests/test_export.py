@@ -62,7 +62,7 @@ def saved(tmp_path_factory):
     def get(name: str) -> tuple[Path, torch.nn.Module]:
         if name not in cache:
             torch.manual_seed(0)
-            model = _perturbed(tntvision.create_model(name, img_size=MODELS[name]))
+            model = _perturbed(tntvision.create_model(name, img_size=MODELS[name], num_classes=10))
             folder = tmp_path_factory.mktemp(name) / "model"
             tntvision.save_model(model, folder, class_names=CLASSES)
             cache[name] = folder, tntvision.load_model(folder).eval()
@@ -244,7 +244,7 @@ def test_int8_quantizes_only_the_linear_layers_and_stays_close(
     ops = [n.op_type for n in onnx.load(out).graph.node]
     assert "LayerNormalization" in ops and "Softmax" in ops  # left in float
     if calibrated:
-        # QDQ: a DequantizeLinear in front of every operand of every quantized MatMul, none elsewhere
+        # QDQ pairs sit in front of the Linear layers only: LayerNorm and softmax read float tensors
         proto = onnx.load(out)
         producers = {o: n.op_type for n in proto.graph.node for o in n.output}
         for node in proto.graph.node:
@@ -256,9 +256,10 @@ def test_int8_quantizes_only_the_linear_layers_and_stays_close(
     file_model = load_exported(out)
     x = _images(model, 64)
     agree, err = _agreement_and_error(file_model, model, x)
-    # int8 weights (and activations) move each logit by a few percent of the logits' spread; the class
-    # ranking of almost every image survives (measured on this model: see the report in the commit)
-    assert agree >= 0.9 and err < 0.25, (agree, err)
+    # Measured on this model (256 images): the largest logit error is 1.4% (dynamic) / 4.8% (static) of
+    # the logits' standard deviation, and every top-1 class survives. 15% leaves room for other CPUs'
+    # int8 kernels (with or without VNNI) and still catches a broken quantization (errors of order 100%).
+    assert agree >= 0.95 and err < 0.15, (agree, err)
 
 
 # ------------------------------------------------------------------------------------------ bad input
