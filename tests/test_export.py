@@ -432,3 +432,19 @@ def test_bench_times_an_exported_file_against_pytorch(exported, capsys):
         assert set(result[workload]["per_impl"]) == {"onnxruntime", "pytorch"}
         assert result[workload]["speedup"] > 0
     _one_line_exit_2(capsys, [*argv, "--train"], "float32 inference only")
+
+
+def test_commands_that_need_pytorch_weights_refuse_an_exported_file(exported, image_folder, tmp_path, capsys):
+    path = str(exported("tnt_mini_patch4_28", "onnx"))
+    img = str(next((image_folder / "val").rglob("*.png")))
+    _one_line_exit_2(
+        capsys, ["visualize", "--checkpoint", path, img, "--out", str(tmp_path / "v")], "exported"
+    )
+    _one_line_exit_2(
+        capsys,
+        ["export", "--checkpoint", path, "--format", "pt2", "--out", str(tmp_path / "m.pt2")],
+        "already exported",
+    )
+    with pytest.raises(CheckpointError, match="an exported model"):
+        tntvision.load_model(path)
+    assert list(tmp_path.iterdir()) == []
