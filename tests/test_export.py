@@ -33,8 +33,12 @@ MODELS = {
     "tnt_mini_patch4_28": 28,
     "vit_mini_patch4_28": 28,
     "tnt_s_patch16_224": 32,
+    "tnt_s_legacy_patch16_224": 32,  # the other structure (whole-image word conv)
+    "tnt_s_se_patch16_224": 32,  # the SE gate
 }
-SLOW = {"tnt_s_patch16_224"}
+# ~15-25 s each on one thread. TNT-Ti and TNT-B share TNT-S's structure (exported by hand at 32 px:
+# logits within 1e-6 of PyTorch's).
+SLOW = {"tnt_s_patch16_224", "tnt_s_legacy_patch16_224", "tnt_s_se_patch16_224"}
 FORMATS = ("onnx", "pt2")
 ATOL = 1e-4  # float32 exports: the same ops in another runtime (measured: ~1e-6)
 
@@ -143,6 +147,19 @@ def test_metadata_round_trip(saved, exported, fmt):
     assert file_model.meta == model.meta  # tuples again, equal to the PyTorch model's
     assert file_model.class_names == CLASSES and file_model.num_classes == 10
     assert file_model.model_name == "tnt_mini_patch4_28"
+
+
+def test_onnx_opset_is_the_one_asked_for(saved, tmp_path):
+    import onnx
+
+    folder, model = saved("tnt_mini_patch4_28")
+    out = tmp_path / "m17.onnx"
+    export_model(folder, format="onnx", out=out, opset=17)
+    assert {o.domain: o.version for o in onnx.load(out).opset_import}[""] == 17
+    x = _images(model, 2)
+    torch.testing.assert_close(_logits(load_exported(out), x), _logits(model, x), rtol=0, atol=ATOL)
+    with pytest.raises(ConfigError, match="--opset"):
+        export_model(folder, format="onnx", out=tmp_path / "m9.onnx", opset=9)
 
 
 def test_pt2_holds_no_tntvision_op_and_loads_without_the_extension(exported):
