@@ -465,3 +465,22 @@ def test_commands_that_need_pytorch_weights_refuse_an_exported_file(exported, im
     with pytest.raises(CheckpointError, match="an exported model"):
         tntvision.load_model(path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_images_from_an_image_folder_are_preprocessed_like_eval(saved, tmp_path):
+    from tntvision.data import eval_transform, open_image
+    from tntvision.tools.export import calibration_batches
+
+    _, model = saved("tnt_mini_patch4_28")
+    root = make_image_folder(tmp_path / "d", per_class=4, size=40, splits=("train",))
+    batches = calibration_batches(str(root), model.meta, images=10, batch_size=4)
+    assert [b.shape for b in batches] == [(4, 1, 28, 28), (4, 1, 28, 28), (2, 1, 28, 28)]
+    assert all(b.dtype == np.float32 for b in batches)
+    # a seeded sample of the train images, each exactly as `tnt eval` would see it
+    every = {p: eval_transform(model.meta)(open_image(p)).numpy() for p in sorted(root.rglob("*.png"))}
+    for image in np.concatenate(batches):
+        assert any(np.array_equal(image, e) for e in every.values())
+    again = calibration_batches(str(root), model.meta, images=10, batch_size=4)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
+    with pytest.raises(ConfigError):
+        calibration_batches(str(root), model.meta, images=0)
