@@ -77,10 +77,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from .models import load_model
+    from .tools.exported import load_checkpoint
     from .tools.predict import predict_images
 
-    model = load_model(args.checkpoint)
+    model = load_checkpoint(args.checkpoint)
     from .utils.amp import weight_dtype
 
     dtype = weight_dtype(args.dtype)
@@ -159,9 +159,57 @@ def cmd_eval(args: argparse.Namespace) -> None:
     emit(args, result.to_dict(), text)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .tools.export import export_model
+
+    result = export_model(
+        args.checkpoint,
+        format=args.format,
+        out=args.out,
+        img_size=args.img_size,
+        opset=args.opset,
+        quantize=args.quantize,
+        calibrate=args.calibrate,
+        calibration_images=args.calibration_images,
+        warn=log,
+    )
+    size = "x".join(str(s) for s in result.input_size[1:])
+    emit(
+        args,
+        result.to_dict(),
+        f"wrote {result.out} ({result.model}, {result.format}"
+        + (f" {result.quantize}" if result.quantize else "")
+        + f", {size} px, dynamic batch, {result.size_bytes / 1e6:.1f} MB; "
+        f"max |logit - PyTorch's| {result.max_abs_diff:.2e})",
+    )
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .tools.bench import bench_model, format_report
 
+    if args.checkpoint is not None:
+        from .tools.exported import bench_exported, format_bench
+
+        if (
+            args.compare
+            or args.train
+            or args.dtype != "float32"
+            or args.amp != "none"
+            or args.compile
+            or args.profile
+        ):
+            from .errors import ConfigError
+
+            raise ConfigError("--checkpoint FILE times the file and PyTorch in float32 inference only")
+        result = bench_exported(
+            args.checkpoint,
+            batch_size=args.batch_size,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            threads=args.threads,
+        )
+        emit(args, result, lambda: format_bench(result))
+        return
     if args.compare:
         log(f"timing ours and {', '.join(args.compare)} interleaved; peak memory in child processes")
     result = bench_model(
@@ -276,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("predict", help="top-k classes of image files and folders")
-    p.add_argument("--checkpoint", required=True, help="run folder, model/ folder or weights file")
+    p.add_argument(
+        "--checkpoint", required=True, help="run folder, model/ folder, weights file or exported .onnx/.pt2"
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (walked)")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
@@ -300,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("eval", help="top-1/top-5, loss, per-class accuracy and confusion matrix")
-    p.add_argument("--checkpoint", required=True, help="run folder, model/ folder or weights file")
+    p.add_argument(
+        "--checkpoint", required=True, help="run folder, model/ folder, weights file or exported .onnx/.pt2"
+    )
     p.add_argument("--data", required=True, help="'fashion-mnist' or an ImageFolder root")
     p.add_argument("--split", choices=("val", "test"), default="test", help="split (default: test)")
     p.add_argument("--out", default=None, help="folder for the confusion matrix (default: the run folder)")
@@ -353,7 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="throughput, latency, training-step speed and peak memory")
-    p.add_argument("--model", required=True, help="a registered model name (random weights)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="a registered model name (random weights)")
+    which.add_argument(
+        "--checkpoint",
+        metavar="FILE.onnx|.pt2",
+        help="an exported file: its runtime against eager PyTorch on the same architecture",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
     p.add_argument(
         "--dtype",
@@ -387,6 +445,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "export",
+        help="a saved model -> ONNX (optionally int8) or a torch.export .pt2 file",
+        description="Export a saved model with a dynamic batch dimension; model name, class names and "
+        "preprocessing travel inside the file, which `tnt eval` and `tnt predict` take as --checkpoint.",
+    )
+    p.add_argument("--checkpoint", required=True, help="run folder, model/ folder or weights file")
+    p.add_argument("--format", required=True, choices=("onnx", "pt2"), help="file format")
+    p.add_argument("--out", required=True, help="file to write (ending in .onnx or .pt2)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument(
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help="int8 with onnxruntime (dynamic unless --calibrate)",
+    )
+    p.add_argument(
+        "--calibrate",
+        metavar="DATA",
+        default=None,
+        help="static (QDQ) int8 calibrated on train images of 'fashion-mnist' or an ImageFolder root",
+    )
+    p.add_argument(
+        "--calibration-images", type=int, default=256, help="images --calibrate uses (default: 256)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

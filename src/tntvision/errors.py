@@ -6,7 +6,15 @@ The CLI turns every :class:`UserError` into a one-line message and exit code 2; 
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "InputError", "UnknownModelError", "UserError"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DependencyError",
+    "InputError",
+    "UnknownModelError",
+    "UserError",
+]
 
 
 class UserError(Exception):
@@ -27,6 +35,10 @@ class CheckpointError(UserError, ValueError):
 
 class DataError(UserError, ValueError):
     """A data set that is missing, empty or inconsistent."""
+
+
+class DependencyError(UserError, ImportError):
+    """An optional package a command needs is not installed (the message says which extra to install)."""
 
 
 class UnknownModelError(UserError, KeyError, ValueError):

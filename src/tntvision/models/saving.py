@@ -120,6 +120,8 @@ def load_model(path: str | Path, **overrides: Any) -> nn.Module:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_file() and path.suffix.lower() in (".onnx", ".pt2"):  # see tntvision.tools.exported
+        raise CheckpointError(f"{path}: an exported model, not weights (eval, predict and bench take it)")
     folder = path if path.is_dir() else path.parent
     if (
         path.is_dir()

@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader
 from ..data import EvalBatches, build_dataset, eval_transform, has_image_tensor, has_val_split
 from ..data.splits import held_out_split
 from ..errors import DataError, InputError
-from ..models import load_model
 from ..train.engine import evaluate
 from ..utils.amp import amp_dtype, weight_dtype
 from ..utils.files import save_figure, write_json
+from .exported import load_checkpoint
 
 __all__ = ["EvalResult", "evaluate_checkpoint", "plot_confusion", "report_folder"]
 
@@ -138,7 +138,8 @@ def evaluate_checkpoint(
     """Evaluate a saved model on a split of ``data`` and draw its confusion matrix.
 
     Args:
-        checkpoint: a run folder, ``model/`` folder or weights file (see :func:`tntvision.load_model`).
+        checkpoint: a run folder, ``model/`` folder or weights file (see :func:`tntvision.load_model`), or
+            an exported ``.onnx`` / ``.pt2`` file (see :mod:`tntvision.tools.exported`).
         data: ``"fashion-mnist"`` or an ImageFolder root (see :func:`tntvision.data.build_dataset`).
         split: ``"val"`` or ``"test"``. For data without a val split of its own (Fashion-MNIST), ``"val"``
             of a run folder is the validation its training held out (``val_split.json``).
@@ -157,7 +158,7 @@ def evaluate_checkpoint(
     weights = weight_dtype(dtype)
     if batch_size < 1 or workers < 0:
         raise InputError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
-    model = load_model(checkpoint).eval().to(weights)
+    model = load_checkpoint(checkpoint, autocast=autocast_dtype is not None).eval().to(weights)
     record = report_folder(checkpoint) / "val_split.json"
     if split == "val" and not has_val_split(data) and record.is_file():  # the images its training held out
         dataset = held_out_split(data, record, transform=eval_transform(model.meta))

@@ -150,7 +150,8 @@ def predict_images(
     labels = class_labels(model, warn=warn)
     transform = eval_transform(model.meta)
     k = min(topk, len(labels))
-    if next(model.parameters()).dtype != dtype:  # a converted copy: the caller's model stays as it is
+    param = next(model.parameters(), None)  # None: an exported model (tools/exported.py), float32 only
+    if param is not None and param.dtype != dtype:  # a converted copy: the caller's model stays as it is
         model = copy.deepcopy(model)
     model = model.eval().to(device, dtype)
     report = PredictReport()
