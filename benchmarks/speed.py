@@ -236,8 +236,7 @@ def main() -> None:
         runs.append(run_plan(args.quick, args.compile))
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    raw = [[{k: v for k, v in row.items()} for row in run] for run in runs]
-    (results / "speed.json").write_text(json.dumps({"cpu": cpu_name(), "runs": raw}, indent=2) + "\n")
+    (results / "speed.json").write_text(json.dumps({"cpu": cpu_name(), "runs": runs}, indent=2) + "\n")
     command = "python benchmarks/speed.py" + "".join(f" {a}" for a in sys.argv[1:])
     section = speed_section(runs, command)
     if args.profile:

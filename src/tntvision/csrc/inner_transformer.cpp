@@ -364,6 +364,33 @@ void attention_weights(const float* q, const float* k, const Dims& d, float* qT,
   }
 }
 
+// C (rows x N, row-major) = A (rows x K, row stride lda) W + b, with W packed as (K x N): the bias rows
+// first, then the GEMM accumulates onto them.
+void linear_rows(int rows, int N, int K, const float* A, int64_t lda, const float* W, const float* b, float* C) {
+  for (int r = 0; r < rows; ++r) std::memcpy(C + r * N, b, N * sizeof(float));
+  gemm(rows, N, K, A, lda, 1, W, N, C, N, true);
+}
+
+// dst = base + keep[sentence] * dst over padded rows of cp: a residual add with the drop-path scale
+// (keep null: 1).
+void add_residual(float* dst, const float* base, const float* keep, int rows, const Dims& d) {
+  for (int r = 0; r < rows; ++r) {
+    const float k = keep ? keep[r / d.m] : 1.0f;
+    for (int j = 0; j < d.cp; j += kW) {
+      const int i = r * d.cp + j;
+      vst(dst + i, keep ? vld(base + i) + vld(dst + i) * k : vld(base + i) + vld(dst + i));
+    }
+  }
+}
+
+// dst = keep[sentence] * src over padded rows of cp (keep null: a copy).
+void scale_rows(float* dst, const float* src, const float* keep, int rows, const Dims& d) {
+  for (int r = 0; r < rows; ++r) {
+    const float k = keep ? keep[r / d.m] : 1.0f;
+    for (int j = 0; j < d.cp; j += kW) vst(dst + r * d.cp + j, vld(src + r * d.cp + j) * k);
+  }
+}
+
 // Forward of one tile of `rows` words (rows / m sentences) into `out` (padded rows). With `for_backward`,
 // it stops before fc2 (backward does not need x2) and also keeps GELU's cdf, Phi(h), in s.cdf.
 void tile_forward(Scratch& s, int rows, const Dims& d, const Weights& w, const float* keep1, const float* keep2,
@@ -377,9 +404,7 @@ void tile_forward(Scratch& s, int rows, const Dims& d, const Weights& w, const f
   layer_norm(s.x.data(), rows, d, ln1w, ln1b, s.xn1.data(), s.mean1.data(), s.rstd1.data());
   PROF(0);
   float* qkv = s.qkv.data();
-  const float* bqkv = w.bqkv.data_ptr<float>();
-  for (int r = 0; r < rows; ++r) std::memcpy(qkv + r * c3p, bqkv, c3p * sizeof(float));
-  gemm(rows, c3p, d.c, s.xn1.data(), cp, 1, w.wqkvT.data_ptr<float>(), c3p, qkv, c3p, true);
+  linear_rows(rows, c3p, d.c, s.xn1.data(), cp, w.wqkvT.data_ptr<float>(), w.bqkv.data_ptr<float>(), qkv);
   PROF(1);
   for (int r0 = 0; r0 < rows; r0 += m)
     for (int hh = 0; hh < d.heads; ++hh) {
@@ -395,21 +420,12 @@ void tile_forward(Scratch& s, int rows, const Dims& d, const Weights& w, const f
   PROF(2);
   // x1 = x + keep1 * (o Wp^T + bp)
   float* x1 = s.x1.data();
-  gemm(rows, cp, d.c, s.o.data(), cp, 1, w.wpT.data_ptr<float>(), cp, x1, cp, false);
-  const float* bp = w.bp.data_ptr<float>();
-  for (int r = 0; r < rows; ++r) {
-    float k1 = keep1 ? keep1[r / m] : 1.0f;
-    for (int j = 0; j < cp; j += kW) {
-      vf y = vld(x1 + r * cp + j) + vld(bp + j);
-      vst(x1 + r * cp + j, keep1 ? vld(s.x.data() + r * cp + j) + y * k1 : vld(s.x.data() + r * cp + j) + y);
-    }
-  }
+  linear_rows(rows, cp, d.c, s.o.data(), cp, w.wpT.data_ptr<float>(), w.bp.data_ptr<float>(), x1);
+  add_residual(x1, s.x.data(), keep1, rows, d);
   layer_norm(x1, rows, d, ln2w, ln2b, s.xn2.data(), s.mean2.data(), s.rstd2.data());
   PROF(3);
   float* h = s.h.data();
-  const float* b1 = w.b1.data_ptr<float>();
-  for (int r = 0; r < rows; ++r) std::memcpy(h + r * Hp, b1, Hp * sizeof(float));
-  gemm(rows, Hp, d.c, s.xn2.data(), cp, 1, w.w1T.data_ptr<float>(), Hp, h, Hp, true);
+  linear_rows(rows, Hp, d.c, s.xn2.data(), cp, w.w1T.data_ptr<float>(), w.b1.data_ptr<float>(), h);
   PROF(4);
   float* g = s.g.data();
   for (int i = 0; i < rows * Hp; i += kW) {
@@ -420,16 +436,9 @@ void tile_forward(Scratch& s, int rows, const Dims& d, const Weights& w, const f
   }
   PROF(5);
   if (for_backward) return;
-  gemm(rows, cp, d.H, g, Hp, 1, w.w2T.data_ptr<float>(), cp, out, cp, false);
+  linear_rows(rows, cp, d.H, g, Hp, w.w2T.data_ptr<float>(), w.b2.data_ptr<float>(), out);
   PROF(6);
-  const float* b2 = w.b2.data_ptr<float>();
-  for (int r = 0; r < rows; ++r) {
-    float k2 = keep2 ? keep2[r / m] : 1.0f;
-    for (int j = 0; j < cp; j += kW) {
-      vf z = vld(out + r * cp + j) + vld(b2 + j);
-      vst(out + r * cp + j, keep2 ? vld(x1 + r * cp + j) + z * k2 : vld(x1 + r * cp + j) + z);
-    }
-  }
+  add_residual(out, x1, keep2, rows, d);
   PROF(7);
 }
 
@@ -600,11 +609,7 @@ void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const 
                    float* dy, float* dz, float* dg, float* dx, float* dqkv, Grads& gr) {
   const int cp = d.cp, c3p = d.c3p, Hp = d.Hp, m = d.m, mp = d.mp;
   PROF_START();
-  // MLP branch: dz = keep2 * dx2
-  for (int r = 0; r < rows; ++r) {
-    float k2 = keep2 ? keep2[r / m] : 1.0f;
-    for (int j = 0; j < cp; j += kW) vst(dz + r * cp + j, vld(dy + r * cp + j) * k2);
-  }
+  scale_rows(dz, dy, keep2, rows, d);  // MLP branch: dz = keep2 * dx2
   gemm(d.c, Hp, rows, dz, 1, cp, s.g.data(), Hp, gr.w2.data(), Hp, true);  // dW2 += dz^T g
   col_sum(dz, rows, cp, gr.b2.data());
   gemm(rows, Hp, d.c, dz, cp, 1, w.w2.data_ptr<float>(), Hp, dg, Hp, false);  // dg = dz W2
@@ -622,11 +627,7 @@ void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const 
   layer_norm_backward(dz, s.x1.data(), rows, d, w.ln2w.data_ptr<float>(), s.mean2.data(), s.rstd2.data(), dy,
                       gr.ln2w.data(), gr.ln2b.data());  // dy now holds dx1
   PROF(9);
-  // attention branch: dz = keep1 * dx1
-  for (int r = 0; r < rows; ++r) {
-    float k1 = keep1 ? keep1[r / m] : 1.0f;
-    for (int j = 0; j < cp; j += kW) vst(dz + r * cp + j, vld(dy + r * cp + j) * k1);
-  }
+  scale_rows(dz, dy, keep1, rows, d);  // attention branch: dz = keep1 * dx1
   gemm(d.c, cp, rows, dz, 1, cp, s.o.data(), cp, gr.wp.data(), cp, true);  // dWp += dy^T o
   col_sum(dz, rows, cp, gr.bp.data());
   float* dO = dg;  // reuse: (rows, cp) gradient of the attention output
