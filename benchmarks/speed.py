@@ -234,9 +234,10 @@ def main() -> None:
     for i in range(args.repeat):
         print(f"run {i + 1}/{args.repeat}", file=sys.stderr, flush=True)
         runs.append(run_plan(args.quick, args.compile))
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "speed.json").write_text(json.dumps({"cpu": cpu_name(), "runs": runs}, indent=2) + "\n")
+    if not args.quick:  # a smoke run must not overwrite the recorded results
+        results = ROOT / "benchmarks" / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "speed.json").write_text(json.dumps({"cpu": cpu_name(), "runs": runs}, indent=2) + "\n")
     command = "python benchmarks/speed.py" + "".join(f" {a}" for a in sys.argv[1:])
     section = speed_section(runs, command)
     if args.profile:
