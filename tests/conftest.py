@@ -11,9 +11,13 @@ def _seed():
 
 ALL_MODELS = tntvision.list_models()
 SMALL_MODELS = [n for n in ALL_MODELS if n.endswith("_28")]
+PYRAMID_MODELS = tntvision.list_models("ptnt_*")
+TNT_MODELS = [n for n in ALL_MODELS if n not in PYRAMID_MODELS]  # isotropic: blocks, class token, fused op
 
 
 def small_input_size(name: str) -> int:
     """The smallest cheap input for a model: a 2x2 patch grid for the 224 models, native for the minis."""
     model_cfg = tntvision.models.registry.get_model_entry(name).config
+    if not hasattr(model_cfg, "patch_size"):  # PyramidTNT: 2x2 sentences in the last stage (one would
+        return 128  # leave its relative table without a gradient: softmax over one key is constant)
     return model_cfg.img_size if model_cfg.img_size <= 32 else 2 * model_cfg.patch_size

@@ -19,10 +19,10 @@ import tntvision
 from tntvision.models import kernels
 from tntvision.models.layers import drop_path_scale
 
-from .conftest import ALL_MODELS, small_input_size
+from .conftest import TNT_MODELS, small_input_size
 
 INNER_MODELS = [
-    n for n in ALL_MODELS if tntvision.models.registry.get_model_entry(n).config.inner_blocks != ()
+    n for n in TNT_MODELS if tntvision.models.registry.get_model_entry(n).config.inner_blocks != ()
 ]
 
 

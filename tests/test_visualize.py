@@ -13,7 +13,7 @@ from tntvision.data import eval_transform, open_image
 from tntvision.errors import InputError
 from tntvision.tools.visualize import FIGURES, capture, default_blocks, visualize
 
-from .conftest import ALL_MODELS, small_input_size
+from .conftest import PYRAMID_MODELS, TNT_MODELS, small_input_size
 
 
 def photo(path, size, *, mode="RGB", seed=0):
@@ -119,7 +119,7 @@ def test_blocks_without_inner_part_are_left_out_of_inner_figure(tmp_path):
     assert "blocks [1] do" in report.skipped["inner_attention"]
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", TNT_MODELS)
 def test_capture_works_for_every_registered_model(name):
     """Every variant (legacy, SE, ViT-only ...) gives its own attention at a small input size."""
     size = small_input_size(name)
@@ -156,3 +156,18 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     assert main(base + [str(tmp_path / "notes.txt")]) == 2
     assert "not a readable image" in capsys.readouterr().err
+
+
+def test_pyramid_stage_maps_through_the_cli(tmp_path, capsys):
+    """PyramidTNT has no class token or patch grid of words: its figure is the four stages' outputs."""
+    image = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 80, 3)) * 255).astype(np.uint8)).save(image)
+    out = tmp_path / "figs"
+    name = "ptnt_ti_patch16_192"
+    assert name in PYRAMID_MODELS
+    code = main(["visualize", "--model", name, str(image), "--out", str(out), "--img-size", "96", "--json"])
+    assert code in (0, None)
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["figures"]) == ["stage_maps"] and (out / "stage_maps.png").stat().st_size > 10_000
+    assert main(["visualize", "--model", name, str(image), "--out", str(out), "--patch", "1,1"]) == 2
+    assert main(["visualize", "--model", name, str(image), "--out", str(out), "--blocks", "5"]) == 2

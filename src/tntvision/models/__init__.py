@@ -1,7 +1,7 @@
 """TNT model family: the models, their registry, and checkpoint handling."""
 
 from ..errors import UnknownModelError
-from . import tnt  # noqa: F401  (registers the variants)
+from . import pyramid_tnt, tnt  # noqa: F401  (register the variants)
 from .registry import ModelMeta, create_model, list_models
 from .saving import load_model, save_model
 from .tnt import TNT, TNTConfig, record_attention

@@ -21,7 +21,7 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, model: nn.Module, *, out_indices: int | Sequence[int] | None = None) -> None:
         super().__init__()
-        depth = len(model.blocks)
+        depth = len(model.feature_info)  # blocks of a TNT, stages of a PyramidTNT
         if out_indices is None:
             out_indices = min(4, depth)
         self.out_indices = feature_take_indices(depth, out_indices)

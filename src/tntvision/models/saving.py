@@ -14,11 +14,16 @@ from typing import Any
 from torch import nn
 
 from ..utils.files import atomic_write, write_json
+from .pyramid_tnt import STEM_STRIDE, PyramidTNTConfig
 from .registry import ModelMeta, create_model, get_model_entry, list_models
+from .tnt import TNTConfig
 from .weights import (
     CheckpointError,
     CheckpointInfo,
+    PyramidCheckpointInfo,
+    describe_pyramid_state_dict,
     describe_state_dict,
+    is_pyramid_state_dict,
     load_pretrained,
     read_model_config,
     read_state_dict,
@@ -71,16 +76,27 @@ def save_model(model: nn.Module, folder: str | Path, class_names: list[str] | No
     return folder
 
 
-def _checkpoint_info(path: str | Path, *, use_ema: bool = True) -> CheckpointInfo:
+def _checkpoint_info(path: str | Path, *, use_ema: bool = True) -> CheckpointInfo | PyramidCheckpointInfo:
     sd, _ = read_state_dict(path, use_ema=use_ema)
+    if is_pyramid_state_dict(sd):
+        return describe_pyramid_state_dict(sd)
     return describe_state_dict(to_tntvision_keys(sd)[0])
 
 
-def _match_variant(info: CheckpointInfo) -> str:
+def _match_variant(info: CheckpointInfo | PyramidCheckpointInfo) -> str:
     for name in list_models():
         cfg = get_model_entry(name).config
         inner = cfg.inner_block_indices()
-        if (
+        if isinstance(info, PyramidCheckpointInfo):
+            if isinstance(cfg, PyramidTNTConfig) and (cfg.depths, cfg.outer_dims, cfg.inner_dims, inner) == (
+                info.depths,
+                info.outer_dims,
+                info.inner_dims,
+                info.inner_blocks,
+            ):
+                return name
+            continue
+        if isinstance(cfg, TNTConfig) and (
             (cfg.embed_dim, cfg.inner_dim, cfg.depth) == (info.embed_dim, info.inner_dim, info.depth)
             and (cfg.se_ratio > 0) == info.se
             and inner == info.inner_blocks
@@ -100,11 +116,13 @@ def model_from_weights(
     """
     info = _checkpoint_info(path, use_ema=use_ema)
     name = name or _match_variant(info)
-    patch = get_model_entry(name).config.patch_size
-    side = math.isqrt(info.num_patches)
     found: dict[str, Any] = {"num_classes": info.num_classes, "in_chans": info.in_chans}
-    if side * side == info.num_patches:
-        found["img_size"] = side * patch
+    if isinstance(info, PyramidCheckpointInfo):
+        found["img_size"] = info.grid * STEM_STRIDE
+    else:
+        side = math.isqrt(info.num_patches)
+        if side * side == info.num_patches:
+            found["img_size"] = side * get_model_entry(name).config.patch_size
     model = create_model(name, **{**found, **overrides})
     load_pretrained(model, path, use_ema=use_ema)
     return model

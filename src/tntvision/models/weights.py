@@ -26,8 +26,11 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "LoadReport",
+    "PyramidCheckpointInfo",
     "adapt_state_dict",
+    "describe_pyramid_state_dict",
     "describe_state_dict",
+    "is_pyramid_state_dict",
     "load_pretrained",
     "read_state_dict",
     "to_tntvision_keys",
@@ -92,6 +95,26 @@ class CheckpointInfo:
             f"{structure}-structure TNT with embed_dim={self.embed_dim}, inner_dim={self.inner_dim}, "
             f"depth={self.depth}, in_chans={self.in_chans}, {self.num_patches} patches, "
             f"{self.num_classes} classes{', SE' if self.se else ''}"
+        )
+
+
+@dataclass
+class PyramidCheckpointInfo:
+    """What a PyramidTNT state dict (the authors' key layout, which is ours) is."""
+
+    depths: tuple[int, ...]
+    outer_dims: tuple[int, ...]
+    inner_dims: tuple[int, ...]
+    inner_blocks: tuple[tuple[int, ...], ...]
+    in_chans: int
+    grid: int  # side of the (square) stage-0 sentence grid the absolute table was trained for
+    num_classes: int
+
+    def describe(self) -> str:
+        return (
+            f"PyramidTNT with depths={list(self.depths)}, outer_dims={list(self.outer_dims)}, "
+            f"inner_dims={list(self.inner_dims)}, in_chans={self.in_chans}, {self.grid}x{self.grid} "
+            f"sentences ({self.grid * 8} px), {self.num_classes} classes"
         )
 
 
@@ -299,11 +322,18 @@ def adapt_state_dict(
     sd: dict[str, torch.Tensor], model: nn.Module, report: LoadReport | None = None
 ) -> dict[str, torch.Tensor]:
     """Make a state dict (any supported layout) fit ``model``, or raise :class:`CheckpointError`."""
+    from .pyramid_tnt import PyramidTNT  # local import: the model modules import this one's helpers
+
     report = report if report is not None else LoadReport()
+    name = getattr(model, "model_name", None) or type(model).__name__
+    if isinstance(model, PyramidTNT):
+        return adapt_pyramid_state_dict(sd, model, report)
+    if is_pyramid_state_dict(sd):
+        info = describe_pyramid_state_dict(sd)
+        raise CheckpointError(f"checkpoint is a {info.describe()}, not a TNT; load it with a ptnt_* model")
     sd, report.layout, report.dropped = to_tntvision_keys(sd)
     info = describe_state_dict(sd)
     cfg = model.cfg
-    name = getattr(model, "model_name", None) or type(model).__name__
     model_legacy = cfg.legacy if cfg.inner_blocks else None
     if info.legacy is not None and model_legacy is not None and info.legacy != model_legacy:
         want = "legacy" if model_legacy else "official"
@@ -340,6 +370,94 @@ def adapt_state_dict(
         report.resampled_pos = (side, side)
     if info.in_chans != cfg.in_chans:
         key = "pixel_embed.proj.weight"
+        sd[key] = _adapt_in_chans(sd[key], cfg.in_chans)
+        report.adapted_in_chans = (info.in_chans, cfg.in_chans)
+    head_shape = tuple(model.head.weight.shape) if isinstance(model.head, nn.Linear) else None
+    if head_shape != (tuple(sd["head.weight"].shape) if "head.weight" in sd else None):
+        sd.pop("head.weight", None)
+        sd.pop("head.bias", None)
+        report.head_reset = head_shape is not None
+    return sd
+
+
+# ------------------------------------------------------------------------------------------ PyramidTNT
+
+
+def is_pyramid_state_dict(sd: dict[str, torch.Tensor]) -> bool:
+    """Whether ``sd`` holds a PyramidTNT (the authors' layout: a conv stem and ``stages.*``)."""
+    return "patch_embed.common_conv.0.weight" in sd or any(k.startswith("stages.") for k in sd)
+
+
+def describe_pyramid_state_dict(sd: dict[str, torch.Tensor]) -> PyramidCheckpointInfo:
+    """Depths, widths and training grid of a PyramidTNT state dict."""
+    try:
+        outer_pos, stem = sd["outer_pos"], sd["patch_embed.common_conv.0.weight"]
+        inner = [sd["inner_pos"].shape[-1]]
+        inner += [sd[f"word_merges.{i}.conv.0.weight"].shape[0] for i in range(3)]
+    except KeyError as e:
+        raise CheckpointError(f"not a PyramidTNT state dict: missing {e.args[0]!r}") from None
+    blocks: dict[int, set[int]] = {}
+    for k in sd:
+        if m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", k):
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    stages = sorted(blocks)
+    if stages != [0, 1, 2, 3]:
+        raise CheckpointError(f"not a PyramidTNT state dict: blocks of stages {stages}, expected 0-3")
+    outer = [sd[f"stages.{i}.blocks.0.outer_norm1.weight"].shape[0] for i in stages]
+    inner_blocks = tuple(
+        tuple(j for j in sorted(blocks[i]) if f"stages.{i}.blocks.{j}.inner_attn.q.weight" in sd)
+        for i in stages
+    )
+    side = math.isqrt(outer_pos.shape[1])
+    if side * side != outer_pos.shape[1]:
+        raise CheckpointError(f"PyramidTNT position table has {outer_pos.shape[1]} sentences, not a square")
+    head = sd.get("head.weight")
+    return PyramidCheckpointInfo(
+        depths=tuple(len(blocks[i]) for i in stages),
+        outer_dims=tuple(outer),
+        inner_dims=tuple(inner),
+        inner_blocks=inner_blocks,
+        in_chans=stem.shape[1],
+        grid=side,
+        num_classes=head.shape[0] if head is not None else 0,
+    )
+
+
+def adapt_pyramid_state_dict(
+    sd: dict[str, torch.Tensor], model: nn.Module, report: LoadReport
+) -> dict[str, torch.Tensor]:
+    """Make a PyramidTNT state dict fit ``model``: tables resampled, first conv and head adapted."""
+    from .pyramid_tnt import kv_grid, resample_relative_pos, stage_grids
+
+    name = getattr(model, "model_name", None) or type(model).__name__
+    if not is_pyramid_state_dict(sd):
+        raise CheckpointError(
+            f"checkpoint is not a PyramidTNT (first keys: {', '.join(list(sd)[:4])}); {name} is"
+        )
+    sd = dict(sd)
+    report.layout = "authors (PyramidTNT)"
+    info, cfg = describe_pyramid_state_dict(sd), model.cfg
+    have = (info.depths, info.outer_dims, info.inner_dims, info.inner_blocks)
+    want = (cfg.depths, cfg.outer_dims, cfg.inner_dims, cfg.inner_blocks)
+    if have != want:
+        raise CheckpointError(
+            f"checkpoint is a {info.describe()} with inner transformers in blocks "
+            f"{[list(b) for b in info.inner_blocks]}; {name} has depths={list(cfg.depths)}, "
+            f"outer_dims={list(cfg.outer_dims)}, inner_dims={list(cfg.inner_dims)}, "
+            f"inner blocks {[list(b) for b in cfg.inner_blocks]}"
+        )
+    if sd["outer_pos"].shape != model.outer_pos.shape:
+        old = stage_grids(info.grid * 8, info.grid * 8)
+        sd["outer_pos"] = resample_pos_embed(sd["outer_pos"], model.grid_size, old_grid=old[0], num_prefix=0)
+        for i, stage in enumerate(model.stages):
+            key = f"stages.{i}.relative_pos"
+            sr = cfg.sr_ratios[i]
+            sd[key] = resample_relative_pos(
+                sd[key], stage.grid, stage.kv_grid, old_grid=old[i], old_kv_grid=kv_grid(old[i], sr)
+            )
+        report.resampled_pos = (info.grid, info.grid)
+    if info.in_chans != cfg.in_chans:
+        key = "patch_embed.common_conv.0.weight"
         sd[key] = _adapt_in_chans(sd[key], cfg.in_chans)
         report.adapted_in_chans = (info.in_chans, cfg.in_chans)
     head_shape = tuple(model.head.weight.shape) if isinstance(model.head, nn.Linear) else None

@@ -278,10 +278,11 @@ def _workload(summary: dict[str, dict[str, float]]) -> dict[str, Any]:
 
 def _macs(model: nn.Module, shape: tuple[int, ...]) -> int:
     """MACs of one image: ours as ``tnt info`` counts them (the paper's convention), others as run."""
+    from ..models.pyramid_tnt import PyramidTNT
     from ..models.tnt import TNT
     from .info import count_macs, forward_macs
 
-    if isinstance(model, TNT):
+    if isinstance(model, (TNT, PyramidTNT)):
         return count_macs(model, shape[-1])
     return forward_macs(model, torch.zeros(1, *shape))
 

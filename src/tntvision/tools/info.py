@@ -58,13 +58,16 @@ def count_macs(model: nn.Module, img_size: int | None = None) -> int:
     the inner transformer on the reference path (the fused op has no FLOP formula of its own).
     """
     size = img_size or model.cfg.img_size
-    x = torch.zeros(1, model.cfg.in_chans, size, size, device=model.cls_token.device)
-    fused = model.pixel_embed.fused
-    model.pixel_embed.fused = False
+    x = torch.zeros(1, model.cfg.in_chans, size, size, device=next(model.parameters()).device)
+    embed = getattr(model, "pixel_embed", None)  # TNT's word embedding; PyramidTNT has a conv stem
+    if embed is None:
+        return forward_macs(model, x)
+    fused = embed.fused
+    embed.fused = False
     try:
         return forward_macs(model, x)
     finally:
-        model.pixel_embed.fused = fused
+        embed.fused = fused
 
 
 def model_info(name: str, img_size: int | None = None) -> dict[str, Any]:

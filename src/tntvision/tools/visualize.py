@@ -34,7 +34,15 @@ from ..errors import InputError
 from ..models import record_attention
 from ..utils.files import save_figure
 
-__all__ = ["FIGURES", "Capture", "VisualizeReport", "capture", "default_blocks", "visualize"]
+__all__ = [
+    "FIGURES",
+    "Capture",
+    "VisualizeReport",
+    "capture",
+    "default_blocks",
+    "visualize",
+    "visualize_stages",
+]
 
 FIGURES = ("inner_attention", "word_mosaic", "outer_attention", "cls_attention", "feature_maps")
 
@@ -338,6 +346,10 @@ def visualize(
             accept.
         DataError: ``image`` is not a readable image.
     """
+    if not hasattr(model, "blocks"):  # PyramidTNT: stages of different grids, no class token
+        if patch is not None or words is not None:
+            raise InputError("--patch and --words apply to isotropic TNT models; PyramidTNT draws stages")
+        return visualize_stages(model, image, out, stages=blocks, img_size=img_size)
     depth = len(model.blocks)
     blocks0 = sorted({b - 1 for b in (blocks or default_blocks(depth))})
     if not all(0 <= b < depth for b in blocks0):
@@ -405,3 +417,94 @@ def visualize(
         for fig_name, reason in skipped.items():
             warn(f"skipped {fig_name}: {reason}")
     return VisualizeReport(figures=figures, skipped=skipped, capture=cap, prediction=prediction)
+
+
+# ---------------------------------------------------------------------------------------- PyramidTNT
+
+
+def _prediction(model: nn.Module, probs: torch.Tensor | None) -> tuple[str, float] | None:
+    if probs is None:
+        return None
+    p, i = probs.max(0)
+    labels = getattr(model, "class_names", None)
+    label = labels[int(i)] if labels is not None and len(labels) == len(probs) else f"class {int(i)}"
+    return (str(label), float(p))
+
+
+def plot_stage_maps(cap: Capture, *, stages: Sequence[int], path: Path, channels: int = 5) -> Path:
+    """Rows: stages. Column 1: the feature norm over channels, over the image; then the channels that vary
+    most over the stage's grid, standardised."""
+    cols = channels + 1
+    fig = Figure(layout="constrained", figsize=(_PANEL * (cols + 0.5), _PANEL * len(stages) + 0.6))
+    axes = fig.subplots(len(stages), cols, squeeze=False)
+    H, W = cap.image.shape[:2]
+    extent = (0, W, H, 0)
+    for row, st in enumerate(stages):
+        f = cap.features[st]  # (d, h, w)
+        h, w = f.shape[1:]
+        norm = f.norm(dim=0)  # (h, w)
+        ax = axes[row, 0]
+        _clean(ax)
+        _show_image(ax, cap.image, extent)
+        _overlay(ax, norm.numpy(), extent, float(norm.min()), float(norm.max()))
+        ax.set_ylabel(f"stage {st + 1} ({h}x{w})", fontsize=12)
+        ax.set_title("feature norm" if row == 0 else "", fontsize=9)
+        flat = f.flatten(1)  # (d, h*w)
+        k = min(channels, flat.shape[0])
+        top = flat.std(dim=1).topk(k).indices.tolist()
+        z = (flat[top] - flat[top].mean(1, keepdim=True)) / flat[top].std(1, keepdim=True).clamp_min(1e-6)
+        lim = float(z.abs().max()) or 1.0
+        for col in range(1, cols):
+            ax = axes[row, col]
+            _clean(ax)
+            if col > k:
+                ax.set_axis_off()
+                continue
+            ax.imshow(z[col - 1].reshape(h, w).numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim)
+            ax.set_title(f"channel {top[col - 1]}", fontsize=9)
+    fig.suptitle(f"Stage outputs: feature norm and the {channels} channels that vary most", fontsize=12)
+    return _save(fig, path)
+
+
+@torch.inference_mode()
+def visualize_stages(
+    model: nn.Module,
+    image: str | Path,
+    out: str | Path,
+    *,
+    stages: Sequence[int] | None = None,
+    img_size: int | None = None,
+) -> VisualizeReport:
+    """``stage_maps.png`` for a hierarchical model (PyramidTNT): its stages' outputs for ``image``.
+
+    ``stages`` are 1-based (default: all four); ``img_size`` a square size (a multiple of 8).
+    """
+    n = len(model.feature_info)
+    stages0 = sorted({s - 1 for s in (stages or range(1, n + 1))})
+    if not all(0 <= s < n for s in stages0):
+        raise InputError(f"stages are numbered 1..{n} for this model, got {list(stages or [])}")
+    if img_size is not None and (img_size <= 0 or img_size % model.size_divisible):
+        raise InputError(f"image size {img_size} is not a positive multiple of {model.size_divisible}")
+    if not Path(image).is_file():
+        raise InputError(f"{image}: no such file")
+    meta = model.meta if img_size is None else model.meta.resolved(img_size=img_size)
+    x = eval_transform(meta)(open_image(image)).unsqueeze(0)  # (1, C, H, W)
+    model = model.eval()
+    final, feats = model.forward_intermediates(x, stages0, output_fmt="NCHW")
+    logits = model.forward_head(final)
+    mean = torch.tensor(model.meta.mean).view(-1, 1, 1)
+    std = torch.tensor(model.meta.std).view(-1, 1, 1)
+    cap = Capture(
+        image=(x[0] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy(),  # (H, W, C)
+        grid=tuple(feats[0].shape[-2:]),
+        words_per_side=4,
+        probs=logits[0].float().softmax(-1) if getattr(model, "num_classes", 0) else None,
+    )
+    cap.features = {s: f[0] for s, f in zip(stages0, feats, strict=True)}  # (d, h, w) each
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = plot_stage_maps(cap, stages=stages0, path=out / "stage_maps.png")
+    skipped = {name: "PyramidTNT: drawn as stage maps instead" for name in FIGURES}
+    return VisualizeReport(
+        figures={"stage_maps": path}, skipped=skipped, capture=cap, prediction=_prediction(model, cap.probs)
+    )
