@@ -34,6 +34,7 @@ dashed) and ``detector.pt`` (the detector's state dict). Needs the ``detection``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -48,12 +49,12 @@ from tqdm import tqdm
 from tntvision.data.datasets import FASHION_MNIST_CLASSES, FashionMNIST
 from tntvision.detection import tnt_fpn_backbone
 from tntvision.errors import DependencyError, UserError
+from tntvision.models.registry import get_model_entry
 
 CLASS_NAMES = ["background", *FASHION_MNIST_CLASSES]  # detector label = Fashion-MNIST class + 1
 
-Canvas = tuple[
-    np.ndarray, np.ndarray, np.ndarray
-]  # image (S, S) uint8, boxes (k, 4) xyxy float32, labels (k,)
+# a canvas: image (S, S) uint8, boxes (k, 4) xyxy float32, labels (k,) int64 in 1..10
+Canvas = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -128,7 +129,7 @@ def build_detector(model: str, pretrained: str | None, *, canvas: int) -> torch.
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
     overrides = dict(in_chans=3)
-    if "img_size" in _config_fields(model):
+    if "img_size" in {f.name for f in dataclasses.fields(get_model_entry(model).config)}:
         overrides["img_size"] = canvas  # position table built (or resampled once) for the canvas grid
     backbone = tnt_fpn_backbone(model, pretrained, out_channels=64, **overrides)
     if hasattr(backbone.body.model, "set_lean_backward"):
@@ -155,14 +156,6 @@ def build_detector(model: str, pretrained: str | None, *, canvas: int) -> torch.
         box_batch_size_per_image=64,
         box_detections_per_img=30,
     )
-
-
-def _config_fields(model: str) -> set[str]:
-    import dataclasses
-
-    from tntvision.models.registry import get_model_entry
-
-    return {f.name for f in dataclasses.fields(get_model_entry(model).config)}
 
 
 # -------------------------------------------------------------------------------------- train/eval
@@ -235,7 +228,7 @@ def evaluate(detector, canvases: list[Canvas], *, batch_size: int = 16) -> tuple
     return out | {"map_per_class": per_class}, predictions
 
 
-def draw(canvases: list[Canvas], predictions: list, path: Path, *, threshold: float = 0.5) -> None:
+def draw(canvases: list[Canvas], predictions: list, path: Path, *, threshold: float = 0.3) -> None:
     """Held-out canvases with predicted boxes (score >= threshold: class and score) and dashed truth."""
     import matplotlib
 
@@ -263,7 +256,7 @@ def draw(canvases: list[Canvas], predictions: list, path: Path, *, threshold: fl
     for ax in np.ravel(axes)[n:]:
         ax.axis("off")
     fig.suptitle(f"predictions (red, score >= {threshold}) and ground truth (green, dashed)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.2)
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
@@ -286,6 +279,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.minutes and not args.steps:
         p.error("give --minutes or --steps")
+    if args.batch_size < 1 or args.eval_canvases < 1:
+        p.error("--batch-size and --eval-canvases must be at least 1")
+    if args.canvas < 40:
+        p.error("--canvas must be at least 40 pixels (the largest item)")
     return args
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -22,6 +23,8 @@ import tntvision
 from tntvision.detection import LayerNorm2d, evenly_spaced_blocks, tnt_fpn_backbone
 from tntvision.errors import ConfigError, UnknownModelError
 from tntvision.models import registry
+
+from .data_helpers import make_fashion_mnist
 
 MINI = dict(in_chans=3)  # tnt_mini_patch4_28 is a 1-channel model; detectors feed RGB
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "detect_fashion_mnist.py"
@@ -374,3 +377,19 @@ def test_example_canvases_have_tight_boxes_around_their_items():
     inputs, targets = example.to_inputs(canvases[:2])
     assert inputs[0].shape == (3, 96, 96) and inputs[0].max() <= 1
     assert targets[0]["boxes"].dtype == torch.float32 and targets[0]["labels"].dtype == torch.int64
+
+
+def test_example_runs_end_to_end(tmp_path, monkeypatch):
+    """Two training steps and the evaluation on a small Fashion-MNIST-format folder: all outputs written."""
+    pytest.importorskip("torchmetrics")  # the detection extra (in dev)
+    monkeypatch.setenv("TNT_FASHION_MNIST_DIR", str(make_fashion_mnist(tmp_path / "fm", n_train=64)))
+    example = load_example()
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--steps", "2", "--minutes", "0", "--eval-canvases", "4", "--canvas", "64"]
+    assert example.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["images_seen"] == 16 and summary["eval_canvases"] == 4
+    assert 0.0 <= summary["map_50"] <= 1.0 and 0.0 <= summary["map"] <= summary["map_50"]
+    assert (out / "detections.png").stat().st_size > 0
+    state = torch.load(out / "detector.pt", weights_only=True)
+    assert any(k.startswith("backbone.fpn.") for k in state)
