@@ -102,7 +102,8 @@ def first_layer_weight(backbone) -> torch.Tensor:
     model = backbone.body.model
     if isinstance(model, tntvision.TNT):
         return model.pixel_embed.proj.weight
-    return next(model.parameters())  # the stem of a hierarchical model
+    # a hierarchical model's stem: its first weight matrix or kernel that is not a position table or token
+    return next(p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n and "token" not in n)
 
 
 # ----------------------------------------------------------------------------------------- pieces
@@ -245,7 +246,7 @@ def test_hierarchical_maps_go_straight_into_the_fpn(name, fake_pyramid):
             assert out[key].shape == (1, 16, math.ceil(H / stride), math.ceil(W / stride)), (key, H, W)
 
 
-def test_hierarchical_size_divisible_attribute_is_used(monkeypatch, fake_pyramid):
+def test_hierarchical_size_divisible_attribute_is_used(fake_pyramid):
     registry.register_model(
         "fake_div", FakePyramid, FakePyramidConfig(size_divisible=128), registry.ModelMeta()
     )
