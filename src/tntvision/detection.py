@@ -204,9 +204,10 @@ def tnt_fpn_backbone(
             ``drop_path_rate``, ...).
 
     Raises:
-        ConfigError: bad arguments (unknown model or field, an isotropic model without four blocks,
-            reductions that neither stay equal nor increase, a stride that is not a power-of-two multiple,
-            ``trainable_blocks`` out of range, an unknown norm).
+        ConfigError: bad arguments (an unknown config field, an isotropic model without four distinct
+            blocks, reductions that neither stay equal nor increase, ``trainable_blocks`` out of range,
+            an unknown norm, ``extra_blocks`` that is not an ``ExtraFPNBlock``).
+        UnknownModelError: an unknown model name.
     """
     if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels <= 0:
         raise ConfigError(f"out_channels must be a positive int, got {out_channels!r}")
