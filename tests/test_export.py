@@ -1,6 +1,8 @@
-"""`tnt export`: ONNX and pt2 files compute PyTorch's logits at any batch size, carry the model's name,
-class names and preprocessing, and work as ``--checkpoint`` for eval and predict; int8 stays within its
-tolerance; bad input exits 2 with one line and leaves no file behind; torch.hub loads the models."""
+"""`tnt export`: ONNX and pt2 files compute PyTorch's logits at any batch size, in onnxruntime and in
+OpenVINO (``--runtime openvino``), carry the model's name, class names and preprocessing, and work as
+``--checkpoint`` for eval, predict and bench; int8 stays within its tolerance; bad input (a ``--runtime``
+that cannot run the file, a missing runtime package, an exported file where PyTorch weights are needed)
+exits 2 with one line and leaves no file behind; torch.hub loads the models."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import dataclasses
 import importlib.util
 import io
 import json
+import os
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -22,7 +26,14 @@ from tntvision.cli import main
 from tntvision.errors import CheckpointError, ConfigError, DependencyError, InputError
 from tntvision.models.kernels import fused_kernels
 from tntvision.tools.export import export_model
-from tntvision.tools.exported import ExportedModel, check_pt2_archive, load_exported, read_metadata
+from tntvision.tools.exported import (
+    RUNTIMES,
+    ExportedModel,
+    check_pt2_archive,
+    load_exported,
+    read_metadata,
+    resolve_runtime,
+)
 
 from .data_helpers import make_fashion_mnist, make_image_folder
 
@@ -40,6 +51,8 @@ MODELS = {
 # logits within 1e-6 of PyTorch's).
 SLOW = {"tnt_s_patch16_224", "tnt_s_legacy_patch16_224", "tnt_s_se_patch16_224"}
 FORMATS = ("onnx", "pt2")
+# (format, --runtime): every way an exported file runs; None is the format's default runtime
+FILE_RUNTIMES = [("onnx", None), ("onnx", "openvino"), ("pt2", None)]
 ATOL = 1e-4  # float32 exports: the same ops in another runtime (measured: ~1e-6)
 
 
@@ -117,6 +130,21 @@ def test_exported_logits_equal_pytorchs_at_two_batch_sizes(saved, exported, name
         assert want.std() > 0.5  # the comparison is not between near-zero numbers
 
 
+@pytest.mark.parametrize("name", _model_params())
+def test_openvino_runs_the_onnx_file_with_pytorchs_logits_at_two_batch_sizes(saved, exported, name):
+    _, model = saved(name)
+    path = exported(name, "onnx")
+    file_model = load_exported(path, runtime="openvino")
+    assert file_model.runtime == "openvino"
+    assert file_model.metadata == load_exported(path).metadata  # the same metadata, read the same way
+    for batch in (1, 5):  # the example input had 2: the batch dimension stays dynamic in OpenVINO too
+        x = _images(model, batch, seed=batch)
+        got, want = _logits(file_model, x), _logits(model, x)
+        assert got.shape == (batch, 10) and got.dtype == torch.float32
+        # fp32 inference: OpenVINO's bf16 default (CPUs with bf16 units) would miss this by ~1e-2
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_export_at_another_input_size_resamples_like_pytorch(saved, tmp_path, fmt):
     folder, _ = saved("tnt_mini_patch4_28")
@@ -185,15 +213,19 @@ def _run_json(capsys, argv: list[str]) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+def _runtime_args(runtime: str | None) -> list[str]:
+    return [] if runtime is None else ["--runtime", runtime]
+
+
+@pytest.mark.parametrize(("fmt", "runtime"), FILE_RUNTIMES)
 def test_eval_and_predict_on_an_exported_file_give_the_checkpoints_numbers(
-    saved, exported, image_folder, tmp_path, capsys, fmt
+    saved, exported, image_folder, tmp_path, capsys, fmt, runtime
 ):
     folder, _ = saved("tnt_mini_patch4_28")
     path = exported("tnt_mini_patch4_28", fmt)
     results = {}
-    for label, ckpt in (("pytorch", folder), ("exported", path)):
-        argv = ["eval", "--checkpoint", str(ckpt), "--data", str(image_folder), "--split", "val"]
+    for label, ckpt, extra in (("pytorch", folder, []), ("exported", path, _runtime_args(runtime))):
+        argv = ["eval", "--checkpoint", str(ckpt), "--data", str(image_folder), "--split", "val", *extra]
         results[label] = _run_json(capsys, [*argv, "--out", str(tmp_path / label)])
     ours, theirs = results["exported"], results["pytorch"]
     assert (ours["top1"], ours["top5"], ours["n"], ours["confusion"]) == (
@@ -206,8 +238,10 @@ def test_eval_and_predict_on_an_exported_file_give_the_checkpoints_numbers(
     assert ours["classes"] == CLASSES
     images = str(image_folder / "val")
     preds = {
-        label: _run_json(capsys, ["predict", "--checkpoint", str(ckpt), images, "--topk", "3"])["predictions"]
-        for label, ckpt in (("pytorch", folder), ("exported", path))
+        label: _run_json(capsys, ["predict", "--checkpoint", str(ckpt), images, "--topk", "3", *extra])[
+            "predictions"
+        ]
+        for label, ckpt, extra in (("pytorch", folder, []), ("exported", path, _runtime_args(runtime)))
     }
     assert len(preds["exported"]) == len(preds["pytorch"]) == 20
     for a, b in zip(preds["exported"], preds["pytorch"], strict=True):
@@ -270,13 +304,14 @@ def test_int8_quantizes_only_the_linear_layers_and_stays_close(
         assert ops.count("QuantizeLinear") > 0
     else:
         assert "DynamicQuantizeLinear" in ops or "DynamicQuantizeMatMul" in ops
-    file_model = load_exported(out)
     x = _images(model, 64)
-    agree, err = _agreement_and_error(file_model, model, x)
-    # Measured on this model (256 images): the largest logit error is 1.4% (dynamic) / 4.8% (static) of
-    # the logits' standard deviation, and every top-1 class survives. 15% leaves room for other CPUs'
-    # int8 kernels (with or without VNNI) and still catches a broken quantization (errors of order 100%).
-    assert agree >= 0.95 and err < 0.15, (agree, err)
+    for runtime in ("onnxruntime", "openvino"):  # OpenVINO reads the int8 ops (QDQ, MatMulInteger) too
+        agree, err = _agreement_and_error(load_exported(out, runtime=runtime), model, x)
+        # Measured on this model (256 images): the largest logit error is 1.4% (dynamic) / 4.8% (static)
+        # of the logits' standard deviation, and every top-1 class survives, in both runtimes. 15% leaves
+        # room for other CPUs' int8 kernels (with or without VNNI) and still catches a broken
+        # quantization (errors of order 100%).
+        assert agree >= 0.95 and err < 0.15, (runtime, agree, err)
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -428,7 +463,8 @@ def test_torch_hub_loads_every_registered_model_from_a_clone():
         assert model.eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 3)
 
 
-def test_bench_times_an_exported_file_against_pytorch(exported, capsys):
+@pytest.mark.parametrize("runtime", [None, "onnxruntime", "openvino"])
+def test_bench_times_an_exported_file_against_pytorch(exported, capsys, runtime):
     path = str(exported("tnt_mini_patch4_28", "onnx"))
     argv = [
         "bench",
@@ -442,20 +478,40 @@ def test_bench_times_an_exported_file_against_pytorch(exported, capsys):
         "0",
         "--threads",
         "1",
+        *_runtime_args(runtime),
     ]
     result = _run_json(capsys, argv)
-    assert result["implementations"] == ["onnxruntime", "pytorch"] and result["threads"] == 1
+    label = runtime or "onnxruntime"
+    assert result["implementations"] == [label, "pytorch"] and result["threads"] == 1
+    assert result["runtime"] == label
     for workload in ("inference", "latency"):
-        assert set(result[workload]["per_impl"]) == {"onnxruntime", "pytorch"}
+        assert set(result[workload]["per_impl"]) == {label, "pytorch"}
         assert result[workload]["speedup"] > 0
     _one_line_exit_2(capsys, [*argv, "--train"], "float32 inference only")
 
 
-def test_commands_that_need_pytorch_weights_refuse_an_exported_file(exported, image_folder, tmp_path, capsys):
-    path = str(exported("tnt_mini_patch4_28", "onnx"))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_commands_that_need_pytorch_weights_refuse_an_exported_file(
+    exported, image_folder, tmp_path, capsys, fmt
+):
+    path = str(exported("tnt_mini_patch4_28", fmt))
+    name = Path(path).name
     img = str(next((image_folder / "val").rglob("*.png")))
+    instead = "pass --checkpoint the run folder, model/ folder or weights file it was exported from"
     _one_line_exit_2(
-        capsys, ["visualize", "--checkpoint", path, img, "--out", str(tmp_path / "v")], "exported"
+        capsys,
+        ["visualize", "--checkpoint", path, img, "--out", str(tmp_path / "v")],
+        f"tnt visualize: error: {name} is an exported graph: it has no attention maps",
+    )
+    _one_line_exit_2(capsys, ["visualize", "--checkpoint", path, img, "--out", str(tmp_path / "v")], instead)
+    argv = ["train", "--model", "tnt_mini_patch4_28", "--data", str(image_folder), "--epochs", "1"]
+    _one_line_exit_2(
+        capsys,
+        [*argv, "--out", str(tmp_path / "run"), "--pretrained", path],
+        f"{name} is an exported graph: it holds no trainable weights; pass --pretrained the run folder",
+    )
+    _one_line_exit_2(
+        capsys, [*argv, "--out", str(tmp_path / "run"), "--set", f"pretrained={path}"], "no trainable weights"
     )
     _one_line_exit_2(
         capsys,
@@ -464,7 +520,111 @@ def test_commands_that_need_pytorch_weights_refuse_an_exported_file(exported, im
     )
     with pytest.raises(CheckpointError, match="an exported model"):
         tntvision.load_model(path)
+    with pytest.raises(CheckpointError, match="no trainable weights"):
+        tntvision.create_model("tnt_mini_patch4_28", num_classes=10, pretrained=path)
+    assert list(tmp_path.iterdir()) == []  # no figure folder, no run folder, no file
+
+
+def test_refusals_through_real_processes(exported, image_folder, tmp_path):
+    """The same refusals from `python -m tntvision.cli` (and a missing openvino, hidden in the child)."""
+    onnx_file, pt2_file = (str(exported("tnt_mini_patch4_28", f)) for f in FORMATS)
+    img = str(next((image_folder / "val").rglob("*.png")))
+    hide_openvino = "import sys; sys.modules['openvino'] = None; from tntvision.cli import main; "
+    cases = {
+        "visualize": (
+            ["-m", "tntvision.cli", "visualize", "--checkpoint", pt2_file, img, "--out", str(tmp_path / "v")],
+            "no attention maps",
+        ),
+        "train": (
+            ["-m", "tntvision.cli", "train", "--model", "tnt_mini_patch4_28", "--data", str(image_folder)]
+            + ["--out", str(tmp_path / "run"), "--pretrained", onnx_file],
+            "no trainable weights",
+        ),
+        "openvino missing": (
+            ["-c", hide_openvino + "raise SystemExit(main(sys.argv[1:]))"]
+            + ["predict", "--checkpoint", onnx_file, img, "--runtime", "openvino"],
+            "pip install 'tntvision[openvino]'",
+        ),
+    }
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    procs = {  # all at once: most of each is importing torch
+        name: subprocess.Popen(
+            [sys.executable, *argv], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for name, (argv, _) in cases.items()
+    }
+    for name, proc in procs.items():
+        out, err = (b.decode() for b in proc.communicate(timeout=300))
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2 and out == "", (name, proc.returncode, out, err)
+        assert len(lines) == 1 and cases[name][1] in lines[0] and "Traceback" not in err, (name, err)
+    assert list(tmp_path.iterdir()) == []  # no figure folder, no run folder
+
+
+# ------------------------------------------------------------------------------------------ --runtime
+
+
+def test_runtime_that_cannot_run_the_checkpoint_exits_2_with_one_line(
+    saved, exported, image_folder, tmp_path, capsys
+):
+    folder, _ = saved("tnt_mini_patch4_28")
+    onnx_file, pt2_file = (str(exported("tnt_mini_patch4_28", f)) for f in FORMATS)
+    images = str(image_folder / "val")
+    for ckpt, runtime, match in (
+        (onnx_file, "torch", "--runtime torch runs PyTorch checkpoints and .pt2 files"),
+        (
+            pt2_file,
+            "openvino",
+            "--runtime openvino runs .onnx files; tnt_mini_patch4_28.pt2 is a torch.export",
+        ),
+        (pt2_file, "onnxruntime", "--runtime onnxruntime runs .onnx files"),
+        (str(folder), "openvino", "model is a PyTorch checkpoint, which runs in PyTorch"),
+    ):
+        data = ["--data", str(image_folder), "--split", "val", "--out", str(tmp_path / "e")]
+        _one_line_exit_2(capsys, ["eval", "--checkpoint", ckpt, *data, "--runtime", runtime], match)
+        _one_line_exit_2(capsys, ["predict", "--checkpoint", ckpt, images, "--runtime", runtime], match)
+    _one_line_exit_2(capsys, ["bench", "--checkpoint", pt2_file, "--runtime", "openvino"], "runs .onnx files")
+    _one_line_exit_2(capsys, ["bench", "--checkpoint", onnx_file, "--runtime", "torch"], "is an ONNX file")
+    _one_line_exit_2(
+        capsys, ["bench", "--model", "tnt_mini_patch4_28", "--runtime", "openvino"], "--model runs in PyTorch"
+    )
+    _one_line_exit_2(
+        capsys, ["predict", "--checkpoint", onnx_file, images, "--runtime", "tvm"], "invalid choice"
+    )
     assert list(tmp_path.iterdir()) == []
+    # --runtime torch is what PyTorch checkpoints and .pt2 files run in anyway: accepted
+    for ckpt in (str(folder), pt2_file):
+        out = _run_json(capsys, ["predict", "--checkpoint", ckpt, images, "--runtime", "torch"])
+        assert len(out["predictions"]) == 20
+    assert resolve_runtime(onnx_file) == "onnxruntime" and resolve_runtime(pt2_file) == "torch"
+    assert resolve_runtime(folder, "torch") == "torch"
+
+
+def test_cli_runtime_choices_are_the_librarys():
+    import tntvision.cli as cli
+
+    assert cli.RUNTIMES == RUNTIMES
+
+
+def test_missing_openvino_exits_2_naming_the_extra(exported, image_folder, tmp_path, capsys, monkeypatch):
+    path = str(exported("tnt_mini_patch4_28", "onnx"))
+    images = str(image_folder / "val")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed: import fails
+    want = (
+        "tnt predict: error: --runtime openvino needs the openvino package: pip install 'tntvision[openvino]'"
+    )
+    _one_line_exit_2(capsys, ["predict", "--checkpoint", path, images, "--runtime", "openvino"], want)
+    data = ["--data", str(image_folder), "--split", "val", "--out", str(tmp_path / "e")]
+    _one_line_exit_2(
+        capsys, ["eval", "--checkpoint", path, *data, "--runtime", "openvino"], "tntvision[openvino]"
+    )
+    _one_line_exit_2(capsys, ["bench", "--checkpoint", path, "--runtime", "openvino"], "tntvision[openvino]")
+    with pytest.raises(DependencyError, match=r"tntvision\[openvino\]"):
+        load_exported(path, runtime="openvino")
+    assert list(tmp_path.iterdir()) == []
+    out = _run_json(capsys, ["predict", "--checkpoint", path, images])  # onnxruntime does not need it
+    assert len(out["predictions"]) == 20
 
 
 def test_calibration_images_from_an_image_folder_are_preprocessed_like_eval(saved, tmp_path):

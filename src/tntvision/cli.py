@@ -28,6 +28,13 @@ def emit(args: argparse.Namespace, obj: Any, text: str | Callable[[], str]) -> N
 
 log = log_stderr  # a line for the user on stderr (stdout is kept for results)
 
+# --runtime of eval / predict / bench (tntvision.tools.exported.RUNTIMES; not imported here: it loads torch)
+RUNTIMES = ("onnxruntime", "openvino", "torch")
+RUNTIME_HELP = (
+    "what runs the checkpoint: an .onnx file onnxruntime (default) or openvino; "
+    "PyTorch checkpoints and .pt2 files run in torch (their only runtime)"
+)
+
 
 # ------------------------------------------------------------------------------------------ commands
 
@@ -80,7 +87,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .tools.exported import load_checkpoint
     from .tools.predict import predict_images
 
-    model = load_checkpoint(args.checkpoint)
+    model = load_checkpoint(args.checkpoint, runtime=args.runtime)
     from .utils.amp import weight_dtype
 
     dtype = weight_dtype(args.dtype)
@@ -112,8 +119,10 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
 
 def cmd_visualize(args: argparse.Namespace) -> None:
     from .models import create_model, load_model
+    from .tools.exported import refuse_exported
     from .tools.visualize import visualize
 
+    refuse_exported(args.checkpoint, why="it has no attention maps or block outputs to draw")
     model = load_model(args.checkpoint) if args.checkpoint is not None else create_model(args.model)
     report = visualize(
         model,
@@ -142,6 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         amp=args.amp,
         dtype=args.dtype,
         out=args.out,
+        runtime=args.runtime,
         warn=log,
     )
 
@@ -207,9 +217,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
             rounds=args.rounds,
             warmup=args.warmup,
             threads=args.threads,
+            runtime=args.runtime,
         )
         emit(args, result, lambda: format_bench(result))
         return
+    if args.runtime not in (None, "torch"):
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"--runtime {args.runtime} runs an .onnx file (--checkpoint FILE.onnx); --model runs in PyTorch"
+        )
     if args.compare:
         log(f"timing ours and {', '.join(args.compare)} interleaved; peak memory in child processes")
     result = bench_model(
@@ -333,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of weights and images"
     )
+    p.add_argument("--runtime", choices=RUNTIMES, default=None, help=RUNTIME_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_predict)
 
@@ -367,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="dtype of weights and images (bfloat16: inference without autocast's weight casts)",
     )
+    p.add_argument("--runtime", choices=RUNTIMES, default=None, help=RUNTIME_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -443,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="our model keeps inner activations for backward (lean_backward off: faster for small models)",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: cpu)")
+    p.add_argument("--runtime", choices=RUNTIMES, default=None, help=RUNTIME_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
 

@@ -169,6 +169,11 @@ def read_state_dict(path: str | Path, *, use_ema: bool = True) -> tuple[dict[str
     Returns the flat state dict and the name of the wrapper it was taken from (``state_dict_ema`` ...).
     """
     path = _resolve_weights_file(Path(path))
+    if path.suffix.lower() in (".onnx", ".pt2"):  # see tntvision.tools.exported
+        raise CheckpointError(
+            f"{path}: an exported graph holds no trainable weights; "
+            "pass the run folder, model/ folder or weights file it was exported from"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

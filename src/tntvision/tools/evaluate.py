@@ -133,6 +133,7 @@ def evaluate_checkpoint(
     dtype: str = "float32",
     out: str | Path | None = None,
     progress: bool = True,
+    runtime: str | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Evaluate a saved model on a split of ``data`` and draw its confusion matrix.
@@ -148,17 +149,21 @@ def evaluate_checkpoint(
             without autocast's per-call weight casts).
         out: folder for ``confusion_<split>.png`` (default: :func:`report_folder` of ``checkpoint``).
         progress: show a progress bar on stderr.
+        runtime: what runs an ``.onnx`` file: ``"onnxruntime"`` (default) or ``"openvino"``; ``"torch"``
+            or None for anything else (see :func:`tntvision.tools.exported.resolve_runtime`).
         warn: called with notes for the user.
 
     Raises:
         DataError: a data set whose classes do not fit the model, or an empty one.
         InputError: a bad batch size or ``amp`` value.
+        ConfigError: a ``runtime`` that cannot run ``checkpoint``.
     """
     autocast_dtype = amp_dtype(amp)
     weights = weight_dtype(dtype)
     if batch_size < 1 or workers < 0:
         raise InputError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
-    model = load_checkpoint(checkpoint, autocast=autocast_dtype is not None).eval().to(weights)
+    model = load_checkpoint(checkpoint, autocast=autocast_dtype is not None, runtime=runtime)
+    model = model.eval().to(weights)
     record = report_folder(checkpoint) / "val_split.json"
     if split == "val" and not has_val_split(data) and record.is_file():  # the images its training held out
         dataset = held_out_split(data, record, transform=eval_transform(model.meta))

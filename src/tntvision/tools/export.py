@@ -97,14 +97,14 @@ class ExportResult:
         return d
 
 
-def require(module: str, purpose: str) -> ModuleType:
-    """Import ``module`` or raise :class:`DependencyError` naming the extra that installs it."""
+def require(module: str, purpose: str, *, extra: str = _EXTRA) -> ModuleType:
+    """Import ``module`` or raise :class:`DependencyError` naming the pyproject ``extra`` that installs it."""
     try:
         return importlib.import_module(module)
     except ImportError:
         package = module.split(".")[0]
         raise DependencyError(
-            f"{purpose} needs the {package} package: pip install 'tntvision[{_EXTRA}]'"
+            f"{purpose} needs the {package} package: pip install 'tntvision[{extra}]'"
         ) from None
 
 

@@ -7,16 +7,23 @@ file is an :class:`ExportedModel`: an ``nn.Module`` without parameters whose for
 carries (``meta``, ``class_names``, ``num_classes``, ``model_name``), read from the file's metadata
 (:func:`tntvision.tools.export.export_metadata`).
 
-- ``.onnx`` runs in onnxruntime on the CPU, with as many threads as torch uses (``OMP_NUM_THREADS`` /
-  ``torch.set_num_threads``), so both runtimes are compared on equal terms. The file is checked with
-  ``onnx.checker`` first; a file that fails it is refused.
+- ``.onnx`` runs on the CPU in one of two runtimes (``runtime=``, ``--runtime``): onnxruntime (the
+  default) or OpenVINO (``openvino.Core().compile_model``, the ``openvino`` extra). Both are an
+  :data:`OnnxRunner` (float32 array in, logits out) behind the same :class:`ExportedModel`, and both use as
+  many threads as torch does (``OMP_NUM_THREADS`` / ``torch.set_num_threads``), so runtimes are compared
+  on equal terms. OpenVINO is told to compute in float32: on CPUs with bf16 support (AVX512_BF16, AMX)
+  its default inference precision is bf16, which would silently make an fp32 file a bf16 one. The file is
+  checked with ``onnx.checker`` first; a file that fails it is refused, whatever the runtime.
 - ``.pt2`` is read with ``torch.export.load`` and runs in PyTorch. ``torch.export.load`` unpickles some
   payloads (tensor subclasses, custom objects, legacy weight files, and example inputs that a restricted
   ``weights_only`` load refuses). Files a user hands us are never unpickled, so :func:`check_pt2_archive`
   refuses an archive holding any of those before it is loaded.
 
 An exported file is fixed to float32 inputs on the CPU at one image size; asking for another dtype, a
-device, or autocast is a user error.
+device, or autocast is a user error. :func:`resolve_runtime` decides which runtime runs a ``--checkpoint``
+(``"torch"`` for PyTorch checkpoints and ``.pt2`` files, whose only runtime is PyTorch) and refuses a
+``--runtime`` that cannot run it. :func:`refuse_exported` is for the commands that need a PyTorch model's
+insides (``tnt visualize``, ``tnt train --pretrained``).
 """
 
 from __future__ import annotations
@@ -28,15 +35,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, ConfigError, InputError
 from ..models.registry import ModelMeta
 
 __all__ = [
     "EXPORTED_SUFFIXES",
+    "ONNX_RUNTIMES",
+    "RUNTIMES",
     "ExportedModel",
+    "OnnxRunner",
     "check_pt2_archive",
     "is_exported_file",
     "load_checkpoint",
@@ -44,9 +55,13 @@ __all__ = [
     "load_onnx_file",
     "load_pt2_file",
     "read_metadata",
+    "refuse_exported",
+    "resolve_runtime",
 ]
 
 EXPORTED_SUFFIXES = (".onnx", ".pt2")
+ONNX_RUNTIMES = ("onnxruntime", "openvino")  # what runs an .onnx file; the first is the default
+RUNTIMES = (*ONNX_RUNTIMES, "torch")  # --runtime's choices; torch: PyTorch checkpoints and .pt2 files
 
 
 def is_exported_file(path: str | Path) -> bool:
@@ -54,16 +69,61 @@ def is_exported_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in EXPORTED_SUFFIXES
 
 
-def load_checkpoint(path: str | Path, *, autocast: bool = False) -> nn.Module:
+def resolve_runtime(path: str | Path, runtime: str | None = None) -> str:
+    """The runtime that runs the ``--checkpoint`` ``path`` with ``--runtime runtime`` (None: the default).
+
+    ``.onnx``: ``"onnxruntime"`` (default) or ``"openvino"``. ``.pt2`` files and PyTorch checkpoints run
+    in PyTorch only: ``"torch"`` (default, and the one value accepted, so that a script may pass it for
+    every checkpoint).
+
+    Raises:
+        ConfigError: a runtime that does not run this kind of file (one line saying what does).
+    """
+    name = Path(path).name
+    suffix = Path(path).suffix.lower()
+    if runtime is not None and runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if suffix == ".onnx":
+        if runtime == "torch":
+            raise ConfigError(
+                f"--runtime torch runs PyTorch checkpoints and .pt2 files; {name} is an ONNX file: "
+                f"pass --runtime {' or '.join(ONNX_RUNTIMES)} (default {ONNX_RUNTIMES[0]})"
+            )
+        return runtime or ONNX_RUNTIMES[0]
+    if runtime not in (None, "torch"):
+        what = "a torch.export archive" if suffix == ".pt2" else "a PyTorch checkpoint"
+        raise ConfigError(
+            f"--runtime {runtime} runs .onnx files; {name} is {what}, which runs in PyTorch: "
+            "leave --runtime out (or pass --runtime torch)"
+        )
+    return "torch"
+
+
+def refuse_exported(path: str | Path | None, *, why: str, option: str = "--checkpoint") -> None:
+    """Refuse an exported file where a command needs the PyTorch model itself (its layers, its weights).
+
+    Raises:
+        CheckpointError: ``path`` ends in ``.onnx`` / ``.pt2``; the message says ``why`` and what to pass.
+    """
+    if path is not None and is_exported_file(path):
+        raise CheckpointError(
+            f"{Path(path).name} is an exported graph: {why}; pass {option} the run folder, model/ folder "
+            "or weights file it was exported from"
+        )
+
+
+def load_checkpoint(path: str | Path, *, autocast: bool = False, runtime: str | None = None) -> nn.Module:
     """``--checkpoint``: an exported ``.onnx`` / ``.pt2`` file, or what :func:`tntvision.load_model` reads.
 
-    ``autocast=True`` (the caller will run the model under autocast, ``--amp``) is refused for an exported
-    file up front, before any work: the file runs in float32.
+    ``runtime`` is ``--runtime`` (see :func:`resolve_runtime`; refused before anything is read when it
+    cannot run ``path``). ``autocast=True`` (the caller will run the model under autocast, ``--amp``) is
+    refused for an exported file up front, before any work: the file runs in float32.
     """
+    resolve_runtime(path, runtime)
     if is_exported_file(path):
         if autocast:
             raise InputError(f"{Path(path).name}: autocast (--amp) applies to PyTorch checkpoints only")
-        return load_exported(path)
+        return load_exported(path, runtime=runtime)
     from ..models import load_model
 
     return load_model(path)
@@ -77,7 +137,7 @@ class ExportedModel(nn.Module):
         metadata: the JSON object the file carries (model name, config, class names, preprocessing).
         meta: its preprocessing as :class:`~tntvision.models.registry.ModelMeta`.
         class_names, num_classes, model_name: as on a model :func:`tntvision.load_model` returns.
-        runtime: ``"onnxruntime"`` or ``"torch.export"``.
+        runtime: ``"onnxruntime"``, ``"openvino"`` or ``"torch.export"``.
     """
 
     def __init__(
@@ -131,20 +191,25 @@ class ExportedModel(nn.Module):
         )
 
 
-def load_exported(path: str | Path) -> ExportedModel:
+def load_exported(path: str | Path, *, runtime: str | None = None) -> ExportedModel:
     """Read an exported ``.onnx`` or ``.pt2`` file written by `tnt export` (module docstring).
 
+    ``runtime``: for an ``.onnx`` file ``"onnxruntime"`` (None: the default) or ``"openvino"``; for a
+    ``.pt2`` file None or ``"torch"`` (see :func:`resolve_runtime`).
+
     Raises:
+        ConfigError: a ``runtime`` that does not run this kind of file.
         CheckpointError: a missing file, one that fails the ONNX checker or is no pt2 archive, an archive
-            holding pickled payloads, a file without tntvision metadata.
-        DependencyError: onnx / onnxruntime missing for an ``.onnx`` file.
+            holding pickled payloads, a file without tntvision metadata, a file the runtime cannot load.
+        DependencyError: onnx or the runtime's package missing for an ``.onnx`` file.
     """
     path = Path(path)
+    chosen = resolve_runtime(path, runtime)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return load_onnx_file(path)
+        return load_onnx_file(path, runtime=chosen)
     if suffix == ".pt2":
         return load_pt2_file(path)
     raise CheckpointError(f"{path}: not an exported model (expected a file ending in .onnx or .pt2)")
@@ -198,30 +263,101 @@ def _parse_metadata(path: Path, text: str) -> dict[str, Any]:
     return metadata
 
 
-def load_onnx_file(path: Path) -> ExportedModel:
-    """An ``.onnx`` file (any name) checked and opened in onnxruntime; see :func:`load_exported`."""
+OnnxRunner = Callable[[np.ndarray], np.ndarray]
+"""A compiled ONNX file: float32 images (B, C, H, W) -> float32 logits (B, classes), a fresh array."""
+
+
+def _onnxruntime_runner(path: Path, threads: int) -> OnnxRunner:
+    """``path`` in an onnxruntime CPU session with ``threads`` intra-op threads."""
     from .export import require
 
-    metadata = _onnx_metadata(path, _read_onnx(path))
     ort = require("onnxruntime", "running an .onnx file")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # as many threads as torch, not every core
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's own exception types (Fail, InvalidGraph, ...)
-        raise CheckpointError(
-            f"{path}: onnxruntime cannot load it ({str(e).strip().splitlines()[0]})"
-        ) from None
+        raise CheckpointError(f"{path}: onnxruntime cannot load it ({_first_line(e)})") from None
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        (logits,) = session.run([output_name], {input_name: x.numpy()})
-        return torch.from_numpy(logits)  # (B, classes)
+    def run(x: np.ndarray) -> np.ndarray:
+        (logits,) = session.run([output_name], {input_name: x})
+        return logits
 
-    model = ExportedModel(path=path, metadata=metadata, run=run, runtime="onnxruntime")
-    model.session = session
+    return run
+
+
+def _openvino_runner(path: Path, threads: int, *, precision: str = "f32") -> OnnxRunner:
+    """``path`` compiled by OpenVINO for its CPU plugin: one stream of ``threads`` threads (latency mode).
+
+    ``precision`` is OpenVINO's ``INFERENCE_PRECISION_HINT`` for the float parts of the graph: ``"f32"``
+    keeps an fp32 file fp32 (OpenVINO's own default is ``"bf16"`` on CPUs with bf16 units); int8 files
+    keep their int8 GEMMs either way. The batch dimension stays dynamic.
+    """
+    ov = _require_openvino()
+    config = {
+        "INFERENCE_NUM_THREADS": threads,
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": precision,
+    }
+    try:
+        compiled = ov.Core().compile_model(str(path), "CPU", config)
+    except Exception as e:  # OpenVINO raises RuntimeError / GeneralFailure for what its frontend refuses
+        raise CheckpointError(f"{path}: openvino cannot load it ({_openvino_message(e)})") from None
+    output = compiled.output(0)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return compiled(x)[output]  # a copy (share_outputs=False): safe to keep across calls
+
+    return run
+
+
+def _require_openvino() -> Any:
+    from .export import require
+
+    return require("openvino", "--runtime openvino", extra="openvino")
+
+
+_ONNX_RUNNERS: dict[str, Callable[..., OnnxRunner]] = {
+    "onnxruntime": _onnxruntime_runner,
+    "openvino": _openvino_runner,
+}
+
+
+def _openvino_message(e: BaseException) -> str:
+    """The reason in an OpenVINO exception, without its ``Exception from src/...cpp:N:`` trace lines."""
+    skip = ("Exception from ", "Check '", "FrontEnd API failed")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith(skip)]
+    return lines[-1] if lines else _first_line(e)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_onnx_file(path: Path, *, runtime: str = "onnxruntime", **options: Any) -> ExportedModel:
+    """An ``.onnx`` file (any name) checked and compiled by ``runtime``; see :func:`load_exported`.
+
+    The runtime's package is imported first (a missing one fails before the file is read), then the file
+    passes ``onnx.checker`` and its metadata is read, the same for every runtime. ``options`` go to the
+    runtime's runner (``precision=`` for OpenVINO); the thread count is torch's.
+    """
+    if runtime not in _ONNX_RUNNERS:
+        raise ConfigError(f"{path.name}: an .onnx file runs in {' or '.join(ONNX_RUNTIMES)}, not {runtime!r}")
+    if runtime == "openvino":
+        _require_openvino()
+    metadata = _onnx_metadata(path, _read_onnx(path))
+    runner = _ONNX_RUNNERS[runtime](path, torch.get_num_threads(), **options)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(runner(x.numpy()))  # (B, classes)
+
+    model = ExportedModel(path=path, metadata=metadata, run=run, runtime=runtime)
+    model.runner = runner
     return model
 
 
@@ -339,6 +475,7 @@ def bench_exported(
     warmup: int = 2,
     threads: int | None = None,
     compare_pytorch: bool = True,
+    runtime: str | None = None,
 ) -> dict[str, Any]:
     """`tnt bench --checkpoint FILE`: inference speed of an exported file, and of PyTorch on the same model.
 
@@ -346,19 +483,22 @@ def bench_exported(
     file's architecture (from its metadata) also runs in eager PyTorch (fused kernels on, random weights:
     speed does not depend on their values), interleaved round by round with the file as
     :func:`tntvision.tools.bench.bench_model` does. ``threads`` sets torch's thread count, which the
-    onnxruntime session follows.
+    ONNX runtime follows. ``runtime`` runs an ``.onnx`` file in ``"onnxruntime"`` (default) or
+    ``"openvino"`` (see :func:`resolve_runtime`); the file's row is labelled with it.
 
     Returns plain data: per workload, per implementation ``median_ms`` / ``min_ms`` / ``img_per_s``, and
     ``speedup`` = PyTorch's median time / the file's (> 1: the file is faster).
     """
-    from ..errors import ConfigError
     from ..models import create_model
     from .bench import _summarise, _threads, _time_interleaved
 
     if batch_size < 1 or rounds < 1 or warmup < 0:
         raise ConfigError("batch size and rounds must be positive, warmup not negative")
+    resolve_runtime(path, runtime)
     with _threads(threads) as n_threads:
-        file_model = load_exported(path)  # after the thread count is set: the session takes it
+        file_model = load_exported(
+            path, runtime=runtime
+        )  # after the thread count is set: the runtime takes it
         label = f"{file_model.runtime}" + (f" {q}" if (q := file_model.metadata.get("quantize")) else "")
         models: dict[str, nn.Module] = {label: file_model}
         if compare_pytorch:

@@ -124,7 +124,8 @@ class TrainConfig:
     aug: AugConfig = field(default_factory=AugConfig)
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for a missing or out-of-range value."""
+        """Raise :class:`ConfigError` for a missing or out-of-range value (:class:`CheckpointError` for an
+        exported ``.onnx`` / ``.pt2`` file as ``pretrained``)."""
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -133,6 +134,10 @@ class TrainConfig:
         need(bool(self.model), "no model given (--model NAME, see `tnt models`)")
         need(bool(self.data), "no data given (--data fashion-mnist or an ImageFolder folder)")
         need(bool(self.out), "no run folder given (--out DIR)")
+        if self.pretrained:
+            from ..tools.exported import refuse_exported  # local: tools import the models
+
+            refuse_exported(self.pretrained, why="it holds no trainable weights", option="--pretrained")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.time_budget >= 0, f"time_budget must be >= 0 minutes, got {self.time_budget}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
