@@ -159,6 +159,31 @@ def test_finetune_batch_and_time_estimate():
     assert tv.estimate_seconds(spec, {"x": fast}, s) < guess
 
 
+def test_both_models_see_the_same_data_in_the_same_order(tmp_path, monkeypatch):
+    """The premise of the paired comparison: under one seed the batches do not depend on the model."""
+    import torch
+
+    from tntvision.train import resolve_train_config
+    from tntvision.train.builder import build_run
+    from tntvision.train.distributed import World
+
+    monkeypatch.setenv("TNT_FASHION_MNIST_DIR", str(make_fashion_mnist(tmp_path / "fm", n_train=200)))
+
+    def first_batches(model: str, seed: int) -> list[torch.Tensor]:
+        over = {"model": model, "data": "fashion-mnist", "out": str(tmp_path / model), "seed": seed}
+        cfg = resolve_train_config(overrides={**over, "batch_size": 32})
+        parts = build_run(cfg, device=torch.device("cpu"), world=World())
+        out = []
+        for epoch in (0, 1):
+            parts.sampler.set_epoch(epoch)
+            out += [torch.cat([x.flatten(), y.float()]) for x, y in parts.train_batches]
+        return out
+
+    tnt, vit = first_batches(tv.TNT, 3), first_batches(tv.VIT, 3)
+    assert len(tnt) == len(vit) > 2 and all(torch.equal(a, b) for a, b in zip(tnt, vit, strict=True))
+    assert not torch.equal(tnt[0], first_batches(tv.TNT, 4)[0])  # and the seed does change it
+
+
 # ------------------------------------------------------------------------------------ markdown
 
 
