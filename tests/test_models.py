@@ -145,6 +145,34 @@ def test_inner_blocks_option_makes_plain_vit_blocks():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
 
 
+def test_word_pos_option_freezes_a_zero_word_position_table(tmp_path):
+    # default: the word (pixel) position table is trained and initialised like the other tables
+    on = tntvision.create_model("tnt_mini_patch4_28")
+    assert on.cfg.word_pos is True
+    assert on.pixel_pos.requires_grad and on.pixel_pos.abs().sum() > 0
+    # word_pos=False (the paper's "w/o pixel PE"): zeros, not trained, not counted, same state dict keys
+    off = tntvision.create_model("tnt_mini_patch4_28", word_pos=False)
+    assert not off.pixel_pos.requires_grad and not off.pixel_pos.any()
+    assert count_params(on) - count_params(off) == on.pixel_pos.numel()
+    assert off.state_dict().keys() == on.state_dict().keys()
+    x = torch.randn(2, 1, 28, 28)
+    off(x).sum().backward()
+    assert off.pixel_pos.grad is None
+    # the same weights otherwise (same seed): the models differ only by the table that is added
+    torch.manual_seed(0)
+    a = tntvision.create_model("tnt_mini_patch4_28", word_pos=False)
+    torch.manual_seed(0)
+    b = tntvision.create_model("tnt_mini_patch4_28")
+    with torch.no_grad():
+        b.pixel_pos.zero_()
+    a.eval(), b.eval()
+    assert torch.equal(a(x), b(x))
+    # the option is saved with the model
+    tntvision.save_model(off, tmp_path / "model")
+    loaded = tntvision.load_model(tmp_path / "model")
+    assert loaded.cfg.word_pos is False and not loaded.pixel_pos.requires_grad
+
+
 def test_fused_word_embedding_equals_per_patch_conv():
     for name in ("tnt_s_patch16_224", "tnt_mini_patch4_28"):
         x, size = _input(name)

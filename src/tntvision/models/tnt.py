@@ -267,7 +267,8 @@ class TNT(nn.Module):
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.patch_pos = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))  # row 0: class token
-        self.pixel_pos = nn.Parameter(torch.zeros(1, inner_dim, side, side))  # shared by all patches
+        # shared by all patches; word_pos=False: a frozen zero table (the paper's "w/o pixel PE" ablation)
+        self.pixel_pos = nn.Parameter(torch.zeros(1, inner_dim, side, side), requires_grad=cfg.word_pos)
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
 
         rate = cfg.drop_path_rate
@@ -307,6 +308,8 @@ class TNT(nn.Module):
         """
         for t in (self.cls_token, self.patch_pos, self.pixel_pos):
             nn.init.trunc_normal_(t, std=0.02)
+        if not self.cfg.word_pos:  # drawn and then zeroed: the other weights are those of word_pos=True
+            nn.init.zeros_(self.pixel_pos)
         for mod in self.modules():
             if isinstance(mod, nn.Linear):
                 nn.init.trunc_normal_(mod.weight, std=0.02)
@@ -506,6 +509,9 @@ class TNTConfig:
     ``inner_blocks`` lists the 0-based blocks that have an inner transformer (None: every block; ``()``:
     none, a ViT on TNT's word-based patch embedding). ``se_ratio > 0`` adds the paper's SE gate to the outer
     MLP. ``legacy`` selects the structure of older checkpoints (docs/architecture.md, "The legacy structure").
+    ``word_pos=False`` leaves out the word (pixel) position encoding, the paper's ablation: ``pixel_pos``
+    stays in the state dict (same layout as every TNT) but is a frozen table of zeros, not trained (weights
+    loaded into such a model load that table too).
     """
 
     img_size: int = 224
@@ -524,6 +530,7 @@ class TNTConfig:
     inner_mlp_ratio: float = 4.0
     qkv_bias: bool = False
     inner_blocks: tuple[int, ...] | None = None
+    word_pos: bool = True
     se_ratio: float = 0.0
     legacy: bool = False
     drop_rate: float = 0.0
