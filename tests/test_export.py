@@ -46,10 +46,11 @@ MODELS = {
     "tnt_s_patch16_224": 32,
     "tnt_s_legacy_patch16_224": 32,  # the other structure (whole-image word conv)
     "tnt_s_se_patch16_224": 32,  # the SE gate
+    "ptnt_ti_patch16_192": 64,  # PyramidTNT: conv stem, spatial reduction, relative tables, merges
 }
 # ~15-25 s each on one thread. TNT-Ti and TNT-B share TNT-S's structure (exported by hand at 32 px:
 # logits within 1e-6 of PyTorch's).
-SLOW = {"tnt_s_patch16_224", "tnt_s_legacy_patch16_224", "tnt_s_se_patch16_224"}
+SLOW = {"tnt_s_patch16_224", "tnt_s_legacy_patch16_224", "tnt_s_se_patch16_224", "ptnt_ti_patch16_192"}
 FORMATS = ("onnx", "pt2")
 # (format, --runtime): every way an exported file runs; None is the format's default runtime
 FILE_RUNTIMES = [("onnx", None), ("onnx", "openvino"), ("pt2", None)]

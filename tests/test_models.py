@@ -118,6 +118,22 @@ def test_timm_contract_helpers(name):
     assert model.get_classifier() is model.head
 
 
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_features_only_maps_match_feature_info(name):
+    """Every model: NCHW maps whose channels and strides are what ``feature_info`` says, at a
+    non-square input."""
+    size = small_input_size(name)
+    h, w = size, 2 * size
+    model = tntvision.create_model(name, img_size=size, features_only=True).eval()
+    cfg = tntvision.models.registry.get_model_entry(name).config
+    with torch.no_grad():
+        maps = model(torch.randn(1, cfg.in_chans, h, w))
+    assert len(maps) == len(model.feature_info) == min(4, len(model.model.feature_info))
+    for fmap, info in zip(maps, model.feature_info, strict=True):
+        r = info["reduction"]
+        assert fmap.shape == (1, info["num_chs"], -(-h // r), -(-w // r)), (name, info)
+
+
 def test_features_only():
     model = tntvision.create_model(
         "tnt_s_patch16_224", img_size=64, features_only=True, out_indices=(2, 5, 8, 11)

@@ -8,7 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Attention", "DropPath", "Mlp", "SqueezeExcite", "drop_path_scale", "resample_pos_embed"]
+from ..errors import InputError
+
+__all__ = [
+    "Attention",
+    "DropPath",
+    "Mlp",
+    "SqueezeExcite",
+    "check_images",
+    "drop_path_scale",
+    "init_linear_and_norm",
+    "new_head",
+    "resample_pos_embed",
+]
 
 
 # Attention over at most this many tokens runs as explicit batched matmuls with a transposed softmax
@@ -300,3 +312,41 @@ def resample_pos_embed(
     grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", antialias=True, align_corners=False)
     grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D)  # (1, gh*gw, D)
     return torch.cat([prefix, grid], dim=1)
+
+
+# ------------------------------------------------------------------------ shared by the model families
+
+
+def init_linear_and_norm(model: nn.Module) -> None:
+    """The authors' init for every Linear (trunc-normal .02, zero bias) and LayerNorm (ones, zeros)."""
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear):
+            nn.init.trunc_normal_(mod.weight, std=0.02)
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+        elif isinstance(mod, nn.LayerNorm):
+            nn.init.ones_(mod.weight)
+            nn.init.zeros_(mod.bias)
+
+
+def new_head(num_features: int, num_classes: int, *, like: torch.Tensor, training: bool) -> nn.Module:
+    """A fresh classifier (trunc-normal .02 weight, zero bias; ``Identity`` for 0 classes) on ``like``'s
+    device and dtype, in the given mode: what ``reset_classifier`` puts in place of the old head."""
+    head = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+    if num_classes > 0:
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+    return head.to(device=like.device, dtype=like.dtype).train(training)
+
+
+def check_images(x: torch.Tensor, in_chans: int, multiple: int, what: str) -> tuple[int, int]:
+    """(H, W) of a batch of images (B, C, H, W) with ``in_chans`` channels and sides multiples of
+    ``multiple`` (``what`` names it in the message); anything else raises :class:`InputError`."""
+    if x.ndim != 4:
+        raise InputError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+    _, C, H, W = x.shape
+    if in_chans != C:
+        raise InputError(f"model takes {in_chans} input channels, got {C} (shape {tuple(x.shape)})")
+    if H % multiple or W % multiple:
+        raise InputError(f"image size {H}x{W} is not a multiple of {what}")
+    return H, W

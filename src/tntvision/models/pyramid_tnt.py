@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, InputError
-from .layers import DropPath, Mlp, resample_pos_embed
+from .layers import DropPath, Mlp, check_images, init_linear_and_norm, new_head, resample_pos_embed
 from .registry import ModelMeta, register_model
 from .tnt import feature_take_indices
 
@@ -444,18 +444,12 @@ class PyramidTNT(nn.Module):
         convs, zero biases, unit LayerNorms; relative tables standard normal."""
         nn.init.trunc_normal_(self.outer_pos, std=0.02)
         nn.init.trunc_normal_(self.inner_pos, std=0.02)
+        init_linear_and_norm(self)
         for mod in self.modules():
-            if isinstance(mod, nn.Linear):
-                nn.init.trunc_normal_(mod.weight, std=0.02)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
-            elif isinstance(mod, nn.Conv2d):
+            if isinstance(mod, nn.Conv2d):
                 nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
                 if mod.bias is not None:
                     nn.init.zeros_(mod.bias)
-            elif isinstance(mod, nn.LayerNorm):
-                nn.init.ones_(mod.weight)
-                nn.init.zeros_(mod.bias)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -491,24 +485,15 @@ class PyramidTNT(nn.Module):
         if global_pool not in (None, "avg"):
             raise ConfigError(f"PyramidTNT pools by the mean of its tokens ('avg'), got {global_pool!r}")
         self.num_classes = num_classes
-        ref = self.norm.weight
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-        self.head.to(device=ref.device, dtype=ref.dtype).train(self.training)
+        self.head = new_head(self.num_features, num_classes, like=self.norm.weight, training=self.training)
         self.cfg = self.cfg.replace(num_classes=num_classes)
 
     # ---------------------------------------------------------------------------------------- forward
 
     def _check_input(self, x: torch.Tensor) -> list[tuple[int, int]]:
-        if x.ndim != 4:
-            raise InputError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        _, C, H, W = x.shape
-        if self.in_chans != C:
-            raise InputError(f"model takes {self.in_chans} input channels, got {C} (shape {tuple(x.shape)})")
-        if H % STEM_STRIDE or W % STEM_STRIDE:
-            raise InputError(f"image size {H}x{W} is not a multiple of {STEM_STRIDE}")
+        """Every stage's sentence grid for images ``x``; raises :class:`InputError` for what the model can't
+        take (sides not multiples of 8, or too small for the spatial reductions)."""
+        H, W = check_images(x, self.in_chans, STEM_STRIDE, str(STEM_STRIDE))
         grids = stage_grids(H, W)
         for sr, (h, w) in zip(self.cfg.sr_ratios, grids, strict=True):
             if min(h, w) < sr:

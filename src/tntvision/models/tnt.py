@@ -23,9 +23,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from . import kernels
-from .layers import Attention, DropPath, Mlp, SqueezeExcite, drop_path_scale, resample_pos_embed
+from .layers import (
+    Attention,
+    DropPath,
+    Mlp,
+    SqueezeExcite,
+    check_images,
+    drop_path_scale,
+    init_linear_and_norm,
+    new_head,
+    resample_pos_embed,
+)
 from .registry import ModelMeta, register_model
 
 __all__ = ["TNT", "TNTBlock", "TNTConfig", "WordEmbed", "record_attention"]
@@ -310,14 +320,7 @@ class TNT(nn.Module):
             nn.init.trunc_normal_(t, std=0.02)
         if not self.cfg.word_pos:  # drawn and then zeroed: the other weights are those of word_pos=True
             nn.init.zeros_(self.pixel_pos)
-        for mod in self.modules():
-            if isinstance(mod, nn.Linear):
-                nn.init.trunc_normal_(mod.weight, std=0.02)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
-            elif isinstance(mod, nn.LayerNorm):
-                nn.init.ones_(mod.weight)
-                nn.init.zeros_(mod.bias)
+        init_linear_and_norm(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -360,25 +363,15 @@ class TNT(nn.Module):
                 raise ConfigError(f"global_pool must be '', 'token' or 'avg', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        ref = self.norm.weight
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-        self.head.to(device=ref.device, dtype=ref.dtype).train(self.training)
+        self.head = new_head(self.embed_dim, num_classes, like=self.norm.weight, training=self.training)
         self.cfg = self.cfg.replace(num_classes=num_classes, global_pool=self.global_pool)
 
     # ---------------------------------------------------------------------------------------- forward
 
     def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
-        if x.ndim != 4:
-            raise InputError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        _, C, H, W = x.shape
-        if self.in_chans != C:
-            raise InputError(f"model takes {self.in_chans} input channels, got {C} (shape {tuple(x.shape)})")
+        """The patch grid (gh, gw) of images ``x``; :class:`InputError` for what the model cannot take."""
         P = self.patch_size
-        if H % P or W % P:
-            raise InputError(f"image size {H}x{W} is not a multiple of the patch size {P}")
+        H, W = check_images(x, self.in_chans, P, f"the patch size {P}")
         return H // P, W // P
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

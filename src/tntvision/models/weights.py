@@ -323,6 +323,22 @@ def _adapt_in_chans(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (C / in_chans)
 
 
+def _fit_first_conv_and_head(
+    sd: dict[str, torch.Tensor], model: nn.Module, report: LoadReport, first_conv: str
+) -> dict[str, torch.Tensor]:
+    """Adapt ``sd[first_conv]`` to the model's channel count and drop a head of another size."""
+    have, want = sd[first_conv].shape[1], model.cfg.in_chans
+    if have != want:
+        sd[first_conv] = _adapt_in_chans(sd[first_conv], want)
+        report.adapted_in_chans = (have, want)
+    head_shape = tuple(model.head.weight.shape) if isinstance(model.head, nn.Linear) else None
+    if head_shape != (tuple(sd["head.weight"].shape) if "head.weight" in sd else None):
+        sd.pop("head.weight", None)
+        sd.pop("head.bias", None)
+        report.head_reset = head_shape is not None
+    return sd
+
+
 def adapt_state_dict(
     sd: dict[str, torch.Tensor], model: nn.Module, report: LoadReport | None = None
 ) -> dict[str, torch.Tensor]:
@@ -373,16 +389,7 @@ def adapt_state_dict(
             )
         sd["patch_pos"] = resample_pos_embed(sd["patch_pos"], model.grid_size, old_grid=(side, side))
         report.resampled_pos = (side, side)
-    if info.in_chans != cfg.in_chans:
-        key = "pixel_embed.proj.weight"
-        sd[key] = _adapt_in_chans(sd[key], cfg.in_chans)
-        report.adapted_in_chans = (info.in_chans, cfg.in_chans)
-    head_shape = tuple(model.head.weight.shape) if isinstance(model.head, nn.Linear) else None
-    if head_shape != (tuple(sd["head.weight"].shape) if "head.weight" in sd else None):
-        sd.pop("head.weight", None)
-        sd.pop("head.bias", None)
-        report.head_reset = head_shape is not None
-    return sd
+    return _fit_first_conv_and_head(sd, model, report, "pixel_embed.proj.weight")
 
 
 # ------------------------------------------------------------------------------------------ PyramidTNT
@@ -461,16 +468,7 @@ def adapt_pyramid_state_dict(
                 sd[key], stage.grid, stage.kv_grid, old_grid=old[i], old_kv_grid=kv_grid(old[i], sr)
             )
         report.resampled_pos = (info.grid, info.grid)
-    if info.in_chans != cfg.in_chans:
-        key = "patch_embed.common_conv.0.weight"
-        sd[key] = _adapt_in_chans(sd[key], cfg.in_chans)
-        report.adapted_in_chans = (info.in_chans, cfg.in_chans)
-    head_shape = tuple(model.head.weight.shape) if isinstance(model.head, nn.Linear) else None
-    if head_shape != (tuple(sd["head.weight"].shape) if "head.weight" in sd else None):
-        sd.pop("head.weight", None)
-        sd.pop("head.bias", None)
-        report.head_reset = head_shape is not None
-    return sd
+    return _fit_first_conv_and_head(sd, model, report, "patch_embed.common_conv.0.weight")
 
 
 def load_pretrained(model: nn.Module, path: str | Path, *, use_ema: bool = True) -> LoadReport:
