@@ -41,6 +41,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.convnext import LayerNorm2d  # LayerNorm over the channels of (B, C, H, W)
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
@@ -53,15 +54,6 @@ __all__ = ["LayerNorm2d", "TNTFPNBackbone", "evenly_spaced_blocks", "tnt_fpn_bac
 NormName = Literal["layer", "group", "batch", "none"]
 _NORMS = ("layer", "group", "batch", "none")
 _TARGET_STRIDES = (4, 8, 16, 32)  # of the isotropic neck's four levels, relative to the input
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) map (ViTDet's and ConvNeXt's norm; batch-size free)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
 def _norm_factory(norm: str, *, what: str) -> Callable[[int], nn.Module] | None:
