@@ -249,8 +249,166 @@ def test_bad_input_is_refused_by_the_op():
     block = _model("tnt_mini_patch4_28").blocks[0]
     with pytest.raises(RuntimeError, match="sentences, words, dim"):
         kernels.inner_transformer(torch.randn(4, 8), block, None, None)
-    with pytest.raises(RuntimeError, match="one entry per sentence"):
+    with pytest.raises(RuntimeError, match="one drop-path scale per sentence"):
         kernels.inner_transformer(torch.randn(3, 4, 8), block, torch.ones(2), None)
+
+
+# ------------------------------------------------- what a user puts on the inner modules is honoured
+
+
+class LowRankAdapter(torch.nn.Module):
+    """A LoRA-style wrapper (what peft puts in place of a Linear): base(x) + scale * B(A(x))."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2) -> None:
+        super().__init__()
+        self.base = base
+        self.A = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.B = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.normal_(self.B.weight, std=0.5)  # a trained adapter: not the zero init
+
+    def forward(self, x):
+        return self.base(x) + self.B(self.A(x))
+
+
+class Doubled(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def _hook_output(module, args, out):
+    return out * 3.0
+
+
+def _with_hook(block):
+    block.attn_in.qk.register_forward_hook(_hook_output)
+
+
+def _with_pre_hook(block):
+    block.mlp_in.fc2.register_forward_pre_hook(lambda mod, args: (args[0] * 1.5,))
+
+
+def _with_adapter(block):
+    block.mlp_in.fc1 = LowRankAdapter(block.mlp_in.fc1)
+
+
+def _with_parametrization(block):
+    torch.nn.utils.parametrize.register_parametrization(block.attn_in.proj, "weight", Doubled())
+
+
+def _with_weight_norm(block):
+    torch.nn.utils.parametrizations.weight_norm(block.attn_in.v)
+    with torch.no_grad():  # move the magnitude so the weight differs from the plain one
+        block.attn_in.v.parametrizations.weight.original0.mul_(1.7)
+
+
+def _with_other_activation(block):
+    block.mlp_in.act = torch.nn.SiLU()
+
+
+def _with_norm_hook(block):
+    block.norm_in.register_forward_hook(lambda mod, args, out: out * 0.5)
+
+
+CHANGES = [_with_hook, _with_pre_hook, _with_adapter, _with_parametrization, _with_weight_norm]
+CHANGES += [_with_other_activation, _with_norm_hook]
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__.removeprefix("_with_"))
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_the_fused_path_never_bypasses_what_is_on_the_inner_modules(change, train):
+    """With a hook, an adapter, a parametrization, weight norm or another GELU on block 0's inner
+    modules, that block runs the reference path (the op runs for the others), the reference path calls
+    the user's modules, and both paths give the changed model's numbers, which differ from the plain
+    model's."""
+    model = _model("tnt_mini_patch4_28").train(train)
+    x = torch.randn(2, 1, 28, 28)
+    plain, _, _ = _run(model, x, fused=False)
+    change(model.blocks[0])
+    with _count_fused_calls() as calls:
+        out, gx, grads = _run(model, x, fused=True)
+    assert len(calls) == len(model.blocks) - 1
+    ref, ref_gx, ref_grads = _run(model, x, fused=False)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gx, ref_gx, rtol=0, atol=1e-5 * ref_gx.abs().max().item())
+    _assert_grads_close(grads, ref_grads, rel=1e-5)
+    assert (out - plain).abs().max() > 1e-3  # the change is in the numbers
+
+
+def test_plain_module_is_exact():
+    assert kernels.plain_module(torch.nn.GELU())
+    assert not kernels.plain_module(torch.nn.GELU(approximate="tanh"))  # the op computes the erf GELU
+
+    class MyLinear(torch.nn.Linear):
+        pass
+
+    assert not kernels.plain_module(MyLinear(2, 2))  # a subclass may compute something else
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert not kernels.plain_module(torch.nn.Linear(2, 2))  # a global hook must see every call
+    finally:
+        handle.remove()
+    assert kernels.plain_module(torch.nn.Linear(2, 2))
+
+
+def test_a_forward_hook_sees_every_call_on_both_paths():
+    model = _model("tnt_mini_patch4_28").eval()
+    seen = []
+    model.blocks[1].mlp_in.fc1.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        for fused in (True, False):
+            with kernels.fused_kernels(fused):
+                model(torch.randn(2, 1, 28, 28))
+    assert len(seen) == 2
+
+
+def test_dynamic_quantization_runs_the_quantized_modules():
+    """torch.ao dynamic int8 quantization replaces the Linears: the fused op must not run (it would read
+    float weights that are no longer there), and the quantized model's output is its reference path's."""
+    model = _model("tnt_mini_patch4_28").eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        want_float = model(x)
+        q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        with _count_fused_calls() as calls:
+            got = q(x)
+        assert not calls
+        with kernels.fused_kernels(False):
+            ref = q(x)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert 0 < (got - want_float).abs().max() < 0.1 * want_float.abs().max()  # int8 weights: close, not equal
+
+
+@pytest.mark.parametrize("how", ["compile", "export"])
+def test_compiled_or_exported_before_any_eager_call_runs_the_fused_op(how, tmp_path):
+    """A fresh process whose first use of the model is torch.compile / torch.export gets the fused op in
+    its graph (the kernel is loaded during tracing), with eager's numbers."""
+    code = f"""
+import torch, tntvision
+from tntvision.models import kernels
+assert kernels._STATE["loaded"] is None
+torch.manual_seed(0)
+model = tntvision.create_model("tnt_mini_patch4_28").eval()
+x = torch.randn(2, 1, 28, 28)
+if "{how}" == "compile":
+    graphs = []
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+    with torch.no_grad():
+        y = torch.compile(model, fullgraph=True, backend=backend)(x)
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    count = targets.count("tntvision.inner_transformer")
+else:
+    prog = torch.export.export(model, (x,))
+    count = [str(n.target) for n in prog.graph.nodes].count("tntvision.inner_transformer.default")
+    y = prog.module()(x)
+with torch.no_grad(), kernels.fused_kernels(False):
+    ref = model(x)
+print(count, len(model.blocks), float((y - ref).abs().max()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    count, blocks, diff = out.stdout.split()
+    assert int(count) == int(blocks) and float(diff) <= 1e-5
 
 
 def test_ninja_from_the_package_when_not_on_path(monkeypatch, tmp_path):

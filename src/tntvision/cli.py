@@ -249,6 +249,20 @@ def cmd_bench(args: argparse.Namespace) -> None:
     emit(args, result, lambda: format_report(result))
 
 
+def cmd_kernels(args: argparse.Namespace) -> None:
+    from .models import kernels
+
+    if args.action == "build":
+        where = kernels.build()
+        log(f"fused CPU kernel built in {where}")
+    info = {**kernels.kernel_dispatch(), "build": str(kernels.build_directory())}
+    emit(
+        args,
+        info,
+        lambda: "\n".join(f"{k:<10}{','.join(v) if isinstance(v, list) else v}" for k, v in info.items()),
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import parse_set, resolve_train_config, train
     from .train.distributed import is_main_process
@@ -494,6 +508,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "kernels",
+        help="build the fused CPU kernel ahead of time, or show which of its instruction sets runs here",
+    )
+    p.add_argument(
+        "action",
+        choices=("build", "info"),
+        help="build: compile now (an install step or an image build, so no request waits for it); "
+        "info: the instruction set and bf16 mode in use",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_kernels)
     return parser
 
 

@@ -7,16 +7,31 @@ GEMMs (K = 8..40) use a register-blocked micro-kernel, and backward recomputes a
 keeping activations. It is registered with ``torch.library`` (fake kernel and autograd formula included),
 so autograd, ``torch.compile(fullgraph=True)`` and ``torch.export`` see a single op.
 
-The extension is compiled at first use with the machine's C++ compiler (``-O3 -march=native`` on x86-64
-and aarch64; any compiler that torch's ``cpp_extension`` accepts) into ``$TNTVISION_CACHE`` or
-``~/.cache/tntvision/kernels/<key>``, where the key covers the source, torch's version, the compiler flags
-and the CPU's model and flags, so a cached build never runs on a CPU it was not built for. When it cannot
-be built, one warning says why and every model runs the pure-PyTorch reference path, which computes the
-same numbers. ``TNTVISION_FUSED=0`` (or :func:`set_fused_kernels` / :func:`fused_kernels`) turns the fused
-path off; the reference path is always what the fused one is tested against.
+**One build for every CPU.** The extension is compiled with portable flags (``-O3 -fopenmp``, no
+``-march=native``): the per-tile code is compiled once per instruction set inside the one source file
+(AVX-512 with 16-float vectors, AVX2 with 8-float vectors, a generic baseline) and the copy to run is picked
+at run time from the CPU's features. So a cache folder, a container image or a wheel moves between
+machines, and what runs does not depend on where it was built. It needs GCC or Clang (GNU vector
+extensions, target pragmas, OpenMP). Under bf16 autocast or with bf16 inputs, CPUs with AMX run the
+forward's GEMMs in bf16 with fp32 accumulation (PyTorch's oneDNN micro-kernels, ``cpublas::brgemm``); on
+other CPUs, where bf16 GEMMs are no faster than fp32 ones, they stay fp32. :func:`kernel_dispatch` says
+what runs here; ``TNTVISION_KERNEL_ISA`` (``auto``, ``avx512``, ``avx2``, ``baseline``, ``avx2-w16``) and
+``TNTVISION_KERNEL_BF16`` (``auto``, ``fp32``, ``brgemm``) override it, and so does
+:func:`set_kernel_dispatch`.
+
+It is compiled at first use (or ahead of time: ``tnt kernels build``, :func:`build`) into
+``$TNTVISION_CACHE`` or ``~/.cache/tntvision/kernels/<key>``, where the key covers the sources, torch's
+version, the compiler flags and the architecture. When it cannot be built, one warning says why and every
+model runs the pure-PyTorch reference path, which computes the same numbers. ``TNTVISION_FUSED=0`` (or
+:func:`set_fused_kernels` / :func:`fused_kernels`) turns the fused path off; the reference path is always
+what the fused one is tested against. A model compiled with ``torch.compile`` or exported with
+``torch.export`` before any eager call builds (or loads) the kernel during tracing and runs the fused op
+whenever eager would.
 
 Which path runs is decided from static facts only (device, dtype, dropout settings, whether attention maps
-are being recorded, whether an ONNX export is tracing); never from timing or tensor values.
+are being recorded, whether an ONNX export is tracing, whether the inner modules are exactly the plain
+``nn.Linear`` / ``nn.LayerNorm`` / ``nn.GELU`` the op computes, with no hooks or parametrizations: see
+:func:`plain_module`); never from timing or tensor values.
 """
 
 from __future__ import annotations
@@ -34,43 +49,42 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
+
 __all__ = [
+    "build",
     "fused_available",
     "fused_kernels",
     "fused_kernels_enabled",
     "inner_transformer",
+    "kernel_dispatch",
+    "plain_module",
     "set_fused_kernels",
+    "set_kernel_dispatch",
 ]
 
-_SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "inner_transformer.cpp"
+_CSRC = Path(__file__).resolve().parents[1] / "csrc"
+_SOURCE = _CSRC / "inner_transformer.cpp"
+_SOURCES = (_SOURCE, _CSRC / "inner_transformer_tile.h")  # what the build depends on
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {"loaded": None, "error": None}  # loaded: None (not tried), True, False
 _ENABLED = [os.environ.get("TNTVISION_FUSED", "1") not in ("0", "false", "no", "off")]
+ISAS = ("auto", "avx512", "avx2", "baseline", "avx2-w16")
+BF16_MODES = ("auto", "fp32", "brgemm")
 
 
 def _cflags() -> list[str]:
-    flags = ["-O3", "-fopenmp"]
-    if platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
-        flags.append("-march=native")
-    return flags
-
-
-def _cpu_signature() -> str:
-    """The CPU's model name and feature flags (Linux), so builds are keyed by what they may use."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    keep = [ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
-    return "\n".join(sorted(set(keep)))
+    """Portable flags: the instruction sets are chosen inside the source, at run time (never -march)."""
+    return ["-O3", "-fopenmp"]
 
 
 def build_directory() -> Path:
-    """Where the compiled extension of this source, torch, flags and CPU lives."""
+    """Where the compiled extension of these sources, torch, flags and architecture lives."""
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_cflags()).encode()):
-        key.update(part)
-    key.update(_cpu_signature().encode())
+    for src in _SOURCES:
+        key.update(src.read_bytes())
+    for part in (torch.__version__, " ".join(_cflags()), platform.machine(), platform.system()):
+        key.update(part.encode())
     root = Path(os.environ.get("TNTVISION_CACHE", Path.home() / ".cache" / "tntvision" / "kernels"))
     return root / key.hexdigest()[:16]
 
@@ -112,7 +126,7 @@ def _load() -> bool:
             build.mkdir(parents=True, exist_ok=True)
             cpp_extension.load(
                 name="tntvision_kernels",
-                sources=[str(_SOURCE)],
+                sources=[str(_SOURCE)],  # includes the tile header; ninja tracks it
                 extra_cflags=_cflags(),
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build),
@@ -129,7 +143,61 @@ def _load() -> bool:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return bool(_STATE["loaded"])
+        loaded = bool(_STATE["loaded"])
+    if loaded and not _STATE.get("dispatch_set"):
+        _STATE["dispatch_set"] = True
+        isa = os.environ.get("TNTVISION_KERNEL_ISA", "auto")
+        bf16 = os.environ.get("TNTVISION_KERNEL_BF16", "auto")
+        set_kernel_dispatch(isa=isa, bf16=bf16, what="TNTVISION_KERNEL_ISA / TNTVISION_KERNEL_BF16")
+    return loaded
+
+
+def build() -> Path:
+    """Compile the extension now (a server or an image build calls this, or ``tnt kernels build``, so no
+    request ever waits for the compiler) and return its folder; :class:`ConfigError` with the compiler's
+    reason when it cannot be built."""
+    if not _load():
+        raise ConfigError(f"the fused CPU kernel could not be built: {_STATE['error']}")
+    return build_directory()
+
+
+def kernel_dispatch() -> dict[str, object]:
+    """What the fused op runs on this CPU: ``isa`` (the instruction set of the copy in use), ``bf16``
+    (how the GEMMs of a low-precision call run: ``fp32``, ``brgemm-amx`` or ``brgemm-unpacked``) and
+    ``cpu_isas`` (the copies this CPU can run). Builds the kernel if needed; None if it cannot be built."""
+    if not _load():
+        return {"isa": None, "bf16": None, "cpu_isas": [], "error": _STATE["error"]}
+    isa, bf16, cpu = torch.ops.tntvision.kernel_dispatch()
+    return {"isa": isa, "bf16": bf16, "cpu_isas": cpu.split(",")}
+
+
+def set_kernel_dispatch(*, isa: str = "auto", bf16: str = "auto", what: str = "set_kernel_dispatch") -> None:
+    """Choose the kernel copy (``isa``: one of :data:`ISAS`) and the bf16 GEMM mode (``bf16``: ``auto``
+    = bf16 GEMMs where the CPU has AMX, ``fp32``, or ``brgemm`` = bf16 GEMMs through cpublas whatever the
+    CPU); :class:`ConfigError` for an unknown name or an instruction set this CPU lacks."""
+    if isa not in ISAS:
+        raise ConfigError(f"{what}: unknown instruction set {isa!r}; choose one of {', '.join(ISAS)}")
+    if bf16 not in BF16_MODES:
+        raise ConfigError(f"{what}: unknown bf16 mode {bf16!r}; choose one of {', '.join(BF16_MODES)}")
+    if not _load():
+        raise ConfigError(f"the fused CPU kernel could not be built: {_STATE['error']}")
+    try:
+        torch.ops.tntvision.set_kernel_dispatch(isa, bf16)
+    except RuntimeError as e:
+        raise ConfigError(f"{what}: {str(e).splitlines()[0]}") from None
+    _STATE["dispatch"] = (isa, bf16)
+
+
+@contextlib.contextmanager
+def kernel_options(*, isa: str = "auto", bf16: str = "auto") -> Iterator[None]:
+    """Run the ``with`` block with another kernel copy or bf16 mode, then restore the previous choice."""
+    _load()  # applies the environment's choice first, so that is what comes back
+    before = _STATE.get("dispatch", ("auto", "auto"))
+    set_kernel_dispatch(isa=isa, bf16=bf16)
+    try:
+        yield
+    finally:
+        set_kernel_dispatch(isa=before[0], bf16=before[1])
 
 
 def fused_available() -> bool:
@@ -163,9 +231,45 @@ def use_fused(x: torch.Tensor) -> bool:
         return False
     if torch.onnx.is_in_onnx_export():
         return False
-    if torch.compiler.is_compiling():  # never build inside a trace: use what eager use already loaded
-        return _STATE["loaded"] is True
+    if torch.compiler.is_compiling():  # dynamo runs it once at trace time and keeps the answer
+        return _loaded_for_trace()
     return _load()
+
+
+@torch.compiler.assume_constant_result
+def _loaded_for_trace() -> bool:
+    """:func:`_load` for a trace (``torch.compile``, ``torch.export``): a constant of the graph, so a model
+    compiled or exported before any eager call still gets the fused op."""
+    return _load()
+
+
+# Exactly what the fused op computes; a subclass may override forward, so types must match exactly.
+PLAIN_MODULES = (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.GELU, torch.nn.Dropout, torch.nn.Identity)
+
+
+def plain_module(module: torch.nn.Module, *, allowed: tuple[type, ...] = PLAIN_MODULES) -> bool:
+    """True when ``module`` and every submodule are of exactly an ``allowed`` type, with no forward hooks
+    or pre-hooks (their own or global), no parametrization (``torch.nn.utils.parametrize``, weight norm)
+    and plain tensors as parameters. A fused op that reads their weights instead of calling them would
+    silently skip a hook, a LoRA adapter or a quantized module; anything else runs the modules."""
+    from torch.nn.modules import module as nn_module
+    from torch.nn.utils import parametrize
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return False
+    tracing = torch.compiler.is_compiling()
+    for mod in module.modules():
+        if type(mod) not in allowed or parametrize.is_parametrized(mod):
+            return False
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return False
+        if isinstance(mod, torch.nn.GELU) and mod.approximate != "none":
+            return False
+        if not tracing and any(
+            type(p) is not torch.nn.Parameter for p in mod._parameters.values() if p is not None
+        ):
+            return False  # a tensor-subclass weight (e.g. quantized); a trace holds fake tensors instead
+    return True
 
 
 # ------------------------------------------------------------------------------- op registration
@@ -181,20 +285,22 @@ def _register_python_kernels() -> None:
     @torch.library.register_fake("tntvision::inner_transformer_backward")
     def _fake_backward(grad, x, *rest):
         out = [torch.empty_like(x)]
-        for p in rest[:14]:  # the parameters; then keep1, keep2, num_heads, eps
+        for p in rest[:14]:  # the parameters; then keep1, keep2, num_heads, eps, low_precision
             out.append(x.new_empty((0,), dtype=torch.float32) if p is None else torch.empty_like(p))
         return out
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*(t for t in inputs[:17] if t is not None))
         ctx.present = [t is not None for t in inputs[:17]]
-        ctx.num_heads, ctx.eps = inputs[17], inputs[18]
+        ctx.num_heads, ctx.eps, ctx.low_precision = inputs[17], inputs[18], inputs[19]
 
     def backward(ctx, grad):
         saved = iter(ctx.saved_tensors)
         inputs = [next(saved) if present else None for present in ctx.present]
-        grads = torch.ops.tntvision.inner_transformer_backward(grad, *inputs, ctx.num_heads, ctx.eps)
-        out = list(grads) + [None, None, None, None]  # keep1, keep2, num_heads, eps
+        grads = torch.ops.tntvision.inner_transformer_backward(
+            grad, *inputs, ctx.num_heads, ctx.eps, ctx.low_precision
+        )
+        out = list(grads) + [None] * 5  # keep1, keep2, num_heads, eps, low_precision
         for i, present in enumerate(ctx.present[1:15], start=1):  # optional qkv biases
             if not present:
                 out[i] = None
@@ -212,9 +318,13 @@ def inner_transformer(
     """Run ``block``'s inner transformer on words ``x`` (S, m, c) through the fused op.
 
     ``block`` is a :class:`~tntvision.models.tnt.TNTBlock` with an inner transformer; ``keep1`` / ``keep2``
-    are per-sentence drop-path scales (S,) for the attention and MLP branches, or None.
+    are per-sentence drop-path scales (S,) for the attention and MLP branches, or None. Under bf16
+    autocast or for bf16 words the op is told it may compute its GEMMs in bf16 (``low_precision``), which
+    it does where the CPU has AMX (see :func:`kernel_dispatch`).
     """
     attn, mlp = block.attn_in, block.mlp_in
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    low_precision = autocast_bf16 or x.dtype == torch.bfloat16
     return torch.ops.tntvision.inner_transformer(
         x,
         block.norm_in.weight,
@@ -235,4 +345,5 @@ def inner_transformer(
         keep2,
         attn.num_heads,
         block.norm_in.eps,
+        low_precision,
     )

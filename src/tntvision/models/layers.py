@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from .kernels import PLAIN_MODULES, plain_module
 
 __all__ = [
     "Attention",
@@ -145,9 +146,16 @@ class Attention(nn.Module):
             x = torch.bmm(attn, v)  # (B*h, N, hd)
         return x.view(B, h, N, hd).transpose(1, 2).reshape(B, N, C3 // 3)  # (B, N, C)
 
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, 3*C): one GEMM over the concatenated weights when ``qk`` and ``v`` are plain Linears;
+        otherwise (an adapter, a quantized Linear, a hook) the modules themselves are called."""
+        if plain_module(self.qk) and plain_module(self.v):
+            return F.linear(x, *self.qkv_weight())
+        return torch.cat([self.qk(x), self.v(x)], dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        qkv = F.linear(x, *self.qkv_weight())  # (B, N, 3*C)
+        qkv = self.qkv(x)  # (B, N, 3*C)
         p = self.attn_drop if self.training else 0.0
         if self.keep_attn or N <= SMALL_ATTN_TOKENS:
             x = self.explicit(qkv, p)
@@ -217,9 +225,13 @@ class Mlp(nn.Module):
         self.lean_backward = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plain = plain_module(
+            self, allowed=(Mlp, *PLAIN_MODULES)
+        )  # else the modules are called (adapters, hooks, quantized Linears)
         if not torch.is_grad_enabled():
-            return self.drop(self.fc2(self.drop(torch.ops.aten.gelu_(self.fc1(x)))))
-        if self.lean_backward and (self.drop.p == 0.0 or not self.training):
+            act = torch.ops.aten.gelu_ if plain_module(self.act) else self.act
+            return self.drop(self.fc2(self.drop(act(self.fc1(x)))))
+        if plain and self.lean_backward and (self.drop.p == 0.0 or not self.training):
             fc1, fc2 = self.fc1, self.fc2
             return _MlpFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.recompute_fc1)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))

@@ -183,13 +183,25 @@ class TNTBlock(nn.Module):
         return self.norm2_proj(self.proj(self.norm1_proj(flat)))
 
     def fused_inner_ok(self, words: torch.Tensor) -> bool:
-        """Whether the inner transformer may run as the fused op (static facts only, see ``kernels``)."""
+        """Whether the inner transformer may run as the fused op (static facts only, see ``kernels``).
+
+        Only when its modules are exactly what the op computes: our ``Attention`` and ``Mlp`` of plain
+        ``nn.Linear`` / ``nn.LayerNorm`` / exact ``nn.GELU``, with no hooks or parametrizations. A LoRA
+        adapter, a quantized Linear, weight norm or a forward hook sends the block down the reference
+        path, which calls the modules themselves.
+        """
         attn, mlp = self.attn_in, self.mlp_in
         dropout = attn.attn_drop > 0 or attn.proj_drop.p > 0 or mlp.drop.p > 0
         return (
             not attn.keep_attn
             and not (self.training and dropout)
             and self.norm_in.eps == self.norm_mlp_in.eps
+            and type(attn) is Attention
+            and type(mlp) is Mlp
+            and kernels.plain_module(self.norm_in)
+            and kernels.plain_module(self.norm_mlp_in)
+            and kernels.plain_module(attn, allowed=(Attention, *kernels.PLAIN_MODULES))
+            and kernels.plain_module(mlp, allowed=(Mlp, *kernels.PLAIN_MODULES))
             and kernels.use_fused(words)
         )
 

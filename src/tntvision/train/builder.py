@@ -26,7 +26,7 @@ from ..data.sampler import mix_seed
 from ..errors import ConfigError
 from ..models import create_model
 from ..models.registry import ModelMeta
-from ..utils.amp import amp_dtype
+from ..utils.amp import amp_dtype, resolve_amp
 from .config import TrainConfig
 from .distributed import World
 from .engine import StepOptions
@@ -194,7 +194,15 @@ def build_run(
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
         )
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "float16" else None
+    amp = resolve_amp(cfg.amp, device)
+    if cfg.amp == "auto":
+        why = (
+            "native bf16"
+            if amp == "bfloat16"
+            else "no native bf16 (bf16 would be emulated, slower than fp32)"
+        )
+        say(f"amp: auto -> {amp} ({device.type} with {why})")
+    scaler = torch.amp.GradScaler(device.type) if amp == "float16" else None
     if state is not None:
         _restore(model, optimizer, ema, scaler, state)
     elif cfg.pretrained:
@@ -214,7 +222,7 @@ def build_run(
         mixer=batch_mixer(
             num_classes=len(classes), mixup=a.mixup, cutmix=a.cutmix, switch_prob=a.switch_prob
         ),
-        amp_dtype=amp_dtype(cfg.amp),
+        amp_dtype=amp_dtype(amp),
         scaler=scaler,
         accum_steps=cfg.accum_steps,
         grad_clip=cfg.optim.grad_clip,

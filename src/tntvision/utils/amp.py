@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import platform
+from functools import cache
+from pathlib import Path
 
 import torch
 
 from ..errors import InputError
 
-__all__ = ["AMP_DTYPES", "WEIGHT_DTYPES", "amp_dtype", "autocast", "weight_dtype"]
+__all__ = [
+    "AMP_DTYPES",
+    "WEIGHT_DTYPES",
+    "amp_dtype",
+    "autocast",
+    "native_bf16",
+    "resolve_amp",
+    "weight_dtype",
+]
 
 # "none" runs in float32; the others autocast to that dtype.
 AMP_DTYPES: dict[str, torch.dtype | None] = {
@@ -43,3 +54,41 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 ``flags``, Arm ``Features``); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key = line.split(":", 1)[0].strip()
+        if key in ("flags", "Features"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 matrix products in hardware: CUDA GPUs that support bf16; x86 CPUs
+    with ``avx512_bf16`` or AMX (``amx_bf16``); Arm CPUs with the ``bf16`` extension. Elsewhere (e.g. an
+    AVX2-only EPYC) oneDNN emulates bf16 and a bf16 GEMM is several times slower than an fp32 one, so
+    bf16 autocast would slow training down instead of speeding it up. A static fact of the hardware."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    flags = _cpu_flags()
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def resolve_amp(name: str, device: torch.device) -> str:
+    """The autocast a config's ``amp`` means on ``device``: ``"auto"`` is ``"bfloat16"`` where the device
+    has native bf16 (:func:`native_bf16`) and ``"none"`` (float32) elsewhere; other names are kept."""
+    if name == "auto":
+        return "bfloat16" if native_bf16(device) else "none"
+    amp_dtype(name)  # InputError for an unknown name
+    return name

@@ -1,0 +1,368 @@
+"""The fused op itself (``torch.ops.tntvision.inner_transformer``) against an independent float64 formula.
+
+Every instruction-set copy of the kernel this CPU can run (and ``avx2-w16``, the AVX-512 copy's 16-float
+code on AVX2), on the word counts that take every branch of the attention code (1, 3, 4, 16, 20, 28 and
+36 words: 1-5 vectors of 8 and the general loop), head sizes that leave a tail, with and without the qkv
+bias, on one and two threads, batch 1 and many tiles: outputs and every gradient within 1e-5. Then the
+bf16 GEMM path against the same formula with its GEMM operands rounded to bf16, argument checks, and the
+dispatch controls.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tntvision.errors import ConfigError
+from tntvision.models import kernels
+
+NAMES = ["ln1_w", "ln1_b", "qk_w", "qk_b", "v_w", "v_b", "proj_w", "proj_b"]
+NAMES += ["ln2_w", "ln2_b", "fc1_w", "fc1_b", "fc2_w", "fc2_b"]
+
+
+def _dispatch() -> dict:
+    assert kernels.fused_available(), kernels._STATE["error"]
+    return kernels.kernel_dispatch()
+
+
+def _isas() -> list[str]:
+    cpu = _dispatch()["cpu_isas"]
+    return cpu + (["avx2-w16"] if "avx2" in cpu else [])
+
+
+def params(c: int, H: int, *, bias: bool, seed: int = 0) -> dict[str, torch.Tensor | None]:
+    """Random weights of one inner transformer, away from any init (scaled like trained ones)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0, base=0.0):
+        return base + scale * torch.randn(*shape, generator=g)
+
+    return {
+        "ln1_w": r(c, scale=0.2, base=1.0),
+        "ln1_b": r(c, scale=0.1),
+        "qk_w": r(2 * c, c, scale=c**-0.5),
+        "qk_b": r(2 * c, scale=0.1) if bias else None,
+        "v_w": r(c, c, scale=c**-0.5),
+        "v_b": r(c, scale=0.1) if bias else None,
+        "proj_w": r(c, c, scale=c**-0.5),
+        "proj_b": r(c, scale=0.1),
+        "ln2_w": r(c, scale=0.2, base=1.0),
+        "ln2_b": r(c, scale=0.1),
+        "fc1_w": r(H, c, scale=c**-0.5),
+        "fc1_b": r(H, scale=0.1),
+        "fc2_w": r(c, H, scale=H**-0.5),
+        "fc2_b": r(c, scale=0.1),
+    }
+
+
+def op(x, p, keep1, keep2, heads, *, eps=1e-5, low_precision=False):
+    args = [p[n] for n in NAMES]
+    return torch.ops.tntvision.inner_transformer(x, *args, keep1, keep2, heads, eps, low_precision)
+
+
+def formula(x, p, keep1, keep2, heads, *, eps=1e-5, gemm_dtype=None):
+    """The inner transformer written out with torch.nn.functional, in x's dtype. With ``gemm_dtype``,
+    each GEMM's operands are rounded to it first (what a bf16 GEMM with exact accumulation computes)."""
+
+    def lin(a, w, b):
+        if gemm_dtype is not None:
+            a, w = a.to(gemm_dtype).to(x.dtype), w.to(gemm_dtype).to(x.dtype)
+        return F.linear(a, w, b)
+
+    p = {k: None if v is None else v.to(x.dtype) for k, v in p.items()}
+    S, m, c = x.shape
+    hd = c // heads
+    h = F.layer_norm(x, (c,), p["ln1_w"], p["ln1_b"], eps)
+    q, k = lin(h, p["qk_w"], p["qk_b"]).chunk(2, dim=-1)
+    v = lin(h, p["v_w"], p["v_b"])
+    q, k, v = (t.reshape(S, m, heads, hd).transpose(1, 2) for t in (q, k, v))  # (S, heads, m, hd)
+    att = torch.softmax((q @ k.transpose(-1, -2)) * hd**-0.5, dim=-1) @ v  # (S, heads, m, hd)
+    y = lin(att.transpose(1, 2).reshape(S, m, c), p["proj_w"], p["proj_b"])  # (S, m, c)
+    k1 = 1.0 if keep1 is None else keep1.to(x.dtype)[:, None, None]
+    k2 = 1.0 if keep2 is None else keep2.to(x.dtype)[:, None, None]
+    x1 = x + k1 * y
+    z = lin(
+        F.gelu(lin(F.layer_norm(x1, (c,), p["ln2_w"], p["ln2_b"], eps), p["fc1_w"], p["fc1_b"])),
+        p["fc2_w"],
+        None,
+    )
+    return x1 + k2 * (z + p["fc2_b"])
+
+
+# (sentences, words, dim, heads, hidden): TNT-S's and the mini's shapes, then every attention branch
+SHAPES = [
+    (5, 16, 24, 4, 96),  # TNT-S: 16 words of 24, 4 heads of 6
+    (7, 4, 8, 2, 32),  # the mini: 4 words of 8
+    (3, 3, 12, 3, 48),  # 3 words
+    (3, 20, 16, 2, 64),  # 20 words: 3 vectors of 8
+    (2, 28, 16, 4, 40),  # 28 words: 4 vectors; hidden 40
+    (2, 36, 12, 2, 24),  # 36 words: the general loop; head size 6 leaves a tail of the 4-blocks
+    (1, 16, 24, 4, 96),  # batch 1 of one sentence
+    (40, 16, 24, 4, 96),  # several tiles of 16 sentences
+    (4, 1, 8, 1, 16),  # one word
+]
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx2-w16", "avx512"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "qkvbias"])
+def test_op_matches_the_formula(isa, shape, bias, threads):
+    if isa not in _isas():
+        pytest.skip(
+            f"this CPU cannot run the {isa} kernels (it runs {_isas()}); they are tested where it can"
+        )
+    S, m, c, heads, H = shape
+    p = params(c, H, bias=bias, seed=S * m + c)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(S, m, c, generator=g)
+    keep1 = torch.tensor([0.0, 1.25, 1.25, 2.0] * S)[:S]
+    keep2 = torch.tensor([1.25, 0.0, 2.0] * S)[:S]
+    grad = torch.randn(S, m, c, generator=g)
+
+    leaves = {k: v.clone().requires_grad_(True) for k, v in p.items() if v is not None}
+    pp = {k: leaves.get(k) for k in p}
+    xr = x.clone().requires_grad_(True)
+    with kernels.kernel_options(isa=isa):
+        y = op(xr, pp, keep1, keep2, heads)
+        y.backward(grad)
+
+    x64 = x.double().requires_grad_(True)
+    leaves64 = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
+    want = formula(x64, {k: leaves64.get(k) for k in p}, keep1, keep2, heads)
+    want.backward(grad.double())
+
+    torch.testing.assert_close(y.detach().double(), want.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(xr.grad.double(), x64.grad, rtol=0, atol=1e-5 * max(1.0, x64.grad.abs().max()))
+    for k, leaf in leaves.items():
+        ref = leaves64[k].grad
+        err = (leaf.grad.double() - ref).abs().max().item()
+        assert err <= 1e-5 * max(1.0, ref.abs().max().item()), f"{isa} {k}: max diff {err}"
+
+
+def test_no_sentences():
+    p = params(8, 32, bias=False)
+    x = torch.zeros(0, 4, 8, requires_grad=True)
+    y = op(x, p, None, None, 2)
+    assert y.shape == (0, 4, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 4, 8)
+
+
+def test_backward_is_deterministic_across_runs(threads):
+    """Gradients are summed per chunk of tiles in a fixed order: no dependence on thread scheduling."""
+    p = {k: None if v is None else v.requires_grad_(True) for k, v in params(24, 96, bias=True).items()}
+    x = torch.randn(100, 16, 24)
+    grad = torch.randn_like(x)
+    runs = []
+    for _ in range(3):
+        for v in p.values():
+            if v is not None:
+                v.grad = None
+        op(x, p, None, None, 4).backward(grad)
+        runs.append(torch.cat([p[k].grad.flatten() for k in NAMES if p[k] is not None]))
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+# ------------------------------------------------------------------------------------------ bf16
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx2-w16", "avx512"])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_bf16_gemms_round_their_operands_and_accumulate_in_fp32(isa, xdtype):
+    """The bf16 GEMM path (AMX where the CPU has it; cpublas's unpacked bf16 GEMM elsewhere, forced
+    here) equals the formula whose GEMM operands are rounded to bf16, far closer than to the fp32
+    formula: so the bf16 GEMMs really ran, and everything around them stayed fp32."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    p = params(24, 96, bias=True, seed=5)
+    x = torch.randn(20, 16, 24).to(xdtype)
+    with kernels.kernel_options(isa=isa, bf16="brgemm"):
+        got = op(x, p, None, None, 4, low_precision=True).double()
+        assert kernels.kernel_dispatch()["bf16"].startswith("brgemm")
+    x64 = x.double()
+    rounded = formula(
+        x64,
+        {k: None if v is None else v.double() for k, v in p.items()},
+        None,
+        None,
+        4,
+        gemm_dtype=torch.bfloat16,
+    )
+    exact = formula(x64, {k: None if v is None else v.double() for k, v in p.items()}, None, None, 4)
+    # mean errors: a bf16 rounding that flips the other way (inputs differ by fp32-vs-fp64 sums) moves one
+    # value by 2^-8 and what depends on it, so the max is noisy; the mean shows which formula it follows
+    if xdtype == torch.bfloat16:  # the output is rounded to bf16 too
+        rounded, exact = (t.to(torch.bfloat16).double() for t in (rounded, exact))
+    err_rounded = (got - rounded).abs().mean().item()
+    err_exact = (got - exact).abs().mean().item()
+    print(
+        f"bf16 GEMMs ({isa}, x {xdtype}): mean error {err_rounded:.2e} against the bf16-rounded formula, "
+        f"{err_exact:.2e} against the fp32 one"
+    )
+    assert err_rounded <= 0.2 * err_exact
+    assert err_exact > 1e-3  # the GEMMs were bf16 indeed
+
+
+def test_low_precision_in_the_default_mode_runs_what_the_cpu_is_best_at():
+    """In ``auto``, a low-precision call computes its GEMMs in bf16 exactly when the CPU has AMX (the
+    packed path), and in fp32 elsewhere; either way within the matching formula. Prints which."""
+    info = _dispatch()
+    print(
+        f"\nfused kernel here: isa={info['isa']}, low-precision GEMMs={info['bf16']}, cpu={info['cpu_isas']}"
+    )
+    p = params(24, 96, bias=False, seed=2)
+    x = torch.randn(30, 16, 24)
+    with kernels.kernel_options():
+        got = op(x, p, None, None, 4, low_precision=True).double()
+        mode = kernels.kernel_dispatch()["bf16"]
+    p64 = {k: None if v is None else v.double() for k, v in p.items()}
+    if mode == "brgemm-amx":
+        want = formula(x.double(), p64, None, None, 4, gemm_dtype=torch.bfloat16)
+        tol = 2e-4 * want.abs().max().item()
+    else:
+        assert mode == "fp32"
+        want, tol = formula(x.double(), p64, None, None, 4), 1e-5
+    assert (got - want).abs().max().item() <= tol
+
+
+def test_bf16_backward_matches_the_fp32_backward_of_the_recomputed_forward():
+    """A low-precision call's backward recomputes the forward the same way and runs fp32 GEMMs: its
+    gradients stay within bf16 rounding of the fp32 gradients."""
+    p = {k: None if v is None else v.requires_grad_(True) for k, v in params(16, 64, bias=True).items()}
+    x = torch.randn(12, 16, 16)
+    grad = torch.randn_like(x)
+    grads = {}
+    for lp in (False, True):
+        for v in p.values():
+            if v is not None:
+                v.grad = None
+        with kernels.kernel_options(bf16="brgemm"):
+            op(x, p, None, None, 2, low_precision=lp).backward(grad)
+        grads[lp] = {k: v.grad.clone() for k, v in p.items() if v is not None}
+    for k, g in grads[False].items():
+        err = (grads[True][k] - g).abs().max().item()
+        assert err <= 0.05 * g.abs().max().item(), f"{k}: {err}"
+
+
+# ------------------------------------------------------------------------------- argument checks
+
+
+def _call_with(**change):
+    p = params(8, 32, bias=True)
+    args = {"x": torch.randn(3, 4, 8), **p, "keep1": None, "keep2": None, "heads": 2, "eps": 1e-5}
+    args.update(change)
+    pp = {k: args[k] for k in NAMES}
+    return op(args["x"], pp, args["keep1"], args["keep2"], args["heads"], eps=args["eps"])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"x": torch.randn(4, 8)}, "sentences, words, dim"),
+        ({"x": torch.randn(3, 4, 8, dtype=torch.float64)}, "float32 or bfloat16"),
+        ({"x": torch.randn(3, 5000, 8)}, "words per sentence"),
+        ({"heads": 3}, "not divisible by num_heads"),
+        ({"heads": 0}, "not divisible by num_heads"),
+        ({"eps": 0.0}, "eps must be positive"),
+        ({"qk_b": None}, "given together"),
+        ({"v_b": None}, "given together"),
+        ({"qk_w": torch.randn(8, 8)}, "qk_w must have shape"),
+        ({"v_w": torch.randn(8, 4)}, "v_w must have shape"),
+        ({"proj_b": torch.randn(7)}, "proj_b must have shape"),
+        ({"ln1_w": torch.randn(9)}, "ln1_w must have shape"),
+        ({"ln2_b": torch.randn(8, 1)}, "ln2_b must have shape"),
+        ({"fc1_b": torch.randn(31)}, "fc1_b must have shape"),
+        ({"fc2_w": torch.randn(8, 31)}, "fc2_w must have shape"),
+        ({"fc2_w": torch.ones(8, 32, dtype=torch.int64)}, "floating-point"),
+        ({"keep1": torch.ones(2)}, "one drop-path scale per sentence"),
+        ({"keep2": torch.ones(3, 1)}, "one drop-path scale per sentence"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(v),
+)
+def test_bad_arguments_are_refused_with_a_clear_message(change, message):
+    with pytest.raises(RuntimeError, match=message):
+        _call_with(**change)
+
+
+def test_backward_refuses_a_gradient_of_another_shape():
+    p = params(8, 32, bias=False)
+    x = torch.randn(3, 4, 8)
+    with pytest.raises(RuntimeError, match="grad has shape"):
+        torch.ops.tntvision.inner_transformer_backward(
+            torch.randn(3, 4, 7), x, *[p[n] for n in NAMES], None, None, 2, 1e-5, False
+        )
+
+
+# ------------------------------------------------------------------------------------- dispatch
+
+
+def test_unknown_or_unavailable_instruction_sets_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown instruction set 'sse9'"):
+        kernels.set_kernel_dispatch(isa="sse9")
+    with pytest.raises(ConfigError, match="unknown bf16 mode"):
+        kernels.set_kernel_dispatch(bf16="fp8")
+    for isa in ("avx512", "avx2"):
+        if isa not in _dispatch()["cpu_isas"]:
+            with pytest.raises(ConfigError, match=f"cannot run the '{isa}' kernels"):
+                kernels.set_kernel_dispatch(isa=isa)
+    assert _dispatch()["isa"] == _dispatch()["cpu_isas"][-1]  # the refusals changed nothing
+
+
+def test_the_best_copy_runs_by_default_and_the_environment_overrides_it():
+    """auto takes the widest instruction set the CPU has; TNTVISION_KERNEL_ISA picks another."""
+    cpu = _dispatch()["cpu_isas"]
+    order = ["baseline", "avx2", "avx512"]
+    assert _dispatch()["isa"] == max(cpu, key=order.index)
+    code = "from tntvision.models import kernels; d = kernels.kernel_dispatch(); print(d['isa'], d['bf16'])"
+    env = {**os.environ, "TNTVISION_KERNEL_ISA": "baseline", "TNTVISION_KERNEL_BF16": "fp32"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["baseline", "fp32"]
+    env["TNTVISION_KERNEL_ISA"] = "sse9"
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "TNTVISION_KERNEL_ISA" in bad.stderr and "sse9" in bad.stderr
+
+
+def test_one_portable_build():
+    """No -march flag anywhere in the build (checked in the build file ninja ran), and a cache key that
+    does not read the CPU: the same folder serves every CPU of this architecture."""
+    assert kernels.fused_available()
+    ninja = (kernels.build_directory() / "build.ninja").read_text()
+    assert "-march" not in ninja and "-O3" in ninja
+    from pathlib import Path
+
+    real = Path.read_text
+    try:  # a different CPU model must not change where the build lives
+        Path.read_text = lambda self, *a, **k: (
+            "model name : Other CPU\n" if str(self) == "/proc/cpuinfo" else real(self, *a, **k)
+        )
+        other = kernels.build_directory()
+    finally:
+        Path.read_text = real
+    assert other == kernels.build_directory()
+
+
+def test_tnt_kernels_build_and_info():
+    from tntvision.cli import main
+
+    assert main(["kernels", "build"]) == 0
+    out = subprocess.run(
+        [sys.executable, "-m", "tntvision.cli", "kernels", "info", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    import json
+
+    info = json.loads(out.stdout)
+    assert info["isa"] == _dispatch()["isa"] and info["build"] == str(kernels.build_directory())
