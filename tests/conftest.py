@@ -4,6 +4,19 @@ import torch
 import tntvision
 
 
+def pytest_report_header(config):
+    """Which copy of the fused kernel this run exercises (its tests run whichever the CPU takes)."""
+    from tntvision.models import kernels
+
+    d = kernels.kernel_dispatch()
+    if d["isa"] is None:
+        return f"tntvision fused kernel: NOT BUILT ({d['error']})"
+    return (
+        f"tntvision fused kernel: isa={d['isa']} (this CPU can run {', '.join(d['cpu_isas'])}), "
+        f"low-precision GEMMs={d['bf16']}"
+    )
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
