@@ -65,7 +65,7 @@ def prepare_images(images: torch.Tensor, meta: ModelMeta, *, train: bool) -> tor
         if tuple(x.shape[-2:]) != (height, width):
             x = TF.resize(x, [height, width], interpolation=interp, antialias=True)
         return x
-    resize = int(round(min(height, width) / meta.crop_pct))
+    resize = meta.resize_size
     if min(x.shape[-2:]) != resize:
         x = TF.resize(x, [resize], interpolation=interp, antialias=True)
     if tuple(x.shape[-2:]) != (height, width):

@@ -71,16 +71,17 @@ class ToModelMode:
 def eval_transform(meta: ModelMeta) -> T.Compose:
     """PIL image (any mode) -> normalised (C, H, W) float tensor, as the model was evaluated.
 
-    Resize the short side to ``size / crop_pct``, centre-crop ``size``, scale to [0, 1], normalise.
+    Resize the short side to ``meta.resize_size`` (floor of size / crop_pct), centre-crop ``size``, scale to
+    [0, 1], normalise. The resize and crop run on the PIL image, with Pillow's resampling, as timm's eval
+    transform does: the same pixels as ``timm.data.create_transform(**model.pretrained_cfg)``.
     """
     in_chans, height, width = meta.input_size
-    resize = int(round(min(height, width) / meta.crop_pct))
     return T.Compose(
         [
             ToModelMode(in_chans),
-            T.PILToTensor(),
-            T.Resize(resize, interpolation=_INTERPOLATION[meta.interpolation], antialias=True),
+            T.Resize(meta.resize_size, interpolation=_INTERPOLATION[meta.interpolation], antialias=True),
             T.CenterCrop((height, width)),
+            T.PILToTensor(),
             T.ToDtype(torch.float32, scale=True),
             T.Normalize(mean=list(meta.mean), std=list(meta.std)),
         ]

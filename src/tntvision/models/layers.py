@@ -18,6 +18,7 @@ __all__ = [
     "SqueezeExcite",
     "check_images",
     "drop_path_scale",
+    "fx_leaf",
     "init_linear_and_norm",
     "new_head",
     "resample_pos_embed",
@@ -361,4 +362,13 @@ def check_images(x: torch.Tensor, in_chans: int, multiple: int, what: str) -> tu
         raise InputError(f"model takes {in_chans} input channels, got {C} (shape {tuple(x.shape)})")
     if H % multiple or W % multiple:
         raise InputError(f"image size {H}x{W} is not a multiple of {what}")
+    if H == 0 or W == 0:
+        raise InputError(f"image size {H}x{W} is empty")
     return H, W
+
+
+def fx_leaf(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    """``module(*args)``. Model files mark it with ``torch.fx.wrap``, so a symbolic trace records the call as
+    one node instead of tracing into the module: for :class:`Attention` and :class:`Mlp`, whose forward
+    picks its kernels from token counts and grad mode, which a trace cannot see (see docs/timm.md)."""
+    return module(*args)

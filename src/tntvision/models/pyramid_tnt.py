@@ -29,7 +29,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, InputError
-from .layers import DropPath, Mlp, check_images, init_linear_and_norm, new_head, resample_pos_embed
+from .contract import FeatureInfo, TimmContract
+from .layers import DropPath, Mlp, check_images, fx_leaf, init_linear_and_norm, new_head, resample_pos_embed
 from .registry import ModelMeta, register_model
 from .tnt import feature_take_indices
 
@@ -37,6 +38,11 @@ __all__ = ["PyramidTNT", "PyramidTNTConfig", "resample_relative_pos", "stage_gri
 
 WORDS_PER_SIDE = 4  # words per sentence side, fixed by the stem (4x4 words of 2x2 pixels each)
 STEM_STRIDE = 8  # pixels per sentence side in stage 0
+
+# torch.fx leaves (as in tnt.py): calls a symbolic trace records as one node, since their Python branches
+# depend on the input's size, which a trace cannot see. The functions marked @torch.fx.wrap below too.
+torch.fx.wrap("resample_pos_embed")
+torch.fx.wrap("fx_leaf")
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -128,6 +134,7 @@ def stage_grids(height: int, width: int) -> list[tuple[int, int]]:
     return grids
 
 
+@torch.fx.wrap
 def resample_relative_pos(
     table: torch.Tensor,
     grid: tuple[int, int],
@@ -161,10 +168,41 @@ def resample_relative_pos(
 
 def kv_grid(grid: tuple[int, int], sr_ratio: int) -> tuple[int, int]:
     """The key/value grid after average pooling by ``sr_ratio`` (floor, as ``AvgPool2d``)."""
-    return (grid[0] // sr_ratio, grid[1] // sr_ratio) if sr_ratio > 1 else tuple(grid)
+    return (grid[0] // sr_ratio, grid[1] // sr_ratio) if sr_ratio > 1 else (grid[0], grid[1])
 
 
 # --------------------------------------------------------------------------------------------- layers
+
+
+@torch.fx.wrap
+def checked_stage_grids(x: torch.Tensor, in_chans: int, sr_ratios: Sequence[int]) -> list[tuple[int, int]]:
+    """Every stage's sentence grid for images ``x``; raises :class:`InputError` for what the model can't
+    take (sides not multiples of 8, or too small for the spatial reductions)."""
+    H, W = check_images(x, in_chans, STEM_STRIDE, str(STEM_STRIDE))
+    grids = stage_grids(H, W)
+    for sr, (h, w) in zip(sr_ratios, grids, strict=True):
+        if min(h, w) < sr:
+            raise InputError(f"image size {H}x{W} is too small: its stage grids are {grids}")
+    return grids
+
+
+def min_image_side(sr_ratios: Sequence[int]) -> int:
+    """The smallest multiple of 8 pixels whose stage grids are as large as each stage's reduction."""
+    side = STEM_STRIDE
+    while any(min(grid) < sr for sr, grid in zip(sr_ratios, stage_grids(side, side), strict=True)):
+        side += STEM_STRIDE
+    return side
+
+
+@torch.fx.wrap
+def _pad_to_even_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Word image (B, 4h, 4w, c) of a grid of h x w sentences -> zero-padded at the bottom / right to an
+    even number of sentences per side (returned as it is when both are even)."""
+    ph, pw = grid[0] % 2, grid[1] % 2
+    if ph or pw:
+        s = WORDS_PER_SIDE
+        x = F.pad(x, (0, 0, 0, pw * s, 0, ph * s))  # (B, 4h', 4w', c) with h', w' even
+    return x
 
 
 def _conv_bn_relu(cin: int, cout: int, *, stride: int) -> list[nn.Module]:
@@ -302,11 +340,12 @@ class PyramidBlock(nn.Module):
         B = sentences.shape[0]
         if self.has_inner:
             words = words + self.drop_path(self.inner_attn(self._sentence_norm(self.inner_norm1, words, B)))
-            words = words + self.drop_path(self.inner_mlp(self._sentence_norm(self.inner_norm2, words, B)))
+            h = fx_leaf(self.inner_mlp, self._sentence_norm(self.inner_norm2, words, B))  # (B*N, m, c)
+            words = words + self.drop_path(h)
             flat = words.reshape(B, -1, self.proj.in_features)  # (B, N, m*c)
             sentences = sentences + self.proj_norm2(self.proj(self.proj_norm1(flat)))  # no drop path here
         sentences = sentences + self.drop_path(self.outer_attn(self.outer_norm1(sentences), grid, rel_pos))
-        return words, sentences + self.drop_path(self.outer_mlp(self.outer_norm2(sentences)))
+        return words, sentences + self.drop_path(fx_leaf(self.outer_mlp, self.outer_norm2(sentences)))
 
 
 class Stage(nn.Module):
@@ -338,7 +377,7 @@ class SentenceMerge(nn.Module):
 
     def forward(self, sentences: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         B, _, d = sentences.shape
-        x = self.norm(sentences).transpose(1, 2).reshape(B, d, *grid)  # (B, d, h, w)
+        x = self.norm(sentences).transpose(1, 2).reshape(B, d, grid[0], grid[1])  # (B, d, h, w)
         return self.conv(x).flatten(2).transpose(1, 2)  # (B, ceil(h/2)*ceil(w/2), d')
 
 
@@ -359,10 +398,8 @@ class WordMerge(nn.Module):
         c = words.shape[-1]
         x = self.norm(words).view(-1, h, w, s, s, c)  # (B, h, w, 4, 4, c)
         x = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h * s, w * s, c)  # (B, 4h, 4w, c): the word image
-        ph, pw = h % 2, w % 2
-        if ph or pw:
-            x = F.pad(x, (0, 0, 0, pw * s, 0, ph * s))  # (B, 4h', 4w', c) with h', w' even
-        H2, W2 = (h + ph) // 2, (w + pw) // 2
+        x = _pad_to_even_grid(x, grid)  # (B, 4h', 4w', c) with h', w' even
+        H2, W2 = (h + 1) // 2, (w + 1) // 2  # h' / 2, w' / 2
         x = x.view(-1, H2, 2 * s, W2, 2 * s, c).permute(0, 1, 3, 5, 2, 4)  # (B, h'/2, w'/2, c, 8, 8)
         x = self.conv(x.reshape(-1, c, 2 * s, 2 * s))  # (B*N', c', 4, 4)
         return x.flatten(2).transpose(1, 2)  # (B*N', 16, c')
@@ -371,8 +408,11 @@ class WordMerge(nn.Module):
 # ---------------------------------------------------------------------------------------------- model
 
 
-class PyramidTNT(nn.Module):
+class PyramidTNT(TimmContract, nn.Module):
     """PyramidTNT with timm's backbone contract; ``forward_features`` gives the last stage's tokens."""
+
+    first_conv = "patch_embed.common_conv.0"
+    paper_ids = "arXiv:2201.00978"
 
     def __init__(self, cfg: PyramidTNTConfig | None = None, /, **overrides: Any) -> None:
         super().__init__()
@@ -428,10 +468,10 @@ class PyramidTNT(nn.Module):
             ]
             kv = kv_grid(grids[i], cfg.sr_ratios[i])
             self.stages.append(Stage(blocks=blocks, heads=cfg.outer_heads[i], grid=grids[i], kv=kv))
-        self.feature_info = [
+        self.feature_info = FeatureInfo(
             dict(module=f"stages.{i}", num_chs=cfg.outer_dims[i], reduction=STEM_STRIDE * 2**i)
             for i in range(4)
-        ]
+        )
         self.norm = nn.LayerNorm(cfg.outer_dims[-1])
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(cfg.outer_dims[-1], cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
@@ -450,6 +490,16 @@ class PyramidTNT(nn.Module):
                 nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
                 if mod.bias is not None:
                     nn.init.zeros_(mod.bias)
+
+    @classmethod
+    def min_input_size_of(cls, cfg: PyramidTNTConfig) -> tuple[int, int, int]:
+        side = min_image_side(cfg.sr_ratios)
+        return (cfg.in_chans, side, side)
+
+    @classmethod
+    def pool_size_of(cls, cfg: PyramidTNTConfig) -> tuple[int, int]:
+        """The last stage's sentence grid at the config's input size."""
+        return stage_grids(cfg.img_size, cfg.img_size)[-1]
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -491,21 +541,14 @@ class PyramidTNT(nn.Module):
     # ---------------------------------------------------------------------------------------- forward
 
     def _check_input(self, x: torch.Tensor) -> list[tuple[int, int]]:
-        """Every stage's sentence grid for images ``x``; raises :class:`InputError` for what the model can't
-        take (sides not multiples of 8, or too small for the spatial reductions)."""
-        H, W = check_images(x, self.in_chans, STEM_STRIDE, str(STEM_STRIDE))
-        grids = stage_grids(H, W)
-        for sr, (h, w) in zip(self.cfg.sr_ratios, grids, strict=True):
-            if min(h, w) < sr:
-                raise InputError(f"image size {H}x{W} is too small: its stage grids are {grids}")
-        return grids
+        """Every stage's sentence grid for images ``x`` (see :func:`checked_stage_grids`)."""
+        return checked_stage_grids(x, self.in_chans, self.cfg.sr_ratios)
 
     def _embed(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images -> (words (B*N, 16, c), sentences (B, N, d)) with the absolute tables added."""
         words, sentences = self.patch_embed(x)
-        pos = self.outer_pos
-        if tuple(grid) != tuple(self.grid_size):
-            pos = resample_pos_embed(pos, grid, old_grid=self.grid_size, num_prefix=0)
+        # (1, N, d); the table as it is on its own grid
+        pos = resample_pos_embed(self.outer_pos, grid, old_grid=self.grid_size, num_prefix=0)
         # the authors apply position dropout to the table, not to the tokens
         return words + self.inner_pos, sentences + self.pos_drop(pos)
 
@@ -581,7 +624,8 @@ class PyramidTNT(nn.Module):
 
 
 def build_pyramid_tnt(cfg: PyramidTNTConfig) -> PyramidTNT:
-    """Factory used by the registry."""
+    """``PyramidTNT(cfg)``: the registry's factory is the class itself, this is for code that wants a
+    function."""
     return PyramidTNT(cfg)
 
 
@@ -606,4 +650,4 @@ VARIANTS: dict[str, PyramidTNTConfig] = {
 }
 
 for _name, _cfg in VARIANTS.items():
-    register_model(_name, build_pyramid_tnt, _cfg, ModelMeta(input_size=(3, _cfg.img_size, _cfg.img_size)))
+    register_model(_name, PyramidTNT, _cfg, ModelMeta(input_size=(3, _cfg.img_size, _cfg.img_size)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,14 @@ class ModelMeta:
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     crop_pct: float = 0.9
     interpolation: str = "bicubic"
+
+    @property
+    def resize_size(self) -> int:
+        """The short side images are resized to before the centre crop: floor(size / crop_pct).
+
+        timm's rule (224 / 0.9 -> 248), by which the released weights were evaluated.
+        """
+        return math.floor(min(self.input_size[1:]) / self.crop_pct)
 
     def resolved(self, *, in_chans: int | None = None, img_size: int | None = None) -> ModelMeta:
         """This metadata adapted to another channel count or image size."""
@@ -115,6 +124,8 @@ def create_model(
     *,
     features_only: bool = False,
     out_indices: tuple[int, ...] | list[int] | int | None = None,
+    feature_cls: str | None = None,
+    output_fmt: str | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build a registered model.
@@ -127,10 +138,26 @@ def create_model(
         features_only: return a wrapper whose forward gives a list of NCHW feature maps.
         out_indices: with ``features_only``, which blocks to return (default: the last four, or all
             if fewer). An int ``n`` means the last ``n`` blocks.
+        feature_cls: with ``features_only``, timm's name of the wrapper: ``"getter"`` (the
+            ``forward_intermediates`` wrapper, the only one; None means it too).
+        output_fmt: with ``features_only``, ``"NCHW"`` maps (the default) or ``"NLC"`` tokens.
         **overrides: config fields to change (``num_classes``, ``img_size``, ``in_chans``,
             ``drop_path_rate``, ...). Unknown names raise :class:`ConfigError`.
     """
     entry = get_model_entry(name)
+    if features_only:
+        from .features import check_feature_options  # local import: features imports the model modules
+
+        output_fmt = output_fmt or "NCHW"
+        check_feature_options(feature_cls=feature_cls, output_fmt=output_fmt)
+    else:
+        unused = [
+            k
+            for k, v in dict(out_indices=out_indices, feature_cls=feature_cls, output_fmt=output_fmt).items()
+            if v is not None
+        ]
+        if unused:
+            raise ConfigError(f"{', '.join(unused)} only apply with features_only=True")
     cfg = resolve_config(name, **overrides)
     model = entry.factory(cfg)
     model.model_name = name
@@ -142,7 +169,5 @@ def create_model(
     if features_only:
         from .features import FeatureExtractor
 
-        model = FeatureExtractor(model, out_indices=out_indices)
-    elif out_indices is not None:
-        raise ConfigError("out_indices is only used with features_only=True")
+        model = FeatureExtractor(model, out_indices=out_indices, output_fmt=output_fmt)
     return model

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..utils.files import atomic_write, write_json
+from .contract import resolved_meta
 from .pyramid_tnt import STEM_STRIDE, PyramidTNTConfig
 from .registry import ModelMeta, create_model, get_model_entry, list_models
 from .tnt import TNTConfig
@@ -62,9 +63,7 @@ def save_model(model: nn.Module, folder: str | Path, class_names: list[str] | No
         raise ValueError(f"{len(class_names)} class names for a model with {model.cfg.num_classes} classes")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
-    meta = getattr(model, "meta", None) or ModelMeta().resolved(
-        in_chans=model.cfg.in_chans, img_size=model.cfg.img_size
-    )
+    meta = resolved_meta(model)
     config: dict[str, Any] = {
         "format": FORMAT,
         "model": getattr(model, "model_name", None),
@@ -163,7 +162,8 @@ def load_model(path: str | Path, **overrides: Any) -> nn.Module:
         if saved.get("meta"):
             meta = dict(saved["meta"])
             meta = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()}
-            model.meta = ModelMeta(**meta)
+            # the saved preprocessing, at the size and channels of the model built (overrides included)
+            model.meta = resolved_meta(model, ModelMeta(**meta))
         class_names = saved.get("class_names")
         weights = path if path.is_file() else folder / "model.safetensors"
         if class_names is not None and len(class_names) != model.num_classes:

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 from . import kernels
+from .contract import FeatureInfo, TimmContract
 from .layers import (
     Attention,
     DropPath,
@@ -32,6 +33,7 @@ from .layers import (
     SqueezeExcite,
     check_images,
     drop_path_scale,
+    fx_leaf,
     init_linear_and_norm,
     new_head,
     resample_pos_embed,
@@ -39,6 +41,14 @@ from .layers import (
 from .registry import ModelMeta, register_model
 
 __all__ = ["TNT", "TNTBlock", "TNTConfig", "WordEmbed", "record_attention"]
+
+# torch.fx leaves: a symbolic trace (torchvision's create_feature_extractor, timm's fx features) records
+# each call of these as one node instead of tracing into it. Their Python branches depend on shapes, the
+# device, grad mode and whether the fused kernel is built, which a trace cannot see; run as nodes they
+# still decide at run time, as in eager mode.
+torch.fx.wrap("check_images")
+torch.fx.wrap("resample_pos_embed")
+torch.fx.wrap("fx_leaf")
 
 
 # --------------------------------------------------------------------------------------------- blocks
@@ -122,6 +132,12 @@ class WordEmbed(nn.Module):
         patches = patches.reshape(B * gh * gw, C, P, P)  # (B*N, C, P, P)
         words = self.proj(patches).flatten(2).transpose(1, 2)  # (B*N, m, c)
         return words + pos
+
+
+@torch.fx.wrap
+def _inner_transformer(block: TNTBlock, words: torch.Tensor) -> torch.Tensor:
+    """``block.inner(words)``: the fused-or-reference dispatch as one torch.fx node."""
+    return block.inner(words)
 
 
 class TNTBlock(nn.Module):
@@ -220,11 +236,11 @@ class TNTBlock(nn.Module):
     def forward(self, words: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # words (B*N, m, c); patches (B, 1+N, d) with the class token first
         if self.has_inner:
-            words = self.inner(words)
+            words = _inner_transformer(self, words)
             add = self.words_to_patches(words, patches.shape[0])  # (B, N, d); no drop path here
             patches = torch.cat([patches[:, :1], patches[:, 1:] + add], dim=1)  # class token untouched
-        patches = patches + self.drop_path(self.attn_out(self.norm_out(patches)))
-        h = self.mlp(self.norm_mlp(patches))
+        patches = patches + self.drop_path(fx_leaf(self.attn_out, self.norm_out(patches)))
+        h = fx_leaf(self.mlp, self.norm_mlp(patches))
         if self.se is not None:
             h = h + self.se(h)
         patches = patches + self.drop_path(h)
@@ -234,12 +250,16 @@ class TNTBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------- model
 
 
-class TNT(nn.Module):
-    """Transformer iN Transformer, with timm's backbone contract.
+class TNT(TimmContract, nn.Module):
+    """Transformer iN Transformer, with timm's backbone contract (``pretrained_cfg`` and ``feature_info``
+    included, see :mod:`tntvision.models.contract`).
 
     Accepts any input whose height and width are multiples of ``patch_size``; the patch position table is
     resampled on the fly for a grid other than the one it was built for.
     """
+
+    first_conv = "pixel_embed.proj"
+    paper_ids = "arXiv:2103.00112"
 
     def __init__(self, cfg: TNTConfig | None = None, /, **overrides: Any) -> None:
         """``TNT(cfg)``, ``TNT(cfg, num_classes=10)`` or ``TNT(embed_dim=192, ...)``.
@@ -313,9 +333,9 @@ class TNT(nn.Module):
             )
             for i in range(depth)
         )
-        self.feature_info = [
+        self.feature_info = FeatureInfo(
             dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)
-        ]
+        )
         self.norm = nn.LayerNorm(embed_dim)
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
@@ -333,6 +353,11 @@ class TNT(nn.Module):
         if not self.cfg.word_pos:  # drawn and then zeroed: the other weights are those of word_pos=True
             nn.init.zeros_(self.pixel_pos)
         init_linear_and_norm(self)
+
+    @classmethod
+    def min_input_size_of(cls, cfg: TNTConfig) -> tuple[int, int, int]:
+        """One patch."""
+        return (cfg.in_chans, cfg.patch_size, cfg.patch_size)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -394,9 +419,7 @@ class TNT(nn.Module):
         patches = words.reshape(B, gh * gw, -1)  # (B, N, m*c), word-major
         patches = self.norm2_proj(self.proj(self.norm1_proj(patches)))  # (B, N, d)
         patches = torch.cat([self.cls_token.expand(B, -1, -1), patches], dim=1)  # (B, 1+N, d)
-        pos = self.patch_pos
-        if (gh, gw) != self.grid_size:
-            pos = resample_pos_embed(pos, (gh, gw), old_grid=self.grid_size)
+        pos = resample_pos_embed(self.patch_pos, (gh, gw), old_grid=self.grid_size)  # as is on its own grid
         return words, self.pos_drop(patches + pos)
 
     def _run_block(self, i: int, words: torch.Tensor, patches: torch.Tensor):
@@ -581,7 +604,7 @@ class TNTConfig:
 
 
 def build_tnt(cfg: TNTConfig) -> TNT:
-    """Factory used by the registry."""
+    """``TNT(cfg)``: the registry's factory is the class itself, this is for code that wants a function."""
     return TNT(cfg)
 
 
@@ -617,4 +640,4 @@ VARIANTS: dict[str, tuple[TNTConfig, ModelMeta]] = {
 }
 
 for _name, (_cfg, _meta) in VARIANTS.items():
-    register_model(_name, build_tnt, _cfg, _meta)
+    register_model(_name, TNT, _cfg, _meta)
