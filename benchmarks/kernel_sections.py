@@ -126,7 +126,8 @@ def main() -> None:
                     )
                 )
     print(
-        f"CPU: {cpu_name()}; kernel copy {isa}; TNT-S block, batch {args.batch}, 1 thread, {args.calls} calls each"
+        f"CPU: {cpu_name()}; kernel copy {isa}; TNT-S block, batch {args.batch}, 1 thread, "
+        f"{args.calls} calls each"
     )
     print(f"forward {1e3 * fwd:.1f} ms; backward (forward recompute included) {1e3 * bwd:.1f} ms")
     # sections 0-5 also run in backward's recompute (which stops before fc2): average over both

@@ -123,7 +123,8 @@ def speed_section(runs: list[list[dict]], command: str) -> str:
         "## Speed",
         "",
         f"CPU: {cpu_name()} ({'with' if has_amx() else 'without'} AMX), {first['threads']} threads, torch "
-        f"{first['torch']}; fused kernel copy `{kd['isa']}`, low-precision GEMMs `{kd['bf16']}`. TNT-S (`{MODEL}`) against timm's DeiT-S (`deit_small_patch16_224`), timm's "
+        f"{first['torch']}; fused kernel copy `{kd['isa']}`, low-precision GEMMs `{kd['bf16']}`. "
+        f"TNT-S (`{MODEL}`) against timm's DeiT-S (`deit_small_patch16_224`), timm's "
         f"TNT-S (same weights) and our own pure-PyTorch reference path (`ours:reference`, fused kernels "
         "off), all in one process, interleaved round by round; the mini row is `tnt_mini_patch4_28` "
         "against its ViT twin `vit_mini_patch4_28`. Each cell: the median over "
