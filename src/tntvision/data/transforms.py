@@ -11,7 +11,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from ..errors import DataError
+from ..errors import DataError, ImageTooLargeError
 from ..models.registry import ModelMeta
 
 __all__ = [
@@ -45,9 +45,11 @@ def open_image(
             if max_pixels is None or width * height <= max_pixels:
                 img.load()
                 return ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # over twice Pillow's own limit, refused by Image.open
+        raise ImageTooLargeError(f"{label}: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{label}: not a readable image ({e})") from None
-    raise DataError(
+    raise ImageTooLargeError(
         f"{label}: the image declares {width}x{height} pixels, more than the limit of {max_pixels:,}"
     )
 

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from ..errors import DataError
+from ..errors import DataError, ImageTooLargeError
 from ..utils.messages import log_stderr
 from .engine import Engine, Unavailable
 from .metrics import MetricsMiddleware, ServeMetrics
@@ -130,10 +130,10 @@ async def _one_image(request: Request) -> bytes:
 async def _preprocess(engine: Engine, data: bytes):
     try:
         return await run_in_threadpool(engine.preprocess, data)
+    except ImageTooLargeError as e:
+        raise ServeError(413, str(e)) from None
     except DataError as e:
-        message = str(e)
-        status = 413 if "more than the limit" in message else 400
-        raise ServeError(status, message) from None
+        raise ServeError(400, str(e)) from None
 
 
 def _metadata(engine: Engine) -> dict:
