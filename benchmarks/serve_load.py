@@ -45,7 +45,10 @@ def start_server(checkpoint: Path, *, max_batch: int, max_wait_ms: float, thread
 
 
 async def _request(reader, writer, host: str, path: str, body: bytes, ctype: str) -> tuple[int, bytes]:
-    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
     writer.write(head.encode() + body)
     await writer.drain()
     status_line = await reader.readline()
@@ -73,7 +76,9 @@ def _batches(metrics: str) -> tuple[float, float]:
     return values["tnt_serve_batch_size_count"], values["tnt_serve_batch_size_sum"]
 
 
-async def load(host: str, port: int, image: bytes, *, clients: int, seconds: float, max_requests: int) -> dict:
+async def load(
+    host: str, port: int, image: bytes, *, clients: int, seconds: float, max_requests: int
+) -> dict:
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
@@ -148,7 +153,14 @@ def main() -> None:
             try:
                 for clients in counts:
                     row = asyncio.run(
-                        load(host, port, image, clients=clients, seconds=args.seconds, max_requests=args.max_requests)
+                        load(
+                            host,
+                            port,
+                            image,
+                            clients=clients,
+                            seconds=args.seconds,
+                            max_requests=args.max_requests,
+                        )
                     )
                     rows.append({"max_batch": max_batch, **row})
                     print(json.dumps(rows[-1]), file=sys.stderr)
@@ -166,12 +178,15 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"{result['checkpoint']}, --max-wait-ms {args.max_wait_ms:g}, {result['cpu']}")
-    print("| --max-batch | clients | requests/s | p50 ms | p95 ms | p99 ms | mean batch | requests | errors |")
+    print(
+        "| --max-batch | clients | requests/s | p50 ms | p95 ms | p99 ms | mean batch | requests | errors |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['max_batch']} | {r['clients']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | "
-            f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['requests']} | {r['errors']} |"
+            f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['requests']} | "
+            f"{r['errors']} |"
         )
 
 

@@ -277,10 +277,17 @@ def _png_declaring(width: int, height: int) -> bytes:
     """A ~60-byte PNG whose header declares width x height grey pixels (a decompression bomb)."""
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        return (
+            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _encoded(fmt: str) -> bytes:
@@ -299,12 +306,28 @@ RAW = "image/png"
 BAD_INPUTS = {  # name -> (request arguments, status, words the error has)
     "empty body": (dict(content=b"", headers={"content-type": RAW}), 400, "empty"),
     "empty file field": (dict(files={"file": ("a.png", b"", RAW)}), 400, "empty"),
-    "not an image": (dict(content=b"hello, world", headers={"content-type": RAW}), 400, "not a readable image"),
-    "not an image (form)": (dict(files={"file": ("a.txt", b"%PDF-1.4", "text/plain")}), 400, "not a readable"),
+    "not an image": (
+        dict(content=b"hello, world", headers={"content-type": RAW}),
+        400,
+        "not a readable image",
+    ),
+    "not an image (form)": (
+        dict(files={"file": ("a.txt", b"%PDF-1.4", "text/plain")}),
+        400,
+        "not a readable",
+    ),
     "truncated PNG": (dict(content=_encoded("PNG")[:300], headers={"content-type": RAW}), 400, "readable"),
     "truncated JPEG": (dict(content=_encoded("JPEG")[:400], headers={"content-type": RAW}), 400, "readable"),
-    "bomb 20000x20000": (dict(content=_png_declaring(20000, 20000), headers={"content-type": RAW}), 413, "pixels"),
-    "bomb 8000x8000": (dict(content=_png_declaring(8000, 8000), headers={"content-type": RAW}), 413, "pixels"),
+    "bomb 20000x20000": (
+        dict(content=_png_declaring(20000, 20000), headers={"content-type": RAW}),
+        413,
+        "pixels",
+    ),
+    "bomb 8000x8000": (
+        dict(content=_png_declaring(8000, 8000), headers={"content-type": RAW}),
+        413,
+        "pixels",
+    ),
     "oversize upload": (dict(content=b"\0" * OVERSIZE, headers={"content-type": RAW}), 413, "limit"),
     "oversize, chunked": (dict(content=_chunks(OVERSIZE), headers={"content-type": RAW}), 413, "limit"),
     "wrong content type": (dict(content=b"abc", headers={"content-type": "text/plain"}), 415, "content type"),

@@ -252,7 +252,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from .tools.export import require
 
-    for module in ("fastapi", "uvicorn", "prometheus_client", "multipart"):
+    for module in ("fastapi", "uvicorn", "prometheus_client", "python_multipart"):
         require(module, "tnt serve", extra="serve")
     from .serve import ServeOptions, serve
 

@@ -121,6 +121,8 @@ class Engine:
         self.on_batch = on_batch
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._lock = threading.Lock()  # one forward at a time: batches and explanations
+        self._pending = 0  # images handed to infer() and not answered yet
+        self._pending_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()  # set once the first forward has run
         self.failure: BaseException | None = None  # why warm-up failed, if it did
@@ -141,8 +143,9 @@ class Engine:
             self._thread = None
 
     def queue_depth(self) -> int:
-        """Images waiting for a batch (an estimate, as ``queue.Queue.qsize`` is)."""
-        return self._queue.qsize()
+        """Images handed to :meth:`infer` and not answered yet: queued, gathered into a batch, or running."""
+        with self._pending_lock:
+            return self._pending
 
     # ------------------------------------------------------------------------------------- inputs
 
@@ -166,8 +169,15 @@ class Engine:
         if self._thread is None:
             raise Unavailable("the model is not started")
         job = _Job(image=image, future=concurrent.futures.Future())
+        with self._pending_lock:
+            self._pending += 1
+        job.future.add_done_callback(self._answered)
         self._queue.put(job)
         return await asyncio.wrap_future(job.future)
+
+    def _answered(self, _future: concurrent.futures.Future) -> None:
+        with self._pending_lock:
+            self._pending -= 1
 
     def predictions(self, logits: torch.Tensor, k: int, names: list[str]) -> list[Prediction]:
         """Top-``k`` of logits (b, classes), one :class:`Prediction` per row, as `tnt predict` ranks them."""

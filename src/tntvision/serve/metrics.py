@@ -27,7 +27,8 @@ class ServeMetrics:
 
     Args:
         max_batch: the largest batch, the top of the batch-size histogram.
-        queue_depth: called at every scrape for the number of images waiting for a batch.
+        queue_depth: called at every scrape for the number of images waiting for an answer from the
+            model (queued, gathered into the batch being formed, or running).
         endpoints: the paths counted under their own name; any other path is counted as ``other`` (a
             client cannot grow the label set).
     """
@@ -62,7 +63,7 @@ class ServeMetrics:
             registry=self.registry,
         )
         self.queue_depth = Gauge(
-            "tnt_serve_queue_depth", "images waiting for a batch", registry=self.registry
+            "tnt_serve_queue_depth", "images waiting for the model's answer", registry=self.registry
         )
         self.queue_depth.set_function(queue_depth)
 
