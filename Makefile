@@ -9,7 +9,7 @@ DEMO_OUT ?= runs/fashion_mnist_$(DEMO_STAMP)
 DEMO_MINUTES ?= 14
 DEMO_PROCS ?= 2
 
-.PHONY: setup data test lint demo demo-train clean
+.PHONY: setup data browser test lint demo demo-train clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,13 @@ data:
 	@if [ ! -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+# Headless Chromium and its driver (Debian's packages) for the test of tnt serve's page, unless there.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; \
 	fi
 
 # The README's first command: train tnt_mini_patch4_28 on the real Fashion-MNIST for DEMO_MINUTES of wall

@@ -263,6 +263,27 @@ def cmd_kernels(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .tools.export import require
+
+    for module in ("fastapi", "uvicorn", "prometheus_client", "python_multipart"):
+        require(module, "tnt serve", extra="serve")
+    from .serve import ServeOptions, serve
+
+    options = ServeOptions(
+        checkpoint=args.checkpoint,
+        runtime=args.runtime,
+        dtype=args.dtype,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        threads=args.threads,
+        max_upload_mb=args.max_upload_mb,
+    )
+    serve(options, log=log, announce=lambda line: print(line, flush=True))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import parse_set, resolve_train_config, train
     from .train.distributed import is_main_process
@@ -479,6 +500,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=RUNTIMES, default=None, help=RUNTIME_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "serve",
+        help="a model as a batched HTTP service and a web page",
+        description="Serve a model over HTTP: POST /predict, /predict/batch and /explain, GET /health, "
+        "/metadata, /metrics (Prometheus) and a web page at /. Requests that arrive within --max-wait-ms "
+        "run as one batch. SIGTERM / SIGINT: finish the requests in flight and exit 0.",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="run folder, model/ folder, weights file or exported .onnx/.pt2"
+    )
+    p.add_argument("--runtime", choices=RUNTIMES, default=None, help=RUNTIME_HELP)
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of weights and images"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: a free one)")
+    p.add_argument("--max-batch", type=int, default=32, help="images per forward pass, at most (default: 32)")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a request waits for others to share its batch (default: 5)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--max-upload-mb", type=float, default=10.0, help="largest request body in MB (default: 10)"
+    )
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "export",

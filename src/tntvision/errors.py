@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DependencyError",
+    "ImageTooLargeError",
     "InputError",
     "UnknownModelError",
     "UserError",
@@ -35,6 +36,10 @@ class CheckpointError(UserError, ValueError):
 
 class DataError(UserError, ValueError):
     """A data set that is missing, empty or inconsistent."""
+
+
+class ImageTooLargeError(DataError):
+    """An image that declares more pixels than a limit allows (a decompression bomb, say)."""
 
 
 class DependencyError(UserError, ImportError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from ..errors import DataError
+from ..errors import DataError, ImageTooLargeError
 from ..models.registry import ModelMeta
 
 __all__ = [
@@ -25,14 +26,32 @@ __all__ = [
 _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open any image Pillow reads, with its EXIF orientation applied; :class:`DataError` if it is not one."""
+def open_image(
+    path: str | Path | BinaryIO, *, max_pixels: int | None = None, name: str | None = None
+) -> Image.Image:
+    """Open any image Pillow reads, with its EXIF orientation applied; :class:`DataError` if it is not one.
+
+    Args:
+        path: a file name, or a binary file object (an upload held in memory).
+        max_pixels: refuse an image that declares more pixels than this, from its header, before any
+            pixel is decoded (a decompression bomb: a small file that unpacks to gigabytes). None:
+            Pillow's own limit (``Image.MAX_IMAGE_PIXELS``).
+        name: what messages call the image (default: ``path``).
+    """
+    label = name or path
     try:
-        with Image.open(path) as img:
-            img.load()
-            return ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
+        with Image.open(path) as img:  # reads the header only; pixels are decoded by load()
+            width, height = img.size
+            if max_pixels is None or width * height <= max_pixels:
+                img.load()
+                return ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as e:  # over twice Pillow's own limit, refused by Image.open
+        raise ImageTooLargeError(f"{label}: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{label}: not a readable image ({e})") from None
+    raise ImageTooLargeError(
+        f"{label}: the image declares {width}x{height} pixels, more than the limit of {max_pixels:,}"
+    )
 
 
 def to_model_mode(img: Image.Image, in_chans: int) -> Image.Image:

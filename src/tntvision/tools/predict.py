@@ -19,7 +19,15 @@ from torch import nn
 from ..data import eval_transform, open_image
 from ..errors import CheckpointError, DataError, InputError
 
-__all__ = ["Prediction", "PredictReport", "class_labels", "find_images", "predict_images"]
+__all__ = [
+    "Prediction",
+    "PredictReport",
+    "class_labels",
+    "find_images",
+    "predict_images",
+    "prepare_model",
+    "top_k",
+]
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,29 @@ def class_labels(model: nn.Module, *, warn: Callable[[str], None] | None = None)
     return [str(i) for i in range(num_classes)]
 
 
+def prepare_model(
+    model: nn.Module, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """``model`` in eval mode on ``device`` with weights in ``dtype``: a converted copy when the dtype
+    changes, so the caller's model stays as it is. An exported model (no parameters) is returned as is:
+    it takes float32 images and converts what it is given."""
+    param = next(model.parameters(), None)  # None: an exported model (tools/exported.py), float32 only
+    if param is not None and param.dtype != dtype:
+        model = copy.deepcopy(model)
+    return model.eval().to(device, dtype)
+
+
+def top_k(logits: torch.Tensor, labels: Sequence[str], k: int, paths: Sequence[str]) -> list[Prediction]:
+    """The ``k`` most probable classes (capped at the number of classes) of each row of ``logits``
+    (b, classes), softmax in float32; ``paths`` name the rows."""
+    probs = logits.float().softmax(dim=-1)  # (b, classes)
+    top_p, top_i = probs.topk(min(k, len(labels)), dim=-1)  # (b, k) each
+    return [
+        Prediction(path=path, labels=[labels[i] for i in i_row], indices=i_row, probs=p_row)
+        for path, p_row, i_row in zip(paths, top_p.tolist(), top_i.tolist(), strict=True)
+    ]
+
+
 def _batches(
     files: list[tuple[Path, bool]], transform: Callable, batch_size: int, report: PredictReport
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
@@ -149,19 +180,11 @@ def predict_images(
     files = find_images(inputs)  # path errors first: they end the command, the class-name note does not
     labels = class_labels(model, warn=warn)
     transform = eval_transform(model.meta)
-    k = min(topk, len(labels))
-    param = next(model.parameters(), None)  # None: an exported model (tools/exported.py), float32 only
-    if param is not None and param.dtype != dtype:  # a converted copy: the caller's model stays as it is
-        model = copy.deepcopy(model)
-    model = model.eval().to(device, dtype)
+    model = prepare_model(model, device=device, dtype=dtype)
     report = PredictReport()
     for paths, x in _batches(files, transform, batch_size, report):
-        probs = model(x.to(device, dtype)).float().softmax(dim=-1)  # (b, classes)
-        top_p, top_i = probs.topk(k, dim=-1)  # (b, k) each
-        for path, p_row, i_row in zip(paths, top_p.tolist(), top_i.tolist(), strict=True):
-            report.predictions.append(
-                Prediction(path=path, labels=[labels[i] for i in i_row], indices=i_row, probs=p_row)
-            )
+        logits = model(x.to(device, dtype))  # (b, classes)
+        report.predictions.extend(top_k(logits, labels, topk, paths))
     if warn is not None:
         for path, reason in report.skipped:
             warn(f"skipped {path}: {reason}")

@@ -1,0 +1,139 @@
+"""`tnt serve`: load a checkpoint, bind the socket, run uvicorn until SIGTERM / SIGINT.
+
+The checkpoint is read and the socket bound before the server starts, so a bad checkpoint, an unknown
+runtime or a port in use is a user error (one line, exit 2), not a server log. On SIGTERM or SIGINT
+uvicorn stops accepting connections, lets the requests in flight finish (``graceful_s`` at most), and
+the app's lifespan then stops the engine after the batches still queued; :func:`serve` returns normally.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+from .engine import DEFAULT_MAX_PIXELS
+
+__all__ = ["ServeOptions", "bind", "serve"]
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """`tnt serve`'s options (see its --help); checked by :func:`serve`."""
+
+    checkpoint: str | Path
+    runtime: str | None = None
+    dtype: str = "float32"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    threads: int | None = None
+    max_upload_mb: float = 10.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    topk: int = 5
+    graceful_s: float = 30.0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (port 0: a free one); :class:`OSError` if it cannot be."""
+    if not 0 <= port < 65536:
+        raise ConfigError(f"--port must be 0..65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {host}:{port} ({e.strerror})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+@contextmanager
+def _signals_end_quietly() -> Iterator[None]:
+    """Let uvicorn's re-raise of the SIGTERM / SIGINT it handled be a no-op, so the command exits 0.
+
+    uvicorn handles the signal (graceful shutdown), restores the handler it found, and raises the signal
+    again; with Python's default handlers that would be a KeyboardInterrupt or a kill by SIGTERM.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def serve(options: ServeOptions, *, log: Callable[[str], None], announce: Callable[[str], None]) -> None:
+    """Serve ``options.checkpoint`` until SIGTERM / SIGINT.
+
+    ``announce`` gets one line with the URL once the socket listens and the model has warmed up (the
+    CLI prints it on stdout); ``log`` gets notes for the user.
+
+    Raises:
+        ConfigError, CheckpointError, InputError: bad options or checkpoint, before anything listens.
+        OSError: the address cannot be bound.
+    """
+    import torch
+    import uvicorn
+
+    from ..tools.exported import load_checkpoint
+    from ..utils.amp import weight_dtype
+    from .app import create_app
+    from .engine import Engine, EngineConfig
+
+    if options.max_upload_mb <= 0 or options.topk < 1:
+        raise ConfigError("--max-upload-mb and the default topk must be positive")
+    if options.threads is not None:
+        if options.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {options.threads}")
+        torch.set_num_threads(options.threads)  # before loading: the ONNX runtimes take torch's count
+    config = EngineConfig(
+        max_batch=options.max_batch,
+        max_wait_ms=options.max_wait_ms,
+        max_pixels=options.max_pixels,
+        dtype=weight_dtype(options.dtype),
+    )
+    engine = Engine(load_checkpoint(options.checkpoint, runtime=options.runtime), config)
+    sock = bind(options.host, options.port)
+    app = create_app(engine, max_upload_mb=options.max_upload_mb, topk=options.topk)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            timeout_graceful_shutdown=options.graceful_s,
+            lifespan="on",
+            access_log=False,
+        )
+    )
+
+    def wait_and_announce() -> None:
+        while not (engine.ready.wait(0.05) and server.started):
+            if engine.failure is not None:
+                log(f"tnt serve: the model failed to warm up ({engine.failure}); /health answers 503")
+                return
+            if server.should_exit:
+                return
+        announce(
+            f"serving {engine.model_name} ({engine.runtime}, {options.dtype}, {torch.get_num_threads()} "
+            f"threads, batches of up to {config.max_batch} within {config.max_wait_ms:g} ms) at {_url(sock)}"
+        )
+
+    threading.Thread(target=wait_and_announce, name="tnt-serve-announce", daemon=True).start()
+    with _signals_end_quietly():
+        server.run(sockets=[sock])
