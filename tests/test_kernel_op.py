@@ -114,7 +114,7 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx2-w16", "avx512"])
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx2-w16", "avx512", "avx512-w8"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "qkvbias"])
 def test_op_matches_the_formula(isa, shape, bias, threads):
@@ -177,7 +177,7 @@ def test_backward_is_deterministic_across_runs(threads):
 # ------------------------------------------------------------------------------------------ bf16
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx2-w16", "avx512"])
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx2-w16", "avx512", "avx512-w8"])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 def test_bf16_gemms_round_their_operands_and_accumulate_in_fp32(isa, xdtype):
     """The bf16 GEMM path (AMX where the CPU has it; cpublas's unpacked bf16 GEMM elsewhere, forced
@@ -308,6 +308,7 @@ def test_backward_refuses_a_gradient_of_another_shape():
 
 
 def test_unknown_or_unavailable_instruction_sets_are_config_errors():
+    running = _dispatch()["isa"]
     with pytest.raises(ConfigError, match="unknown instruction set 'sse9'"):
         kernels.set_kernel_dispatch(isa="sse9")
     with pytest.raises(ConfigError, match="unknown bf16 mode"):
@@ -316,14 +317,20 @@ def test_unknown_or_unavailable_instruction_sets_are_config_errors():
         if isa not in _dispatch()["cpu_isas"]:
             with pytest.raises(ConfigError, match=f"cannot run the '{isa}' kernels"):
                 kernels.set_kernel_dispatch(isa=isa)
-    assert _dispatch()["isa"] == _dispatch()["cpu_isas"][-1]  # the refusals changed nothing
+    assert _dispatch()["isa"] == running  # the refusals changed nothing
 
 
 def test_the_best_copy_runs_by_default_and_the_environment_overrides_it():
-    """auto takes the widest instruction set the CPU has; TNTVISION_KERNEL_ISA picks another."""
+    """auto takes the widest instruction set the CPU has (AVX-512 with 8-float vectors on AMD Zen 4,
+    whose AVX-512 units are 256 bits wide); TNTVISION_KERNEL_ISA picks another."""
     cpu = _dispatch()["cpu_isas"]
-    order = ["baseline", "avx2", "avx512"]
-    assert _dispatch()["isa"] == max(cpu, key=order.index)
+    flags = open("/proc/cpuinfo").read()
+    if "avx512" in cpu:
+        zen4 = "AuthenticAMD" in flags and "\ncpu family\t: 25\n" in flags
+        assert _dispatch()["isa"] == ("avx512-w8" if zen4 else "avx512")
+    else:
+        assert _dispatch()["isa"] == ("avx2" if "avx2" in cpu else "baseline")
+    assert ("avx2" in cpu) == (" avx2 " in flags and " fma " in flags)
     code = "from tntvision.models import kernels; d = kernels.kernel_dispatch(); print(d['isa'], d['bf16'])"
     env = {**os.environ, "TNTVISION_KERNEL_ISA": "baseline", "TNTVISION_KERNEL_BF16": "fp32"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)

@@ -7,6 +7,7 @@
 //   TNT_MR      rows per register block of the GEMM micro-kernel
 //   TNT_AVX2    1 when 256-bit AVX2/FMA intrinsics may be used for W = 8
 //   TNT_AVX512  1 when 512-bit AVX-512F intrinsics may be used for W = 16
+//   TNT_AVX512VL  1 when AVX-512VL's 256-bit forms may be used for W = 8 (a 14-bit reciprocal estimate)
 //
 // Without the intrinsics macros the same code runs on GCC's generic vector extensions (the compiler
 // splits or emulates the vectors), so a W = 16 build can be checked on a CPU without AVX-512.
@@ -76,6 +77,9 @@ TNT_INLINE vf vexp(vf x) {
 TNT_INLINE vf vrcp(vf a) {
 #if TNT_AVX512
   vf r = (vf)_mm512_rcp14_ps((__m512)a);  // 14-bit estimate
+  return r * (2.0f - a * r);
+#elif TNT_AVX512VL
+  vf r = (vf)_mm256_rcp14_ps((__m256)a);  // 14-bit estimate
   return r * (2.0f - a * r);
 #elif TNT_AVX2
   vf r = (vf)_mm256_rcp_ps((__m256)a);  // 12-bit estimate
