@@ -11,6 +11,7 @@ dispatch controls.
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -324,7 +325,7 @@ def test_the_best_copy_runs_by_default_and_the_environment_overrides_it():
     """auto takes the widest instruction set the CPU has (AVX-512 with 8-float vectors on AMD Zen 4,
     whose AVX-512 units are 256 bits wide); TNTVISION_KERNEL_ISA picks another."""
     cpu = _dispatch()["cpu_isas"]
-    flags = open("/proc/cpuinfo").read()
+    flags = Path("/proc/cpuinfo").read_text()
     if "avx512" in cpu:
         zen4 = "AuthenticAMD" in flags and "\ncpu family\t: 25\n" in flags
         assert _dispatch()["isa"] == ("avx512-w8" if zen4 else "avx512")
@@ -346,8 +347,6 @@ def test_one_portable_build():
     assert kernels.fused_available()
     ninja = (kernels.build_directory() / "build.ninja").read_text()
     assert "-march" not in ninja and "-O3" in ninja
-    from pathlib import Path
-
     real = Path.read_text
     try:  # a different CPU model must not change where the build lives
         Path.read_text = lambda self, *a, **k: (

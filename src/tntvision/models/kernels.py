@@ -15,8 +15,8 @@ machines, and what runs does not depend on where it was built. It needs GCC or C
 extensions, target pragmas, OpenMP). Under bf16 autocast or with bf16 inputs, CPUs with AMX run the
 forward's GEMMs in bf16 with fp32 accumulation (PyTorch's oneDNN micro-kernels, ``cpublas::brgemm``); on
 other CPUs, where bf16 GEMMs are no faster than fp32 ones, they stay fp32. :func:`kernel_dispatch` says
-what runs here; ``TNTVISION_KERNEL_ISA`` (``auto``, ``avx512``, ``avx512-w8``, ``avx2``, ``baseline``, ``avx2-w16``) and
-``TNTVISION_KERNEL_BF16`` (``auto``, ``fp32``, ``brgemm``) override it, and so does
+what runs here; ``TNTVISION_KERNEL_ISA`` (``auto``, ``avx512``, ``avx512-w8``, ``avx2``, ``baseline``,
+``avx2-w16``) and ``TNTVISION_KERNEL_BF16`` (``auto``, ``fp32``, ``brgemm``) override it, and so does
 :func:`set_kernel_dispatch`.
 
 It is compiled at first use (or ahead of time: ``tnt kernels build``, :func:`build`) into
