@@ -27,7 +27,7 @@
 //             whose AVX-512 units are 256 bits wide: 16-float vectors bring no more FLOPs per cycle
 //             there, only wider padding of TNT's 24-feature rows to 32)
 //   avx2      8-float vectors, 4 x 3 register blocks   (x86-64 with AVX2 and FMA)
-//   baseline  8-float generic vectors                  (any CPU: SSE2 on x86-64, NEON on aarch64)
+//   baseline  4-float generic vectors                  (any CPU: SSE2 on x86-64, NEON on aarch64)
 //   avx2-w16  the avx512 copy's 16-float code on AVX2 (never chosen by itself: it lets a machine without
 //             AVX-512 test the 16-float code paths)
 //
@@ -182,7 +182,7 @@ void bf16_linear(const Linear& lin, int rows, int K, const float* A, int64_t lda
 
 namespace {
 namespace tnt_baseline {
-#define TNT_W 8
+#define TNT_W 4  // the width every 64-bit CPU has natively (SSE2, NEON): wider generic vectors get split badly
 #define TNT_MR 4
 #define TNT_AVX2 0
 #define TNT_AVX512 0
@@ -278,7 +278,7 @@ struct Variant {
 enum VariantId { kBaseline = 0, kAvx2 = 1, kAvx2W16 = 2, kAvx512 = 3, kAvx512W8 = 4, kNumVariants = 5 };
 
 const Variant kVariants[kNumVariants] = {
-    {"baseline", 8, tnt_baseline::tile_forward, tnt_baseline::tile_backward},
+    {"baseline", 4, tnt_baseline::tile_forward, tnt_baseline::tile_backward},
 #if TNT_X86
     {"avx2", 8, tnt_avx2::tile_forward, tnt_avx2::tile_backward},
     {"avx2-w16", 16, tnt_avx2_w16::tile_forward, tnt_avx2_w16::tile_backward},

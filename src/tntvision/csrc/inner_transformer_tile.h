@@ -3,7 +3,7 @@
 // inner_transformer.cpp includes this file several times, each time inside its own namespace and a
 // `#pragma GCC target` region, with these macros set:
 //
-//   TNT_W       floats per vector (8: AVX2 / baseline, 16: AVX-512)
+//   TNT_W       floats per vector (4: baseline, 8: AVX2, 16: AVX-512)
 //   TNT_MR      rows per register block of the GEMM micro-kernel
 //   TNT_AVX2    1 when 256-bit AVX2/FMA intrinsics may be used for W = 8
 //   TNT_AVX512  1 when 512-bit AVX-512F intrinsics may be used for W = 16
