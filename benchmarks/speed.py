@@ -75,10 +75,12 @@ def has_amx() -> bool:
         return False
 
 
-def run_plan(quick: bool, compile_rows: bool) -> list[dict]:
-    rounds = 2 if quick else 6
+def run_plan(quick: bool, compile_rows: bool, rows: str = "", rounds: int = 0) -> list[dict]:
+    rounds = rounds or (2 if quick else 6)
     out = []
     for label, kw, workload, goal in PLAN:
+        if rows and not any(r.strip() and r.strip() in label for r in rows.split(",")):
+            continue
         mini = label.startswith("mini")
         kw = {"rounds": rounds if "train" not in kw else max(2, rounds - 2), "memory": False, **kw}
         if quick:
@@ -238,16 +240,27 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny batches and rounds (smoke test)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile inference rows")
     parser.add_argument("--profile", action="store_true", help="add the per-operator profile tables")
+    parser.add_argument(
+        "--rows", default="", help="only the rows whose label contains one of these (comma list)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="timed rounds per row (default 6, 2 with --quick)"
+    )
+    parser.add_argument(
+        "--json-out", default="", help="raw results file (default benchmarks/results/speed.json)"
+    )
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
     runs = []
     for i in range(args.repeat):
         print(f"run {i + 1}/{args.repeat}", file=sys.stderr, flush=True)
-        runs.append(run_plan(args.quick, args.compile))
+        runs.append(run_plan(args.quick, args.compile, args.rows, args.rounds))
     if not args.quick:  # a smoke run must not overwrite the recorded results
         results = ROOT / "benchmarks" / "results"
         results.mkdir(parents=True, exist_ok=True)
-        (results / "speed.json").write_text(json.dumps({"cpu": cpu_name(), "runs": runs}, indent=2) + "\n")
+        (Path(args.json_out) if args.json_out else results / "speed.json").write_text(
+            json.dumps({"cpu": cpu_name(), "runs": runs}, indent=2) + "\n"
+        )
     command = "python benchmarks/speed.py" + "".join(f" {a}" for a in sys.argv[1:])
     section = speed_section(runs, command)
     if args.profile:
