@@ -188,11 +188,6 @@ namespace tnt_baseline {
 #define TNT_AVX512 0
 #define TNT_AVX512VL 0
 #include "inner_transformer_tile.h"
-#undef TNT_W
-#undef TNT_MR
-#undef TNT_AVX2
-#undef TNT_AVX512
-#undef TNT_AVX512VL
 }  // namespace tnt_baseline
 }  // namespace
 
@@ -206,11 +201,6 @@ namespace tnt_avx2 {
 #define TNT_AVX512 0
 #define TNT_AVX512VL 0
 #include "inner_transformer_tile.h"
-#undef TNT_W
-#undef TNT_MR
-#undef TNT_AVX2
-#undef TNT_AVX512
-#undef TNT_AVX512VL
 }  // namespace tnt_avx2
 namespace tnt_avx2_w16 {
 #define TNT_W 16
@@ -219,11 +209,6 @@ namespace tnt_avx2_w16 {
 #define TNT_AVX512 0
 #define TNT_AVX512VL 0
 #include "inner_transformer_tile.h"
-#undef TNT_W
-#undef TNT_MR
-#undef TNT_AVX2
-#undef TNT_AVX512
-#undef TNT_AVX512VL
 }  // namespace tnt_avx2_w16
 }  // namespace
 TNT_TARGET_POP()
@@ -237,11 +222,6 @@ namespace tnt_avx512 {
 #define TNT_AVX512 1
 #define TNT_AVX512VL 0
 #include "inner_transformer_tile.h"
-#undef TNT_W
-#undef TNT_MR
-#undef TNT_AVX2
-#undef TNT_AVX512
-#undef TNT_AVX512VL
 }  // namespace tnt_avx512
 namespace tnt_avx512_w8 {
 #define TNT_W 8
@@ -250,11 +230,6 @@ namespace tnt_avx512_w8 {
 #define TNT_AVX512 0
 #define TNT_AVX512VL 1
 #include "inner_transformer_tile.h"
-#undef TNT_W
-#undef TNT_MR
-#undef TNT_AVX2
-#undef TNT_AVX512
-#undef TNT_AVX512VL
 }  // namespace tnt_avx512_w8
 }  // namespace
 TNT_TARGET_POP()

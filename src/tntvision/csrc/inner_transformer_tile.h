@@ -459,3 +459,9 @@ void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const 
 }
 
 #undef TNT_INLINE
+// the includer sets these afresh for the next copy
+#undef TNT_W
+#undef TNT_MR
+#undef TNT_AVX2
+#undef TNT_AVX512
+#undef TNT_AVX512VL

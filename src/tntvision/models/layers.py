@@ -230,7 +230,7 @@ class Mlp(nn.Module):
             self, allowed=(Mlp, *PLAIN_MODULES)
         )  # else the modules are called (adapters, hooks, quantized Linears)
         if not torch.is_grad_enabled():
-            act = torch.ops.aten.gelu_ if plain_module(self.act) else self.act
+            act = torch.ops.aten.gelu_ if plain or plain_module(self.act) else self.act
             return self.drop(self.fc2(self.drop(act(self.fc1(x)))))
         if plain and self.lean_backward and (self.drop.p == 0.0 or not self.training):
             fc1, fc2 = self.fc1, self.fc2
