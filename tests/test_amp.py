@@ -11,18 +11,20 @@ from tntvision.utils import amp
 
 
 @pytest.mark.parametrize(
-    ("flags", "machine", "want"),
+    ("flags", "vendor", "machine", "want"),
     [
-        ({"avx2", "fma"}, "x86_64", "none"),  # an AVX2-only EPYC: bf16 is emulated there
-        ({"avx512f", "avx512bw"}, "x86_64", "none"),  # AVX-512 without bf16 units
-        ({"avx512f", "avx512_bf16"}, "x86_64", "bfloat16"),  # Zen 4, Cooper Lake
-        ({"avx512f", "amx_bf16", "amx_tile"}, "x86_64", "bfloat16"),  # Sapphire Rapids
-        ({"asimd", "bf16"}, "aarch64", "bfloat16"),
-        ({"asimd"}, "aarch64", "none"),
+        ({"avx2", "fma"}, "AuthenticAMD", "x86_64", "none"),  # an AVX2-only EPYC: bf16 is emulated there
+        ({"avx512f", "avx512bw"}, "GenuineIntel", "x86_64", "none"),  # AVX-512 without bf16 units
+        ({"avx512f", "avx512_bf16"}, "AuthenticAMD", "x86_64", "bfloat16"),  # Zen 4
+        ({"avx512f", "avx512_bf16"}, "GenuineIntel", "x86_64", "none"),  # Cooper Lake, AMX hidden: slower
+        ({"avx512f", "amx_bf16", "amx_tile"}, "GenuineIntel", "x86_64", "bfloat16"),  # Sapphire Rapids
+        ({"asimd", "bf16"}, "", "aarch64", "bfloat16"),
+        ({"asimd"}, "", "aarch64", "none"),
     ],
 )
-def test_auto_picks_bf16_only_with_native_units(monkeypatch, flags, machine, want):
+def test_auto_picks_bf16_only_where_it_is_faster(monkeypatch, flags, vendor, machine, want):
     monkeypatch.setattr(amp, "_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(amp, "_cpu_vendor", lambda: vendor)
     monkeypatch.setattr(amp.platform, "machine", lambda: machine)
     assert amp.resolve_amp("auto", torch.device("cpu")) == want
 
@@ -38,5 +40,6 @@ def test_this_machines_answer_matches_its_cpuinfo():
     info = Path("/proc/cpuinfo")
     if platform.machine() != "x86_64" or not info.exists():
         pytest.skip("checked against x86 /proc/cpuinfo flags")
-    native = any(f in info.read_text().split() for f in ("avx512_bf16", "amx_bf16"))
+    words = info.read_text().split()
+    native = "amx_bf16" in words or ("avx512_bf16" in words and "AuthenticAMD" in words)
     assert amp.native_bf16(torch.device("cpu")) == native

@@ -53,11 +53,17 @@ TNT_INLINE vf vfloor(vf x) {
 #endif
 }
 
-// exp(x), Cephes-style: 2^n * p(r), |rel err| ~ 1 ulp. Inputs are clamped to [-87, 88].
+// exp(x), Cephes-style: 2^n * p(r), |rel err| ~ 1 ulp. Inputs are clamped to [-87, 88] (NaN stays NaN).
 TNT_INLINE vf vexp(vf x) {
+#if TNT_AVX512
+  // min/max return their second operand when either is NaN; n = round(x log2 e); 2^n by vscalefps
+  x = (vf)_mm512_max_ps(_mm512_set1_ps(-87.0f), _mm512_min_ps(_mm512_set1_ps(88.0f), (__m512)x));
+  vf fl = (vf)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
   x = x > 88.0f ? splat(88.0f) : x;
   x = x < -87.0f ? splat(-87.0f) : x;
   vf fl = vfloor(x * 1.44269504088896341f + 0.5f);
+#endif
   x = x - fl * 0.693359375f - fl * -2.12194440e-4f;
   vf z = x * x;
   vf y = splat(1.9875691500e-4f);
@@ -67,10 +73,14 @@ TNT_INLINE vf vexp(vf x) {
   y = y * x + 1.6666665459e-1f;
   y = y * x + 5.0000001201e-1f;
   y = y * z + x + 1.0f;
+#if TNT_AVX512
+  return (vf)_mm512_scalef_ps((__m512)y, (__m512)fl);
+#else
   vi n = (__builtin_convertvector(fl, vi) + 127) << 23;
   vf pow2n;
   std::memcpy(&pow2n, &n, sizeof pow2n);
   return y * pow2n;
+#endif
 }
 
 // 1/a to within ~1 ulp: the hardware estimate refined by Newton steps (a divide is several times slower).
@@ -285,10 +295,43 @@ void mix_rows(const Dims& d, const float* coef, const float* rows, float scale, 
   }
 }
 
-inline void scaled_q_transposed(const float* q, const Dims& d, float* qT) {
-  for (int dd = 0; dd < d.hd; ++dd)
-    for (int i = 0; i < d.mp; ++i) qT[dd * d.mp + i] = i < d.m ? q[i * d.c3p + dd] * d.scale : 0.f;
+// Lanes 0..15 times a row stride: the offsets of one column's words, for gathers and scatters.
+#if TNT_AVX512
+TNT_INLINE __m512i column_offsets(int ld) {
+  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(ld));
 }
+#endif
+
+// dstT[dd][i] = src[i * ld + dd] * scale for dd < hd, i < m; lanes m..mp-1 are zero (one sentence, one head).
+inline void columns_to_rows(const float* src, int64_t ld, float scale, const Dims& d, float* dstT) {
+#if TNT_AVX512
+  if (d.mp == kW) {  // the sentence fills one vector: a gather per column
+    const __m512i idx = column_offsets(static_cast<int>(ld));
+    const __mmask16 live = static_cast<__mmask16>((1u << d.m) - 1u);
+    for (int dd = 0; dd < d.hd; ++dd)
+      vst(dstT + dd * kW, (vf)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idx, src + dd, 4) * scale);
+    return;
+  }
+#endif
+  for (int dd = 0; dd < d.hd; ++dd)
+    for (int i = 0; i < d.mp; ++i) dstT[dd * d.mp + i] = i < d.m ? src[i * ld + dd] * scale : 0.f;
+}
+
+// dst[i * ld + dd] = srcT[dd][i] for dd < hd, i < m: the inverse of columns_to_rows (scale 1).
+inline void rows_to_columns(const float* srcT, const Dims& d, float* dst, int64_t ld) {
+#if TNT_AVX512
+  if (d.mp == kW) {
+    const __m512i idx = column_offsets(static_cast<int>(ld));
+    const __mmask16 live = static_cast<__mmask16>((1u << d.m) - 1u);
+    for (int dd = 0; dd < d.hd; ++dd) _mm512_mask_i32scatter_ps(dst + dd, live, idx, (__m512)vld(srcT + dd * kW), 4);
+    return;
+  }
+#endif
+  for (int i = 0; i < d.m; ++i)
+    for (int dd = 0; dd < d.hd; ++dd) dst[i * ld + dd] = srcT[dd * d.mp + i];
+}
+
+inline void scaled_q_transposed(const float* q, const Dims& d, float* qT) { columns_to_rows(q, d.c3p, d.scale, d, qT); }
 
 // Transposed attention weights of one sentence and head: PT[j][i] = softmax_j(q_i . k_j * scale).
 // Also leaves qT[d][i] = q[i][d] * scale. q and k point at the head's first column in the qkv rows.
@@ -339,9 +382,7 @@ void tile_forward(Scratch& s, int rows, const Dims& d, const Weights& w, const f
       attention_weights(q, q + d.c, d, s.qT.data(), PT);
       const float* v = q + 2 * d.c;
       mix_rows(d, v, PT, 1.0f, s.oT.data());  // oT[dd][i] = sum_j v[j][dd] P[i][j]
-      float* o = s.o.data() + r0 * cp + hh * d.hd;
-      for (int i = 0; i < m; ++i)
-        for (int dd = 0; dd < d.hd; ++dd) o[i * cp + dd] = s.oT[dd * mp + i];
+      rows_to_columns(s.oT.data(), d, s.o.data() + r0 * cp + hh * d.hd, cp);
     }
   PROF(2);
   // x1 = x + keep1 * (o Wp^T + bp)
@@ -412,8 +453,7 @@ void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const 
       const float* PT = s.weights(r0 / m, hh, d);  // kept by the forward recompute
       scaled_q_transposed(q, d, qT);
       const float* dOh = dO + r0 * cp + hh * d.hd;
-      for (int dd = 0; dd < d.hd; ++dd)
-        for (int i = 0; i < mp; ++i) doT[dd * mp + i] = i < m ? dOh[i * cp + dd] : 0.f;
+      columns_to_rows(dOh, cp, 1.0f, d, doT);
       float* dq = dqkv + r0 * c3p + hh * d.hd;
       float* dk = dq + d.c;
       float* dv = dq + 2 * d.c;
@@ -438,8 +478,7 @@ void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const 
         for (int u = 0; u < mp; u += kW)
           vst(dPT + j * mp + u, vld(PT + j * mp + u) * (vld(dPT + j * mp + u) - vld(rowdot + u)));  // dS^T
       mix_rows(d, k, dPT, d.scale, dqT);  // dq[i] = scale * sum_j dS[i][j] k[j]
-      for (int i = 0; i < m; ++i)
-        for (int dd = 0; dd < d.hd; ++dd) dq[i * c3p + dd] = dqT[dd * mp + i];
+      rows_to_columns(dqT, d, dq, c3p);
       for (int j = 0; j < m; ++j)
         for (int dd = 0; dd < d.hd; ++dd) {  // dk[j] = sum_i dS[i][j] q[i] * scale (qT holds the scale)
           vf acc{};
