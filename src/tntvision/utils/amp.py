@@ -86,9 +86,9 @@ def native_bf16(device: torch.device) -> bool:
 
     Not: x86 CPUs without bf16 instructions (an AVX2-only EPYC), where oneDNN emulates bf16 and a bf16 GEMM
     is several times slower than fp32, and Intel CPUs with ``avx512_bf16`` but no AMX (Cooper Lake, or a
-    Sapphire/Emerald Rapids VM that hides AMX): there oneDNN's ``avx512_core_bf16`` matmul ran at 73 GMAC/s
-    against MKL's 131 in fp32 (2 threads, 3152x384 @ 384x1152), and bf16 autocast training was 1.25x
-    slower than fp32 (docs/performance.md)."""
+    Sapphire/Emerald Rapids VM that hides AMX): there oneDNN's ``avx512_core_bf16``
+    matmul ran at 66.5 GMAC/s against MKL's 122.6 in fp32 (2 threads, ``benchmarks/gemm_dtypes.py``), and
+    bf16 autocast training was 1.25x slower than fp32 (docs/performance.md)."""
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type != "cpu":
