@@ -215,6 +215,33 @@ def test_bf16_gemms_round_their_operands_and_accumulate_in_fp32(isa, xdtype):
     assert err_exact > 1e-3  # the GEMMs were bf16 indeed
 
 
+@pytest.mark.parametrize(
+    "c, H, m, heads, bias",
+    [
+        (8, 32, 4, 2, False),  # the demo model: packed blocks of 8 and 24 columns (qkv 24, fc1 32)
+        (24, 96, 16, 4, True),  # TNT-S: qkv 72 = 32 + 32 + 8
+        (40, 160, 16, 4, False),  # TNT-B: qkv 120 = 3 x 32 + 24, K = 40 and 160
+        (20, 52, 36, 5, True),  # odd K (kp = K), m > 32, a 20-column last block
+    ],
+)
+def test_bf16_gemms_over_the_shapes_the_models_use(c, H, m, heads, bias):
+    """The forced bf16 GEMM path (packed for AMX where the CPU has it) on the widths that cut the packed
+    weights into full and partial blocks: within bf16-operand rounding of the formula, far from fp32."""
+    p = params(c, H, bias=bias, seed=c + m)
+    x = torch.randn(9, m, c)
+    with kernels.kernel_options(bf16="brgemm"):
+        got = op(x, p, None, None, heads, low_precision=True).double()
+        mode = kernels.kernel_dispatch()["bf16"]
+    p64 = {k: None if v is None else v.double() for k, v in p.items()}
+    rounded = formula(x.double(), p64, None, None, heads, gemm_dtype=torch.bfloat16)
+    exact = formula(x.double(), p64, None, None, heads)
+    err_rounded = (got - rounded).abs().mean().item()
+    err_exact = (got - exact).abs().mean().item()
+    print(f"bf16 GEMMs ({mode}, c={c} H={H} m={m}): mean error {err_rounded:.2e} vs {err_exact:.2e} (fp32)")
+    assert err_rounded <= 0.2 * err_exact
+    assert (got - rounded).abs().max().item() <= 1e-2 * rounded.abs().max().item()
+
+
 def test_low_precision_in_the_default_mode_runs_what_the_cpu_is_best_at():
     """In ``auto``, a low-precision call computes its GEMMs in bf16 exactly when the CPU has AMX (the
     packed path), and in fp32 elsewhere; either way within the matching formula. Prints which."""

@@ -80,6 +80,7 @@ constexpr int kTileWords = 256;  // words per tile (rounded to whole sentences)
 constexpr int kMaxWords = 4096;  // per sentence: keeps every scratch index within int
 constexpr int kMaxDim = 4096;
 constexpr int kBlockN = 32;  // N block of the packed bf16 weights (oneDNN's packing takes N <= 64)
+constexpr int kPackLd = 16;  // the packed rows' stride is a multiple of this (pack refuses 8 or 24)
 
 inline int rup(int n, int w) { return (n + w - 1) / w * w; }
 
@@ -92,13 +93,16 @@ struct Dims {
 
 // One Linear of the forward as its GEMM needs it. fp32: the transposed weight, (K x N padded). bf16: the
 // transposed weight in bf16, (kp x N) row-major with kp = K rounded up to even, or, with `packed`, N
-// blocks of at most kBlockN columns, each in the VNNI layout of `cpublas::pack`, at `offsets`.
+// blocks of at most kBlockN columns, each in the VNNI layout of `cpublas::pack` with a row stride of
+// block_ld(block) (its width rounded up to kPackLd), at `offsets`.
 struct Linear {
   at::Tensor wT;
   at::Tensor bf16;  // defined: the bf16 GEMM runs
   bool packed = false;
   int n = 0, k = 0, kp = 0;
   std::vector<int64_t> offsets;  // packed: element offset of each N block
+  int block_n(size_t i) const { return std::min(kBlockN, n - static_cast<int>(i) * kBlockN); }
+  int block_ld(size_t i) const { return rup(block_n(i), kPackLd); }
 };
 
 // The weights of one call, packed once (forward: transposed, backward: as stored, fp32).
@@ -162,8 +166,9 @@ void bf16_linear(const Linear& lin, int rows, int K, const float* A, int64_t lda
     return;
   }
   for (size_t i = 0; i < lin.offsets.size(); ++i) {
-    const int n0 = static_cast<int>(i) * kBlockN, nb = std::min(kBlockN, lin.n - n0);
-    at::native::cpublas::brgemm(rows, nb, kp, kp, nb, ldc, true, ab, b + lin.offsets[i], C + n0, true);
+    const int n0 = static_cast<int>(i) * kBlockN;
+    at::native::cpublas::brgemm(rows, lin.block_n(i), kp, kp, lin.block_ld(i), ldc, true, ab, b + lin.offsets[i],
+                                C + n0, true);
   }
 }
 
@@ -483,10 +488,10 @@ Linear make_linear(const at::Tensor& w, int n, int k, int ld, bool bf16) {
   const int64_t block = static_cast<int64_t>(rup(lin.kp, 32)) * kBlockN;  // room for any K padding of pack
   lin.bf16 = at::zeros({nblocks * block}, at::TensorOptions().dtype(at::kBFloat16));
   for (int i = 0; i < nblocks; ++i) {
-    const int n0 = i * kBlockN, nb = std::min(kBlockN, n - n0);
     lin.offsets.push_back(i * block);
-    at::native::cpublas::pack(lin.kp, nb, n, nb, at::kBFloat16, at::kBFloat16,
-                              wT.data_ptr<at::BFloat16>() + n0, lin.bf16.data_ptr<at::BFloat16>() + i * block);
+    at::native::cpublas::pack(lin.kp, lin.block_n(i), n, lin.block_ld(i), at::kBFloat16, at::kBFloat16,
+                              wT.data_ptr<at::BFloat16>() + i * kBlockN,
+                              lin.bf16.data_ptr<at::BFloat16>() + i * block);
   }
   return lin;
 }
