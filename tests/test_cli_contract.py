@@ -5,10 +5,13 @@
   file is read, and its code does not run.
 - ``--resume`` on a truncated or foreign ``last.pt`` exits 2 with one line and leaves the run folder as
   it was.
+- A user error keeps its cause (the exception chain, ``--verbose``); an OSError exits 2 only when it is
+  about a path the user named or a full disk, anything else is a bug.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -115,9 +118,10 @@ def test_unsafe_file_refused_by_every_entry_point(tmp_path, capsys):
     evil = _unsafe_file(tmp_path / "evil.pth", marker)
     data = make_image_folder(tmp_path / "d", per_class=2, size=28)
     img = str(next((data / "val").rglob("*.png")))
-    with pytest.raises(tntvision.CheckpointError, match="not a readable weights file"):
+    with pytest.raises(tntvision.CheckpointError, match="refused as unsafe") as refused:
         tntvision.create_model(MINI, pretrained=str(evil))
-    with pytest.raises(tntvision.CheckpointError, match="not a readable weights file"):
+    assert refused.value.__cause__ is not None  # torch's own error stays the cause
+    with pytest.raises(tntvision.CheckpointError, match="refused as unsafe"):
         tntvision.load_model(evil)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -134,7 +138,7 @@ def test_unsafe_file_refused_by_every_entry_point(tmp_path, capsys):
     for name, argv in commands.items():
         assert main(argv) == 2, name
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "not a readable" in err, (name, err)
+        assert len(err.splitlines()) == 1 and "refused as unsafe" in err, (name, err)
     assert not marker.exists()
     assert not (tmp_path / "conv").exists() and not (tmp_path / "ft").exists()
 
@@ -161,3 +165,62 @@ def test_resume_on_a_damaged_checkpoint_changes_nothing(tmp_path, capsys, damage
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "last.pt" in err, err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+# ------------------------------------------------------------------------- errors keep their cause
+
+
+def test_a_permission_error_says_so_and_stays_the_cause(tmp_path, monkeypatch, capsys):
+    """Reading weights the user may not read: the message says "permission denied" (not "damaged"),
+    the PermissionError is the cause, the CLI exits 2 naming it, and --verbose prints the chain."""
+    folder = tmp_path / "m"
+    tntvision.save_model(tntvision.create_model(MINI), folder)
+    weights = folder / "model.safetensors"
+    import safetensors.torch
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(safetensors.torch, "load_file", denied)
+    with pytest.raises(tntvision.CheckpointError, match="permission denied") as refused:
+        tntvision.load_model(folder)
+    assert isinstance(refused.value.__cause__, PermissionError)
+    assert str(weights) in str(refused.value)
+    argv = ["convert", str(folder), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "permission denied" in err and "cause: PermissionError" in err
+    assert main(["--verbose", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "PermissionError: [Errno 13] Permission denied" in err
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (OSError(errno.EACCES, "Permission denied", "/proc/internal/cache"), None),  # not the user's path
+        (OSError(errno.EACCES, "Permission denied", "{out}/figures/a.png"), 2),  # inside --out
+        (OSError(errno.ENOSPC, "No space left on device"), 2),  # a full disk: the user's to fix
+        (RuntimeError("a bug"), None),
+    ],
+)
+def test_only_the_users_own_paths_and_disks_exit_2(tmp_path, monkeypatch, error, code):
+    """An OSError about a path the user named (or one inside it) or a full disk exits 2; one about a path
+    the project chose, like any other exception, propagates (exit 1 with a traceback from python -m)."""
+    import tntvision.cli as cli
+
+    out = tmp_path / "vis"
+    if isinstance(error, OSError) and error.filename:
+        error.filename = error.filename.format(out=out)
+
+    def fail(_args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_visualize", fail)
+    argv = ["visualize", "--model", MINI, "img.png", "--out", str(out)]
+    if code is None:
+        with pytest.raises(type(error)):
+            main(argv)
+    else:
+        assert main(argv) == code

@@ -48,8 +48,12 @@ def test_read_idx_round_trip_and_errors(tmp_path):
     (tmp_path / "short.gz").write_bytes(gzip.compress(good[:-3]))
     with pytest.raises(DataError, match="needs 24"):
         read_idx(tmp_path / "short.gz")
-    with pytest.raises(DataError, match="cannot read"):
+    with pytest.raises(DataError, match="no such file") as missing:
         read_idx(tmp_path / "missing.gz")
+    assert isinstance(missing.value.__cause__, FileNotFoundError)  # the cause is kept
+    (tmp_path / "cut.gz").write_bytes(gzip.compress(b"\0\0\x08\x01" + bytes(64))[:-9])  # truncated gzip
+    with pytest.raises(DataError, match="cut.gz: damaged or not an IDX file"):
+        read_idx(tmp_path / "cut.gz")
 
 
 def test_fashion_mnist_from_env_dir(fmnist):

@@ -119,11 +119,23 @@ def test_text_output_with_uneven_batches(image_folder, run_folder, expected, tmp
 
 
 def test_autocast_option(image_folder, run_folder, expected, tmp_path):
-    result = evaluate_checkpoint(
-        run_folder, str(image_folder), split="val", amp="bfloat16", out=tmp_path, progress=False
+    modes = []  # (autocast on, its dtype) at every forward of a whole model
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, *_: (
+            modes.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            if hasattr(m, "pretrained_cfg")
+            else None
+        )
     )
+    try:
+        result = evaluate_checkpoint(
+            run_folder, str(image_folder), split="val", amp="bfloat16", out=tmp_path, progress=False
+        )
+    finally:
+        hook.remove()
+    assert modes and set(modes) == {(True, torch.bfloat16)}
     assert result.n == 25 and int(result.confusion.sum()) == 25
-    assert abs(result.loss - expected["loss"]) < 0.1  # bf16 rounding only
+    assert 0 < abs(result.loss - expected["loss"]) < 0.1  # bf16 rounding: different, and only slightly
     with pytest.raises(InputError):
         evaluate_checkpoint(run_folder, str(image_folder), split="val", amp="fp8", progress=False)
 
@@ -174,7 +186,7 @@ def test_class_mismatch_and_bad_input_exit_2(image_folder, run_folder, tmp_path,
         (["--checkpoint", str(tmp_path / "shuffled"), "--data", data], "another order"),
         (["--checkpoint", str(tmp_path / "three"), "--data", data], "3"),
         (["--checkpoint", str(run_folder), "--data", str(tmp_path / "nowhere")], "no such data folder"),
-        (["--checkpoint", str(tmp_path / "notes.txt"), "--data", data], "not a readable weights file"),
+        (["--checkpoint", str(tmp_path / "notes.txt"), "--data", data], "not a weights file"),
         (["--checkpoint", str(tmp_path / "missing"), "--data", data], "no such file"),
     ]
     for args, msg in cases:

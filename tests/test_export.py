@@ -465,7 +465,18 @@ def test_torch_hub_loads_every_registered_model_from_a_clone():
 
 
 @pytest.mark.parametrize("runtime", [None, "onnxruntime", "openvino"])
-def test_bench_times_an_exported_file_against_pytorch(exported, capsys, runtime):
+def test_bench_times_an_exported_file_against_pytorch(exported, capsys, runtime, monkeypatch):
+    from tntvision.tools import exported as exported_module
+
+    batches: list[int] = []  # the batch of every call the exported file ran
+    real_load = exported_module.load_exported
+
+    def load(*args, **kwargs):
+        module = real_load(*args, **kwargs)
+        module.register_forward_pre_hook(lambda _m, inputs: batches.append(inputs[0].shape[0]))
+        return module
+
+    monkeypatch.setattr(exported_module, "load_exported", load)
     path = str(exported("tnt_mini_patch4_28", "onnx"))
     argv = [
         "bench",
@@ -485,9 +496,15 @@ def test_bench_times_an_exported_file_against_pytorch(exported, capsys, runtime)
     label = runtime or "onnxruntime"
     assert result["implementations"] == [label, "pytorch"] and result["threads"] == 1
     assert result["runtime"] == label
-    for workload in ("inference", "latency"):
-        assert set(result[workload]["per_impl"]) == {label, "pytorch"}
-        assert result[workload]["speedup"] > 0
+    # warmup 0, one round of batch 2, then two of batch 1: what was timed is the file's runs
+    assert batches == [2, 1, 1]
+    for workload, batch in (("inference", 2), ("latency", 1)):
+        per = result[workload]["per_impl"]
+        assert set(per) == {label, "pytorch"}
+        assert result[workload]["speedup"] == pytest.approx(
+            per["pytorch"]["median_ms"] / per[label]["median_ms"]
+        )
+        assert per[label]["img_per_s"] == pytest.approx(batch / (per[label]["median_ms"] / 1e3))
     _one_line_exit_2(capsys, [*argv, "--train"], "float32 inference only")
 
 

@@ -20,13 +20,20 @@ import torch.nn.functional as F
 from tntvision.errors import ConfigError
 from tntvision.models import kernels
 
+from .conftest import need_fused_kernel
+
 NAMES = ["ln1_w", "ln1_b", "qk_w", "qk_b", "v_w", "v_b", "proj_w", "proj_b"]
 NAMES += ["ln2_w", "ln2_b", "fc1_w", "fc1_b", "fc2_w", "fc2_b"]
 
 
 def _dispatch() -> dict:
-    assert kernels.fused_available(), kernels._STATE["error"]
+    need_fused_kernel()
     return kernels.kernel_dispatch()
+
+
+@pytest.fixture(autouse=True)
+def _kernel():  # every test here runs the op itself
+    need_fused_kernel()
 
 
 def _isas() -> list[str]:

@@ -234,7 +234,7 @@ def test_bad_input_exits_2_with_one_line(grey_model_dir, tmp_path, capsys):
     cases = [
         ([str(grey_model_dir), str(tmp_path / "missing.png")], "no such file"),
         ([str(grey_model_dir), str(text)], "not a readable image"),
-        ([str(text), str(img)], "not a readable weights file"),  # a checkpoint that is not a model
+        ([str(text), str(img)], "not a weights file"),  # a checkpoint that is not a model
         ([str(tmp_path / "nowhere"), str(img)], "no such file"),
     ]
     for (ckpt, image), msg in cases:

@@ -147,15 +147,54 @@ def test_odd_grid_padding_matches_the_authors(tmp_path):
 
 
 def test_other_input_size_resamples_tables_at_load_and_on_the_fly(tmp_path):
-    path, _ = _authors_checkpoint(tmp_path, "ptnt_ti_patch16_192")
+    path, sd = _authors_checkpoint(tmp_path, "ptnt_ti_patch16_192")
     at_192 = create_model("ptnt_ti_patch16_192", pretrained=str(path)).eval()
     at_256 = create_model("ptnt_ti_patch16_192", pretrained=str(path), img_size=256).eval()
     assert at_256.load_report.resampled_pos == (24, 24)
     assert at_256.stages[0].relative_pos.shape == (1, 2, 32 * 32, 8 * 8)
-    x = torch.randn(1, 3, 256, 256)
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():  # resampled when loading == resampled on the fly by the 192-px model
-        assert torch.allclose(at_192(x), at_256(x), atol=1e-5)
-        assert not torch.allclose(at_192(torch.randn(1, 3, 192, 192)), at_256(torch.randn(1, 3, 192, 192)))
+        got = at_256(x)
+        assert torch.allclose(at_192(x), got, atol=1e-5)
+    # independently: the authors' logits with their 192-px tables resized by separable 1-D bicubic
+    # matrices (antialiased for the absolute table, as timm resizes it; plain for the relative ones)
+    sd = dict(sd)
+    sd["outer_pos"] = _resize_grid(sd["outer_pos"][0], (24, 24), (32, 32), antialias=True)[None]
+    grids_256 = stage_grids(256, 256)
+    for i, sr in enumerate((4, 2, 1, 1)):
+        key = f"stages.{i}.relative_pos"
+        old_q, new_q = stage_grids(192, 192)[i], grids_256[i]
+        old_k, new_k = ((h // sr, w // sr) for h, w in (old_q, new_q))
+        t = sd[key][0].transpose(0, 1)  # (Nq, heads, Nk)
+        t = _resize_grid(t.flatten(1), old_q, new_q).reshape(-1, t.shape[1], t.shape[2])  # (Nq', heads, Nk)
+        heads = t.shape[1]
+        t = _resize_grid(t.permute(2, 0, 1).flatten(1), old_k, new_k)  # (Nk', Nq' * heads)
+        t = t.reshape(-1, new_q[0] * new_q[1], heads)  # (Nk', Nq', heads)
+        sd[key] = t.permute(2, 1, 0)[None]  # (1, heads, Nq', Nk')
+    want = reference_logits(sd, x, heads=at_256.cfg.outer_heads, inner_heads=at_256.cfg.inner_heads)
+    assert (got.double() - want).abs().max().item() < 1e-4 * want.abs().max().item()
+
+
+def _bicubic_matrix(n_old: int, n_new: int, *, antialias: bool) -> torch.Tensor:
+    """(n_new, n_old) weights of 1-D bicubic resizing, read off by resizing the identity."""
+    # one-hot signals as channels, constant along a width of 3 that is kept (a width of 1 takes another
+    # code path in the antialiased kernel)
+    eye = torch.eye(n_old, dtype=torch.float64).reshape(1, n_old, n_old, 1).expand(1, n_old, n_old, 3)
+    out = torch.nn.functional.interpolate(
+        eye.contiguous(), size=(n_new, 3), mode="bicubic", align_corners=False, antialias=antialias
+    )
+    return out[0, :, :, 1].t()  # (n_new, n_old)
+
+
+def _resize_grid(
+    t: torch.Tensor, old: tuple[int, int], new: tuple[int, int], *, antialias=False
+) -> torch.Tensor:
+    """(old_h * old_w, C) rows on a grid -> (new_h * new_w, C), one 1-D matrix per axis."""
+    rows = _bicubic_matrix(old[0], new[0], antialias=antialias)
+    cols = _bicubic_matrix(old[1], new[1], antialias=antialias)
+    grid = t.double().reshape(old[0], old[1], -1)  # (h, w, C)
+    out = torch.einsum("Hh,Ww,hwc->HWc", rows, cols, grid)
+    return out.reshape(new[0] * new[1], -1)
 
 
 def test_relative_table_resampling_is_separable_bicubic():

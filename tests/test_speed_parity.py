@@ -6,6 +6,7 @@ of each gradient's largest entry.
 """
 
 import json
+import time
 
 import pytest
 import timm  # the reference: its absence fails the suite
@@ -151,13 +152,40 @@ def test_compiled_training_step_matches_eager():
     _close_grads(grads_c, grads, rel=1e-4)
 
 
-def test_bench_library_reports_speed_and_memory():
+def test_bench_times_what_it_runs(monkeypatch):
+    """A compared model slowed by a 30 ms sleep in its forward shows up 30 ms slower in every workload,
+    and ours (the same architecture, not slowed) as faster: the table times the models it names."""
+    from tntvision.tools import bench
+
+    delay = 0.03
+    real_build = bench.Impl.build
+
+    def build(self, model_name, **kw):
+        model = real_build(self, model_name, **kw)
+        if self.spec.startswith("tntvision:"):
+            model.register_forward_pre_hook(lambda *_: time.sleep(delay))
+        return model
+
+    monkeypatch.setattr(bench.Impl, "build", build)
+    slow = "tntvision:tnt_mini_patch4_28"
     result = bench_model(
-        model_name="tnt_mini_patch4_28", batch_size=2, train=True, rounds=2, warmup=1, latency_rounds=2
+        model_name="tnt_mini_patch4_28",
+        batch_size=2,
+        train=True,
+        rounds=2,
+        warmup=1,
+        latency_rounds=2,
+        compare=[slow],
     )
-    for key in ("inference", "latency", "train"):
-        assert result[key]["per_impl"]["ours"]["img_per_s"] > 0
-        assert result[key]["speedup"] == {}
+    for key, batch in (("inference", 2), ("latency", 1), ("train", 2)):
+        per = result[key]["per_impl"]
+        assert per[slow]["min_ms"] >= 1e3 * delay
+        assert per[slow]["median_ms"] - per["ours"]["median_ms"] >= 0.9e3 * delay
+        assert result[key]["time_ratio"][slow] < 1 < result[key]["speedup"][slow]
+        for s in per.values():
+            assert s["img_per_s"] == pytest.approx(batch / (s["median_ms"] / 1e3))
+            assert s["min_ms"] <= s["median_ms"]
+    assert result["flop_ratio"][slow] == pytest.approx(1.0)  # the same architecture: only time differs
     mem = result["memory"]["per_impl"]["ours"]
     assert mem["peak_mb"] >= mem["before_mb"] > 0
     assert result["memory"]["workload"] == "train"
@@ -171,8 +199,11 @@ def test_bench_cli_compares_with_timm(capsys):
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["implementations"] == ["ours", "timm"]
-    assert result["inference"]["speedup"]["timm"] > 0
-    assert set(result["latency"]["per_impl"]) == {"ours", "timm"}
+    assert set(result["inference"]["per_impl"]) == set(result["latency"]["per_impl"]) == {"ours", "timm"}
+    per = result["inference"]["per_impl"]
+    ratio = result["inference"]["speedup"]["timm"]
+    assert ratio == pytest.approx(per["timm"]["median_ms"] / per["ours"]["median_ms"])
+    assert result["inference"]["time_ratio"]["timm"] == pytest.approx(1 / ratio)
 
 
 def test_bench_keep_activations_times_the_plain_backward(capsys):
@@ -218,20 +249,30 @@ def test_bench_headline_ratios_macs_and_profile(capsys):
         tntvision.create_model("vit_mini_patch4_28")
     )
     assert result["flop_ratio"][vit] == pytest.approx(want)
-    assert result["flop_ratio"]["ours:reference"] == 1.0
-    per = result["inference"]["per_impl"]
-    assert result["inference"]["time_ratio"][vit] == pytest.approx(
-        per["ours"]["median_ms"] / per[vit]["median_ms"]
+    assert (
+        result["macs"]["ours"]
+        == result["macs"]["ours:reference"]
+        == count_macs(tntvision.create_model("tnt_mini_patch4_28"))
     )
     ops = [row["op"] for row in result["inference"]["profile"]]
     assert "tntvision::inner_transformer" in ops  # the profile is of our model, on the fused path
 
 
-def test_bench_bf16_weights_and_refused_bf16_training(capsys):
+def test_bench_bf16_weights_and_refused_bf16_training(capsys, monkeypatch):
+    from tntvision.tools import bench
+
+    seen = []
+    real = bench._inference_fn
+
+    def spy(model, x, device, amp):
+        seen.append((next(model.parameters()).dtype, x.dtype))
+        return real(model, x, device, amp)
+
+    monkeypatch.setattr(bench, "_inference_fn", spy)
     argv = ["bench", "--model", "tnt_mini_patch4_28", "--batch-size", "2", "--rounds", "1", "--warmup", "0"]
     assert main([*argv, "--no-memory", "--dtype", "bfloat16", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["dtype"] == "bfloat16" and result["amp"] == "none"
-    assert result["inference"]["per_impl"]["ours"]["img_per_s"] > 0
+    assert seen and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in seen)  # weights, input
     assert main([*argv, "--no-memory", "--dtype", "bfloat16", "--train"]) == 2
     assert "float32 weights" in capsys.readouterr().err

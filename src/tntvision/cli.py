@@ -2,8 +2,9 @@
 
 Contract (docs/cli.md): every sub-command takes --help; with --json, stdout carries exactly one JSON object
 (under torchrun, rank 0's only); logs and progress go to stderr; a user error (bad argument, missing or
-unwritable file, bad data) exits 2 with a one-line message on stderr; an interrupted run exits 130; exit 1
-means a bug.
+unwritable file, bad data, a full disk) exits 2 with a one-line message on stderr (`tnt --verbose ...` adds
+the chain of causes); an interrupted run exits 130; anything else, e.g. an OSError about a path the user did
+not name, is the project's bug: exit 1 with a traceback.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from .tools.exported import load_checkpoint
+    from .tools.checkpoints import load_checkpoint
     from .tools.predict import predict_images
 
     model = load_checkpoint(args.checkpoint, runtime=args.runtime)
@@ -119,7 +120,7 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
 
 def cmd_visualize(args: argparse.Namespace) -> None:
     from .models import create_model, load_model
-    from .tools.exported import refuse_exported
+    from .tools.checkpoints import refuse_exported
     from .tools.visualize import visualize
 
     refuse_exported(args.checkpoint, why="it has no attention maps or block outputs to draw")
@@ -264,7 +265,7 @@ def cmd_kernels(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .tools.export import require
+    from .utils.deps import require
 
     for module in ("fastapi", "uvicorn", "prometheus_client", "python_multipart"):
         require(module, "tnt serve", extra="serve")
@@ -347,24 +348,39 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tnt", description="Transformer-iN-Transformer vision models.")
-    from . import __version__
+# Arguments several sub-commands share, worded once.
+CHECKPOINT_HELP = "run folder, model/ folder, weights file or exported .onnx/.pt2"
+DTYPE_HELP = "dtype of weights and images (bfloat16: inference without autocast's weight casts)"
 
-    parser.add_argument("--version", action="version", version=f"tntvision {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+def _json_flag(p: argparse.ArgumentParser, help: str = "print one JSON object") -> None:
+    p.add_argument("--json", action="store_true", help=help)
+
+
+def _dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help=DTYPE_HELP)
+
+
+def _runtime_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", choices=RUNTIMES, default=None, help=RUNTIME_HELP)
+
+
+def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list registered model names")
     p.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'tnt_s*'")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _json_flag(p)
     p.set_defaults(func=cmd_models)
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="parameters, MACs and config of a model")
     p.add_argument("model", help="a registered model name (see `tnt models`)")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _json_flag(p)
     p.set_defaults(func=cmd_info)
 
+
+def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="weights of the authors' code, timm or mmpretrain -> a model folder")
     p.add_argument("src", help="weights file (.pth, .pth.tar, .bin, .safetensors) or folder")
     p.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
@@ -372,23 +388,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-ema", action="store_true", help="take 'state_dict' even when 'state_dict_ema' exists"
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _json_flag(p)
     p.set_defaults(func=cmd_convert)
 
+
+def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="top-k classes of image files and folders")
-    p.add_argument(
-        "--checkpoint", required=True, help="run folder, model/ folder, weights file or exported .onnx/.pt2"
-    )
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (walked)")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    p.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of weights and images"
-    )
-    p.add_argument("--runtime", choices=RUNTIMES, default=None, help=RUNTIME_HELP)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _dtype_arg(p)
+    _runtime_arg(p)
+    _json_flag(p)
     p.set_defaults(func=cmd_predict)
 
+
+def _add_visualize(sub) -> None:
     p = sub.add_parser("visualize", help="PNG figures of attention, word embeddings and feature maps")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run folder, model/ folder or weights file")
@@ -399,13 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", help="ROW,COL of the patch for inner and outer attention (default: centre)")
     p.add_argument("--words", nargs="+", metavar="ROW,COL", help="query words in that patch (0-based)")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _json_flag(p)
     p.set_defaults(func=cmd_visualize)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="top-1/top-5, loss, per-class accuracy and confusion matrix")
-    p.add_argument(
-        "--checkpoint", required=True, help="run folder, model/ folder, weights file or exported .onnx/.pt2"
-    )
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help="'fashion-mnist' or an ImageFolder root")
     p.add_argument("--split", choices=("val", "test"), default="test", help="split (default: test)")
     p.add_argument("--out", default=None, help="folder for the confusion matrix (default: the run folder)")
@@ -414,16 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--amp", choices=("none", "bfloat16", "float16"), default="none", help="autocast (default: none)"
     )
-    p.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="dtype of weights and images (bfloat16: inference without autocast's weight casts)",
-    )
-    p.add_argument("--runtime", choices=RUNTIMES, default=None, help=RUNTIME_HELP)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _dtype_arg(p)
+    _runtime_arg(p)
+    _json_flag(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train or fine-tune a model on fashion-mnist or an ImageFolder tree",
@@ -455,9 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, help="random seed (runs with the same seed are identical)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    _json_flag(p, "print the summary as one JSON object")
     p.set_defaults(func=cmd_train)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="throughput, latency, training-step speed and peak memory")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="a registered model name (random weights)")
@@ -467,12 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an exported file: its runtime against eager PyTorch on the same architecture",
     )
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
-    p.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="dtype of weights and inputs (bfloat16: inference without autocast's weight casts)",
-    )
+    _dtype_arg(p)
     p.add_argument("--amp", choices=("none", "bfloat16"), default="none", help="autocast (default: none)")
     p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW)")
     p.add_argument(
@@ -497,10 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="our model keeps inner activations for backward (lean_backward off: faster for small models)",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: cpu)")
-    p.add_argument("--runtime", choices=RUNTIMES, default=None, help=RUNTIME_HELP)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _runtime_arg(p)
+    _json_flag(p)
     p.set_defaults(func=cmd_bench)
 
+
+def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve",
         help="a model as a batched HTTP service and a web page",
@@ -508,10 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
         "/metadata, /metrics (Prometheus) and a web page at /. Requests that arrive within --max-wait-ms "
         "run as one batch. SIGTERM / SIGINT: finish the requests in flight and exit 0.",
     )
-    p.add_argument(
-        "--checkpoint", required=True, help="run folder, model/ folder, weights file or exported .onnx/.pt2"
-    )
-    p.add_argument("--runtime", choices=RUNTIMES, default=None, help=RUNTIME_HELP)
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    _runtime_arg(p)
     p.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of weights and images"
     )
@@ -530,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
         help="a saved model -> ONNX (optionally int8) or a torch.export .pt2 file",
@@ -556,9 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calibration-images", type=int, default=256, help="images --calibrate uses (default: 256)"
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _json_flag(p)
     p.set_defaults(func=cmd_export)
 
+
+def _add_kernels(sub) -> None:
     p = sub.add_parser(
         "kernels",
         help="build the fused CPU kernel ahead of time, or show which of its instruction sets runs here",
@@ -569,8 +583,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="build: compile now (an install step or an image build, so no request waits for it); "
         "info: the instruction set and bf16 mode in use",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _json_flag(p)
     p.set_defaults(func=cmd_kernels)
+
+
+SUBCOMMANDS = (
+    _add_models,
+    _add_info,
+    _add_convert,
+    _add_predict,
+    _add_visualize,
+    _add_eval,
+    _add_train,
+    _add_bench,
+    _add_serve,
+    _add_export,
+    _add_kernels,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tnt", description="Transformer-iN-Transformer vision models.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"tntvision {__version__}")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="on an error, print the whole chain of causes (a traceback) after the one-line message",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 
@@ -580,11 +624,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = args.func(args)
     except UserError as e:
-        print(f"tnt {args.command}: error: {_first_line(str(e))}", file=sys.stderr)
+        print(f"tnt {args.command}: error: {_first_line(str(e))}{_cause(e)}", file=sys.stderr)
+        _explain(args, e)
         return 2
-    except OSError as e:  # a file or folder the user named: missing, unwritable, a disk that is full
+    except OSError as e:
+        if not _users_path_or_disk(e, args):
+            raise  # not about a path the user named: the project's bug (exit 1, traceback)
         where = f"{e.filename}: " if e.filename else ""
         print(f"tnt {args.command}: error: {where}{e.strerror or _first_line(str(e))}", file=sys.stderr)
+        _explain(args, e)
         return 2
     except KeyboardInterrupt:
         print(f"tnt {args.command}: interrupted", file=sys.stderr)
@@ -592,6 +640,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             emit(args, {"interrupted": "SIGINT"}, "")
         return 130
     return int(code or 0)
+
+
+def _cause(e: BaseException) -> str:
+    """`` (cause: PermissionError)`` when a user error was raised from another exception, else ``""``."""
+    cause = e.__cause__
+    return f" (cause: {type(cause).__name__}; --verbose shows it)" if cause is not None else ""
+
+
+def _explain(args: argparse.Namespace, e: BaseException) -> None:
+    if getattr(args, "verbose", False):
+        import traceback
+
+        traceback.print_exception(e, file=sys.stderr)
+
+
+def _users_path_or_disk(e: OSError, args: argparse.Namespace) -> bool:
+    """Whether an OSError is the user's to fix: a full disk or quota, or a path that is (or lies inside)
+    one the user named on the command line. Any other OSError is the project's own bug."""
+    import errno
+    from pathlib import Path
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    named = []
+    for value in vars(args).values():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and v:
+                named.append(Path(v).expanduser().absolute())
+    for filename in (e.filename, e.filename2):
+        if filename is None:
+            continue
+        path = Path(str(filename)).expanduser().absolute()
+        if any(path == n or n in path.parents for n in named):
+            return True
+    return False
 
 
 def _first_line(text: str) -> str:

@@ -46,8 +46,8 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
 from .errors import ConfigError, InputError
+from .models.factory import create_model
 from .models.features import FeatureExtractor
-from .models.registry import create_model
 
 __all__ = ["LayerNorm2d", "TNTFPNBackbone", "evenly_spaced_blocks", "tnt_fpn_backbone"]
 

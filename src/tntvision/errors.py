@@ -6,6 +6,8 @@ The CLI turns every :class:`UserError` into a one-line message and exit code 2; 
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -15,6 +17,7 @@ __all__ = [
     "InputError",
     "UnknownModelError",
     "UserError",
+    "read_failure",
 ]
 
 
@@ -51,3 +54,28 @@ class UnknownModelError(UserError, KeyError, ValueError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it plain
         return str(self.args[0]) if self.args else ""
+
+
+def read_failure(path: object, what: str, e: BaseException) -> str:
+    """Why reading ``path`` as ``what`` (e.g. "a weights file") failed, in words the user can act on:
+    missing, permission denied, unsafe (pickled objects that weights-only loading refuses) or damaged.
+
+    The caller raises its :class:`UserError` ``from e``, so the original exception stays the cause.
+    """
+    detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    if isinstance(e, PermissionError):
+        return f"{path}: permission denied (cannot read {what})"
+    if isinstance(e, FileNotFoundError):
+        return f"{path}: no such file (expected {what})"
+    if isinstance(e, IsADirectoryError):
+        return f"{path}: a folder, not {what}"
+    if isinstance(e, OSError) and not isinstance(e, EOFError):
+        return f"{path}: cannot read {what} ({e.strerror or detail})"
+    text = str(e)
+    if "Unsupported global" in text or "can still be loaded" in text:  # torch's weights-only unpickler
+        return f"{path}: refused as unsafe: it holds pickled objects beyond tensors and plain data"
+    if "Weights only load failed" in text:
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        why = found.group(1).strip() if found else "weights-only unpickling failed"
+        return f"{path}: damaged, or not {what} that loads without running pickled code ({why})"
+    return f"{path}: damaged or not {what} ({type(e).__name__}: {detail})"

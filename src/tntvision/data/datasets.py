@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import DataError
+from ..errors import DataError, read_failure
 from .transforms import open_image
 
 __all__ = [
@@ -68,8 +68,8 @@ def read_idx(path: str | Path) -> np.ndarray:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
+    except (OSError, EOFError) as e:  # missing, permissions, a truncated .gz
+        raise DataError(read_failure(path, "an IDX file", e)) from e
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
     ndim = raw[3]

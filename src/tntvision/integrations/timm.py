@@ -21,7 +21,8 @@ from torch import nn
 
 from ..errors import ConfigError, DependencyError
 from ..models.contract import TimmContract
-from ..models.registry import create_model, get_model_entry, list_models
+from ..models.factory import create_model
+from ..models.registry import get_model_entry, list_models
 
 __all__ = ["PREFIX", "register"]
 

@@ -2,7 +2,8 @@
 
 from ..errors import UnknownModelError
 from . import pyramid_tnt, tnt  # noqa: F401  (register the variants)
-from .registry import ModelMeta, create_model, list_models
+from .factory import create_model
+from .registry import ModelMeta, list_models
 from .saving import load_model, save_model
 from .tnt import TNT, TNTConfig, record_attention
 from .weights import CheckpointError, LoadReport, load_pretrained

@@ -37,6 +37,7 @@ are being recorded, whether an ONNX export is tracing, whether the inner modules
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import logging
 import os
@@ -68,7 +69,10 @@ _SOURCE = _CSRC / "inner_transformer.cpp"
 _SOURCES = (_SOURCE, _CSRC / "inner_transformer_tile.h")  # what the build depends on
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {"loaded": None, "error": None}  # loaded: None (not tried), True, False
-_ENABLED = [os.environ.get("TNTVISION_FUSED", "1") not in ("0", "false", "no", "off")]
+# On/off: a process default (TNTVISION_FUSED, set_fused_kernels) and, over it, what a `fused_kernels` block
+# says in the current thread or asyncio task (a context variable: another thread keeps its own setting).
+_DEFAULT = [os.environ.get("TNTVISION_FUSED", "1") not in ("0", "false", "no", "off")]
+_OVERRIDE: contextvars.ContextVar[bool | None] = contextvars.ContextVar("tntvision_fused", default=None)
 ISAS = ("auto", "avx512", "avx512-w8", "avx2", "baseline", "avx2-w16")
 BF16_MODES = ("auto", "fp32", "brgemm")
 
@@ -206,28 +210,39 @@ def fused_available() -> bool:
 
 
 def fused_kernels_enabled() -> bool:
-    return _ENABLED[0]
+    """Whether the fused path is on here: the innermost `fused_kernels` block of this thread (or asyncio
+    task), else the process default."""
+    override = _OVERRIDE.get()
+    return _DEFAULT[0] if override is None else override
 
 
 def set_fused_kernels(enabled: bool) -> None:
-    """Turn the fused path on or off for this process (the reference path runs when off)."""
-    _ENABLED[0] = bool(enabled)
+    """Turn the fused path on or off by default for this process (the reference path runs when off).
+
+    A `fused_kernels` block, in any thread, takes precedence inside it."""
+    _DEFAULT[0] = bool(enabled)
 
 
 @contextlib.contextmanager
 def fused_kernels(enabled: bool) -> Iterator[None]:
-    """Run the ``with`` block with the fused path on or off, restoring the previous setting after."""
-    before = _ENABLED[0]
-    _ENABLED[0] = bool(enabled)
+    """Run the ``with`` block with the fused path on or off, restoring the previous setting after.
+
+    The setting is the current thread's (a context variable): a thread that exports a model with the
+    fused path off does not change the numbers another thread computes meanwhile."""
+    token = _OVERRIDE.set(bool(enabled))
     try:
         yield
     finally:
-        _ENABLED[0] = before
+        _OVERRIDE.reset(token)
 
 
 def use_fused(x: torch.Tensor) -> bool:
     """Whether the fused op may run on ``x`` now (static facts only; builds the kernel on first use)."""
-    if not _ENABLED[0] or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+    if (
+        not fused_kernels_enabled()
+        or x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.bfloat16)
+    ):
         return False
     if torch.onnx.is_in_onnx_export():
         return False

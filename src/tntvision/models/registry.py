@@ -2,6 +2,10 @@
 
 Unlike timm's registry (which warns and overwrites on a duplicate name), registering a name twice is an
 error, and asking for an unknown name or argument raises with close matches suggested.
+
+This module is the bottom of the models package: the model modules (tnt, pyramid_tnt) register into it,
+weights.py maps checkpoints onto those models, and factory.py's `create_model` builds a registered model
+and loads weights into it. Nothing here imports the layers above.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from ..utils.messages import did_you_mean
 __all__ = [
     "ModelMeta",
     "UnknownModelError",
-    "create_model",
     "get_model_entry",
     "list_models",
     "register_model",
@@ -116,58 +119,3 @@ def resolve_config(name: str, **overrides: Any) -> Any:
         if key not in fields:
             raise ConfigError(_unknown_name_message(f"argument for {name}:", key, sorted(fields)))
     return dataclasses.replace(entry.config, **overrides)
-
-
-def create_model(
-    name: str,
-    pretrained: str | None = None,
-    *,
-    features_only: bool = False,
-    out_indices: tuple[int, ...] | list[int] | int | None = None,
-    feature_cls: str | None = None,
-    output_fmt: str | None = None,
-    **overrides: Any,
-) -> nn.Module:
-    """Build a registered model.
-
-    Args:
-        name: a name from :func:`list_models`.
-        pretrained: path to weights in any supported layout (ours, timm's or the authors', either
-            structure); position tables are resampled, a head of another size is replaced by a fresh one,
-            and weights of another structure or width are refused with a message.
-        features_only: return a wrapper whose forward gives a list of NCHW feature maps.
-        out_indices: with ``features_only``, which blocks to return (default: the last four, or all
-            if fewer). An int ``n`` means the last ``n`` blocks.
-        feature_cls: with ``features_only``, timm's name of the wrapper: ``"getter"`` (the
-            ``forward_intermediates`` wrapper, the only one; None means it too).
-        output_fmt: with ``features_only``, ``"NCHW"`` maps (the default) or ``"NLC"`` tokens.
-        **overrides: config fields to change (``num_classes``, ``img_size``, ``in_chans``,
-            ``drop_path_rate``, ...). Unknown names raise :class:`ConfigError`.
-    """
-    entry = get_model_entry(name)
-    if features_only:
-        from .features import check_feature_options  # local import: features imports the model modules
-
-        output_fmt = output_fmt or "NCHW"
-        check_feature_options(feature_cls=feature_cls, output_fmt=output_fmt)
-    else:
-        unused = [
-            k
-            for k, v in dict(out_indices=out_indices, feature_cls=feature_cls, output_fmt=output_fmt).items()
-            if v is not None
-        ]
-        if unused:
-            raise ConfigError(f"{', '.join(unused)} only apply with features_only=True")
-    cfg = resolve_config(name, **overrides)
-    model = entry.factory(cfg)
-    model.model_name = name
-    model.meta = entry.meta.resolved(in_chans=cfg.in_chans, img_size=cfg.img_size)
-    if pretrained is not None:
-        from .weights import load_pretrained  # local import: weights imports the model modules
-
-        load_pretrained(model, pretrained)
-    if features_only:
-        from .features import FeatureExtractor
-
-        model = FeatureExtractor(model, out_indices=out_indices, output_fmt=output_fmt)
-    return model

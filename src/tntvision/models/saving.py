@@ -15,8 +15,9 @@ from torch import nn
 
 from ..utils.files import atomic_write, write_json
 from .contract import resolved_meta
+from .factory import create_model
 from .pyramid_tnt import STEM_STRIDE, PyramidTNTConfig
-from .registry import ModelMeta, create_model, get_model_entry, list_models
+from .registry import ModelMeta, get_model_entry, list_models
 from .tnt import TNTConfig
 from .weights import (
     CheckpointError,
@@ -28,6 +29,7 @@ from .weights import (
     load_pretrained,
     read_model_config,
     read_state_dict,
+    refuse_exported,
     to_tntvision_keys,
 )
 
@@ -137,8 +139,12 @@ def load_model(path: str | Path, **overrides: Any) -> nn.Module:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
-    if path.is_file() and path.suffix.lower() in (".onnx", ".pt2"):  # see tntvision.tools.exported
-        raise CheckpointError(f"{path}: an exported model, not weights (eval, predict and bench take it)")
+    if path.is_file():
+        refuse_exported(
+            path,
+            why="an exported model, not weights (eval, predict and bench take it; load_model reads weights)",
+            option="load_model",
+        )
     folder = path if path.is_dir() else path.parent
     if (
         path.is_dir()

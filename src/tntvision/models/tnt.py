@@ -379,11 +379,13 @@ class TNT(TimmContract, nn.Module):
 
     @torch.jit.ignore
     def set_lean_backward(self, enable: bool = True) -> None:
-        """Keep less for backward by recomputing inner attention weights and MLP activations (default).
+        """Keep less for backward by recomputing attention weights and MLP activations (default).
 
-        Same numbers either way. On (the default) it saves most of the training memory of the inner
-        transformer, which TNT-S at batch 32 needs; off is ~20% faster for small models such as
-        ``tnt_mini_patch4_28`` (measured on a 2-core CPU), whose activations are small anyway.
+        It switches the :class:`Attention` / :class:`Mlp` modules that run in PyTorch: the outer blocks,
+        and the inner transformers where they take the reference path. The fused inner transformer
+        always recomputes its activations in backward, whatever this says. Same numbers either way. On
+        (the default) it saves training memory, which TNT-S at batch 32 needs; off is ~20% faster for
+        small models such as ``tnt_mini_patch4_28`` (measured on a 2-core CPU, before the fused op).
         """
         for mod in self.modules():
             if isinstance(mod, (Attention, Mlp)):

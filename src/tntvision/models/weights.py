@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, read_failure
 from .layers import resample_pos_embed
+from .pyramid_tnt import PyramidTNT, kv_grid, resample_relative_pos, stage_grids
 
 __all__ = [
     "CheckpointError",
@@ -163,17 +164,36 @@ def _resolve_weights_file(path: Path) -> Path:
     return path
 
 
+EXPORTED_SUFFIXES = (".onnx", ".pt2")  # exported graphs (tntvision.tools.export): no weights to train
+
+
+def is_exported_file(path: str | Path) -> bool:
+    """Whether ``path`` names an exported model (by its suffix)."""
+    return Path(path).suffix.lower() in EXPORTED_SUFFIXES
+
+
+def refuse_exported(path: str | Path | None, *, why: str, option: str = "--checkpoint") -> None:
+    """Refuse an exported file where the PyTorch model itself is needed (its layers, its weights).
+
+    ``option`` names what the user should pass the weights to (``"--pretrained"``; ``""`` for none).
+
+    Raises:
+        CheckpointError: ``path`` ends in ``.onnx`` / ``.pt2``; the message says ``why`` and what to pass.
+    """
+    if path is not None and is_exported_file(path):
+        raise CheckpointError(
+            f"{Path(path).name} is an exported graph: {why}; pass {option + ' ' if option else ''}the run "
+            "folder, model/ folder or weights file it was exported from"
+        )
+
+
 def read_state_dict(path: str | Path, *, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str | None]:
     """Read tensors from a weights file (or a model/run folder) without unpickling arbitrary objects.
 
     Returns the flat state dict and the name of the wrapper it was taken from (``state_dict_ema`` ...).
     """
     path = _resolve_weights_file(Path(path))
-    if path.suffix.lower() in (".onnx", ".pt2"):  # see tntvision.tools.exported
-        raise CheckpointError(
-            f"{path}: an exported graph holds no trainable weights; "
-            "pass the run folder, model/ folder or weights file it was exported from"
-        )
+    refuse_exported(path, why="it holds no trainable weights", option="")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -181,9 +201,8 @@ def read_state_dict(path: str | Path, *, use_ema: bool = True) -> tuple[dict[str
             obj = load_file(str(path), device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any decoding failure is the file's fault
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable weights file ({first[:200]})") from None
+    except Exception as e:  # noqa: BLE001 - OSError, a damaged file, a pickle weights-only loading refuses
+        raise CheckpointError(read_failure(path, "a weights file", e)) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     wrapper = None
@@ -293,7 +312,7 @@ def describe_state_dict(sd: dict[str, torch.Tensor]) -> CheckpointInfo:
         patch_pos, pixel_pos = sd["patch_pos"], sd["pixel_pos"]
         conv = sd["pixel_embed.proj.weight"]
     except KeyError as e:
-        raise CheckpointError(f"not a TNT state dict: missing {e.args[0]!r}") from None
+        raise CheckpointError(f"not a TNT state dict: missing {e.args[0]!r}") from e
     blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
     inner = tuple(sorted(i for i in blocks if f"blocks.{i}.attn_in.qk.weight" in sd))
     legacy = None
@@ -343,8 +362,6 @@ def adapt_state_dict(
     sd: dict[str, torch.Tensor], model: nn.Module, report: LoadReport | None = None
 ) -> dict[str, torch.Tensor]:
     """Make a state dict (any supported layout) fit ``model``, or raise :class:`CheckpointError`."""
-    from .pyramid_tnt import PyramidTNT  # local import: the model modules import this one's helpers
-
     report = report if report is not None else LoadReport()
     name = getattr(model, "model_name", None) or type(model).__name__
     if isinstance(model, PyramidTNT):
@@ -407,7 +424,7 @@ def describe_pyramid_state_dict(sd: dict[str, torch.Tensor]) -> PyramidCheckpoin
         inner = [sd["inner_pos"].shape[-1]]
         inner += [sd[f"word_merges.{i}.conv.0.weight"].shape[0] for i in range(3)]
     except KeyError as e:
-        raise CheckpointError(f"not a PyramidTNT state dict: missing {e.args[0]!r}") from None
+        raise CheckpointError(f"not a PyramidTNT state dict: missing {e.args[0]!r}") from e
     blocks: dict[int, set[int]] = {}
     for k in sd:
         if m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", k):
@@ -439,8 +456,6 @@ def adapt_pyramid_state_dict(
     sd: dict[str, torch.Tensor], model: nn.Module, report: LoadReport
 ) -> dict[str, torch.Tensor]:
     """Make a PyramidTNT state dict fit ``model``: tables resampled, first conv and head adapted."""
-    from .pyramid_tnt import kv_grid, resample_relative_pos, stage_grids
-
     name = getattr(model, "model_name", None) or type(model).__name__
     if not is_pyramid_state_dict(sd):
         raise CheckpointError(
@@ -503,4 +518,4 @@ def read_model_config(folder: Path) -> dict | None:
     try:
         return json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: unreadable model config ({e})") from None
+        raise CheckpointError(f"{cfg_path}: unreadable model config ({e})") from e

@@ -1,6 +1,6 @@
 """The model side of `tnt serve`: decoding uploads, dynamic batching on one inference thread, explanations.
 
-An :class:`Engine` owns a model that :func:`tntvision.tools.exported.load_checkpoint` returned (a PyTorch
+An :class:`Engine` owns a model that :func:`tntvision.tools.checkpoints.load_checkpoint` returned (a PyTorch
 model or an exported ``.onnx`` / ``.pt2`` file, the loader `tnt predict`, `eval` and `bench` use). Work
 is split three ways:
 

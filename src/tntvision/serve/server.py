@@ -41,7 +41,12 @@ class ServeOptions:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (port 0: a free one); :class:`OSError` if it cannot be."""
+    """A TCP socket bound to ``host:port`` (port 0: a free one).
+
+    Raises:
+        ConfigError: the address cannot be bound (in use, not this machine's, a privileged port); the
+            OSError stays its cause.
+    """
     if not 0 <= port < 65536:
         raise ConfigError(f"--port must be 0..65535, got {port}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -51,7 +56,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise OSError(e.errno, f"cannot listen on {host}:{port} ({e.strerror})") from None
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({e.strerror}): choose another --port or --host"
+        ) from e
     sock.set_inheritable(True)
     return sock
 
@@ -86,13 +93,13 @@ def serve(options: ServeOptions, *, log: Callable[[str], None], announce: Callab
     CLI prints it on stdout); ``log`` gets notes for the user.
 
     Raises:
-        ConfigError, CheckpointError, InputError: bad options or checkpoint, before anything listens.
-        OSError: the address cannot be bound.
+        ConfigError, CheckpointError, InputError: bad options or checkpoint, or an address that cannot be
+            bound, before anything listens.
     """
     import torch
     import uvicorn
 
-    from ..tools.exported import load_checkpoint
+    from ..tools.checkpoints import load_checkpoint
     from ..utils.amp import weight_dtype
     from .app import create_app
     from .engine import Engine, EngineConfig

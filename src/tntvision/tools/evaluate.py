@@ -2,7 +2,7 @@
 
 The data set comes from :func:`tntvision.data.build_dataset` with the model's own eval transform (a data
 set held in memory is cut into whole batches with the same preprocessing), and the numbers from
-:func:`tntvision.train.engine.evaluate` (the loop training uses for its validation), so `tnt eval` and
+:func:`tntvision.evaluation.evaluate` (the loop training uses for its validation), so `tnt eval` and
 training report the same thing for the same weights.
 """
 
@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader
 from ..data import EvalBatches, build_dataset, eval_transform, has_image_tensor, has_val_split
 from ..data.splits import held_out_split
 from ..errors import DataError, InputError
-from ..train.engine import evaluate
+from ..evaluation import evaluate
 from ..utils.amp import amp_dtype, weight_dtype
 from ..utils.files import save_figure, write_json
-from .exported import load_checkpoint
+from .checkpoints import load_checkpoint
 
 __all__ = ["EvalResult", "evaluate_checkpoint", "plot_confusion", "report_folder"]
 

@@ -42,23 +42,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, DependencyError
+from ..errors import ConfigError
 from ..models import kernels
+from ..utils.deps import require
 from ..utils.files import atomic_write
+from .exported import METADATA_FORMAT, METADATA_KEY, is_exported_file, load_onnx_file, load_pt2_file
 
 __all__ = [
     "FORMATS",
@@ -72,10 +72,7 @@ __all__ = [
 
 FORMATS = ("onnx", "pt2")
 QUANTIZE = ("int8",)
-METADATA_KEY = "tntvision"  # ONNX metadata_props key; the pt2 extra file is METADATA_KEY + ".json"
-METADATA_FORMAT = "tntvision-export/1"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-_EXTRA = "export"  # the pyproject extra that installs what export needs
 
 
 @dataclass
@@ -95,17 +92,6 @@ class ExportResult:
         d = dataclasses.asdict(self)
         d["out"] = str(self.out)
         return d
-
-
-def require(module: str, purpose: str, *, extra: str = _EXTRA) -> ModuleType:
-    """Import ``module`` or raise :class:`DependencyError` naming the pyproject ``extra`` that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        package = module.split(".")[0]
-        raise DependencyError(
-            f"{purpose} needs the {package} package: pip install 'tntvision[{extra}]'"
-        ) from None
 
 
 # ------------------------------------------------------------------------------------------ metadata
@@ -138,7 +124,6 @@ def export_metadata(model: nn.Module, *, quantize: str | None, exporter: str) ->
 def _model_for_export(checkpoint: str | Path, img_size: int | None) -> nn.Module:
     """The saved model in eval mode and fp32, rebuilt at ``img_size`` (position tables resampled)."""
     from ..models import load_model
-    from .exported import is_exported_file
 
     if is_exported_file(checkpoint):
         raise ConfigError(f"{checkpoint}: already exported; --checkpoint takes a PyTorch checkpoint here")
@@ -393,7 +378,6 @@ def export_model(
     written: dict[str, Any] = {}
 
     def write(tmp: str) -> None:  # the file is checked before it is renamed into place
-        from .exported import load_onnx_file, load_pt2_file
 
         if format == "onnx":
             written.update(_write_onnx(model, tmp, opset=opset, quantize=quantize, calibration=calibration))

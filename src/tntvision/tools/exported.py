@@ -1,7 +1,7 @@
 """Exported files (``.onnx``, ``.pt2``) as checkpoints: a model `tnt eval` / `predict` / `bench` can use.
 
-:func:`load_checkpoint` is what the commands call for ``--checkpoint``: a file ending in ``.onnx`` or
-``.pt2`` is read here, anything else by :func:`tntvision.load_model`. The object returned for an exported
+:func:`tntvision.tools.checkpoints.load_checkpoint` (what the commands call for ``--checkpoint``) reads a
+file ending in ``.onnx`` or ``.pt2`` with :func:`load_exported`, here. The object returned for an exported
 file is an :class:`ExportedModel`: an ``nn.Module`` without parameters whose forward takes float32 images
 (B, C, H, W) and returns logits (B, classes) as a tensor, and which carries what a PyTorch checkpoint
 carries (``meta``, ``class_names``, ``num_classes``, ``model_name``), read from the file's metadata
@@ -22,8 +22,7 @@ carries (``meta``, ``class_names``, ``num_classes``, ``model_name``), read from 
 An exported file is fixed to float32 inputs on the CPU at one image size; asking for another dtype, a
 device, or autocast is a user error. :func:`resolve_runtime` decides which runtime runs a ``--checkpoint``
 (``"torch"`` for PyTorch checkpoints and ``.pt2`` files, whose only runtime is PyTorch) and refuses a
-``--runtime`` that cannot run it. :func:`refuse_exported` is for the commands that need a PyTorch model's
-insides (``tnt visualize``, ``tnt train --pretrained``).
+``--runtime`` that cannot run it.
 """
 
 from __future__ import annotations
@@ -39,34 +38,32 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, InputError
+from ..errors import CheckpointError, ConfigError, InputError, read_failure
 from ..models.registry import ModelMeta
+from ..models.weights import EXPORTED_SUFFIXES, is_exported_file
+from ..utils.deps import require
 
 __all__ = [
     "EXPORTED_SUFFIXES",
+    "METADATA_FORMAT",
+    "METADATA_KEY",
     "ONNX_RUNTIMES",
     "RUNTIMES",
     "ExportedModel",
     "OnnxRunner",
     "check_pt2_archive",
     "is_exported_file",
-    "load_checkpoint",
     "load_exported",
     "load_onnx_file",
     "load_pt2_file",
     "read_metadata",
-    "refuse_exported",
     "resolve_runtime",
 ]
 
-EXPORTED_SUFFIXES = (".onnx", ".pt2")
+METADATA_KEY = "tntvision"  # ONNX metadata_props key; the pt2 extra file is METADATA_KEY + ".json"
+METADATA_FORMAT = "tntvision-export/1"  # written by tntvision.tools.export
 ONNX_RUNTIMES = ("onnxruntime", "openvino")  # what runs an .onnx file; the first is the default
 RUNTIMES = (*ONNX_RUNTIMES, "torch")  # --runtime's choices; torch: PyTorch checkpoints and .pt2 files
-
-
-def is_exported_file(path: str | Path) -> bool:
-    """Whether ``path`` names an exported model (by its suffix)."""
-    return Path(path).suffix.lower() in EXPORTED_SUFFIXES
 
 
 def resolve_runtime(path: str | Path, runtime: str | None = None) -> str:
@@ -99,36 +96,6 @@ def resolve_runtime(path: str | Path, runtime: str | None = None) -> str:
     return "torch"
 
 
-def refuse_exported(path: str | Path | None, *, why: str, option: str = "--checkpoint") -> None:
-    """Refuse an exported file where a command needs the PyTorch model itself (its layers, its weights).
-
-    Raises:
-        CheckpointError: ``path`` ends in ``.onnx`` / ``.pt2``; the message says ``why`` and what to pass.
-    """
-    if path is not None and is_exported_file(path):
-        raise CheckpointError(
-            f"{Path(path).name} is an exported graph: {why}; pass {option} the run folder, model/ folder "
-            "or weights file it was exported from"
-        )
-
-
-def load_checkpoint(path: str | Path, *, autocast: bool = False, runtime: str | None = None) -> nn.Module:
-    """``--checkpoint``: an exported ``.onnx`` / ``.pt2`` file, or what :func:`tntvision.load_model` reads.
-
-    ``runtime`` is ``--runtime`` (see :func:`resolve_runtime`; refused before anything is read when it
-    cannot run ``path``). ``autocast=True`` (the caller will run the model under autocast, ``--amp``) is
-    refused for an exported file up front, before any work: the file runs in float32.
-    """
-    resolve_runtime(path, runtime)
-    if is_exported_file(path):
-        if autocast:
-            raise InputError(f"{Path(path).name}: autocast (--amp) applies to PyTorch checkpoints only")
-        return load_exported(path, runtime=runtime)
-    from ..models import load_model
-
-    return load_model(path)
-
-
 class ExportedModel(nn.Module):
     """A model read from an exported file: float32 images (B, C, H, W) -> logits (B, classes).
 
@@ -158,7 +125,7 @@ class ExportedModel(nn.Module):
             self.meta = ModelMeta(**meta)
             self.num_classes = int(metadata["num_classes"])
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: unreadable tntvision metadata ({e})") from None
+            raise CheckpointError(f"{path}: unreadable tntvision metadata ({e})") from e
         names = metadata.get("class_names")
         self.class_names = list(names) if names is not None and len(names) == self.num_classes else None
         self.model_name = str(metadata.get("model") or path.stem)
@@ -229,20 +196,17 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def _read_onnx(path: Path) -> Any:
     """The ModelProto of ``path`` after ``onnx.checker`` (weights stay in the file: no external data)."""
-    from .export import require
 
     onnx = require("onnx", "reading an .onnx file")
     try:
         proto = onnx.load_model(path, load_external_data=False)
         onnx.checker.check_model(proto)
     except Exception as e:  # protobuf's DecodeError, onnx's ValidationError: a file that is not valid ONNX
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a valid ONNX model ({first})") from None
+        raise CheckpointError(read_failure(path, "a valid ONNX model", e)) from e
     return proto
 
 
 def _onnx_metadata(path: Path, proto: Any) -> dict[str, Any]:
-    from .export import METADATA_KEY
 
     props = {p.key: p.value for p in proto.metadata_props}
     if METADATA_KEY not in props:
@@ -257,7 +221,7 @@ def _parse_metadata(path: Path, text: str) -> dict[str, Any]:
     try:
         metadata = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: unreadable tntvision metadata ({e})") from None
+        raise CheckpointError(f"{path}: unreadable tntvision metadata ({e})") from e
     if not isinstance(metadata, dict) or "meta" not in metadata:
         raise CheckpointError(f"{path}: unreadable tntvision metadata (no preprocessing)")
     return metadata
@@ -269,7 +233,6 @@ OnnxRunner = Callable[[np.ndarray], np.ndarray]
 
 def _onnxruntime_runner(path: Path, threads: int) -> OnnxRunner:
     """``path`` in an onnxruntime CPU session with ``threads`` intra-op threads."""
-    from .export import require
 
     ort = require("onnxruntime", "running an .onnx file")
     options = ort.SessionOptions()
@@ -278,7 +241,7 @@ def _onnxruntime_runner(path: Path, threads: int) -> OnnxRunner:
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's own exception types (Fail, InvalidGraph, ...)
-        raise CheckpointError(f"{path}: onnxruntime cannot load it ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: onnxruntime cannot load it ({_first_line(e)})") from e
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
 
@@ -306,7 +269,7 @@ def _openvino_runner(path: Path, threads: int, *, precision: str = "f32") -> Onn
     try:
         compiled = ov.Core().compile_model(str(path), "CPU", config)
     except Exception as e:  # OpenVINO raises RuntimeError / GeneralFailure for what its frontend refuses
-        raise CheckpointError(f"{path}: openvino cannot load it ({_openvino_message(e)})") from None
+        raise CheckpointError(f"{path}: openvino cannot load it ({_openvino_message(e)})") from e
     output = compiled.output(0)
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -316,7 +279,6 @@ def _openvino_runner(path: Path, threads: int, *, precision: str = "f32") -> Onn
 
 
 def _require_openvino() -> Any:
-    from .export import require
 
     return require("openvino", "--runtime openvino", extra="openvino")
 
@@ -396,7 +358,7 @@ def check_pt2_archive(path: str | Path) -> None:
             for name, full in entries.items():
                 _check_pt2_entry(path, name, lambda full=full: z.read(full), C)
     except (zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: not a torch.export archive ({e})") from None
+        raise CheckpointError(read_failure(path, "a torch.export archive", e)) from e
 
 
 def _check_pt2_entry(path: Path, name: str, read: Callable[[], bytes], C: Any) -> None:
@@ -432,8 +394,6 @@ def _check_pt2_entry(path: Path, name: str, read: Callable[[], bytes], C: Any) -
 def _pt2_metadata(path: Path) -> dict[str, Any]:
     from torch.export.pt2_archive import constants as C
 
-    from .export import METADATA_KEY
-
     with zipfile.ZipFile(path) as z:
         entries = _archive_entries(z)
         name = f"{C.EXTRA_DIR}{METADATA_KEY}.json"
@@ -453,9 +413,7 @@ def load_pt2_file(path: Path) -> ExportedModel:
         with open(path, "rb") as f:  # a file object: torch.export.load wants a .pt2 name otherwise
             program = torch.export.load(f)
     except Exception as e:  # torch's deserialiser: a version mismatch, an op it does not know
-        raise CheckpointError(
-            f"{path}: torch.export.load failed ({str(e).strip().splitlines()[0]})"
-        ) from None
+        raise CheckpointError(f"{path}: torch.export.load failed ({str(e).strip().splitlines()[0]})") from e
     module = program.module()
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -507,7 +465,7 @@ def bench_exported(
             try:
                 models["pytorch"] = create_model(name, **config).eval()
             except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(f"{path}: cannot rebuild its PyTorch model ({e})") from None
+                raise CheckpointError(f"{path}: cannot rebuild its PyTorch model ({e})") from e
         result: dict[str, Any] = {
             "checkpoint": str(path),
             "model": file_model.model_name,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, read_failure
 from ..models.saving import unwrap_model
 from ..utils.files import atomic_write
 
@@ -66,8 +66,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no checkpoint to resume from")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, foreign pickle, ...: torch raises many types
-        raise CheckpointError(f"{path}: not a readable training checkpoint ({type(e).__name__})") from None
+    except Exception as e:  # truncated file, foreign pickle, permissions, ...: torch raises many types
+        raise CheckpointError(read_failure(path, "a training checkpoint", e)) from e
     if isinstance(state, dict) and state.get("format") == "tntvision-train/1":
         raise CheckpointError(
             f"{path}: written by an earlier tntvision that validated on the test set; it cannot be resumed "

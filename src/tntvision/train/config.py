@@ -114,7 +114,7 @@ class TrainConfig:
         "auto"  # auto (bfloat16 where the hardware has native bf16, else none) | none | bfloat16 | float16
     )
     drop_path: float = 0.1
-    lean_backward: bool = True  # recompute inner activations in backward (less memory, small models: slower)
+    lean_backward: bool = True  # recompute attention/MLP activations in backward (not the fused op's own)
     ema_decay: float = 0.99996  # 0 = no EMA of the weights
     eval_every: int = 1
     val_fraction: float = 0.1
@@ -137,7 +137,7 @@ class TrainConfig:
         need(bool(self.data), "no data given (--data fashion-mnist or an ImageFolder folder)")
         need(bool(self.out), "no run folder given (--out DIR)")
         if self.pretrained:
-            from ..tools.exported import refuse_exported  # local: tools import the models
+            from ..models.weights import refuse_exported  # local: the models load torch
 
             refuse_exported(self.pretrained, why="it holds no trainable weights", option="--pretrained")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")

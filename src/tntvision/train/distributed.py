@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..evaluation import all_reduce_sum
+
 __all__ = ["World", "all_reduce_sum", "init_distributed", "is_main_process", "shutdown"]
 
 
@@ -46,13 +48,6 @@ def init_distributed(device: torch.device) -> World:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
     return World(rank=rank, size=size, local_rank=local_rank)
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over all processes (in place and returned); unchanged in a world of one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 def is_main_process() -> bool:
