@@ -414,6 +414,7 @@ def test_example_canvases_have_tight_boxes_around_their_items():
 def test_example_runs_end_to_end(tmp_path, monkeypatch):
     """Two training steps and the evaluation on a small Fashion-MNIST-format folder: all outputs written."""
     import torchmetrics  # noqa: F401  (the detection extra, in dev: its absence fails, not skips)
+
     monkeypatch.setenv("TNT_FASHION_MNIST_DIR", str(make_fashion_mnist(tmp_path / "fm", n_train=64)))
     example = load_example()
     out = tmp_path / "run"

@@ -221,6 +221,7 @@ def test_render_and_replace_section():
 
 def test_digits_split_is_disjoint_and_the_test_half_fixed():
     import sklearn  # noqa: F401  (the dev extra installs it: its absence fails, not skips)
+
     a = tv.digits_split(10, 0, val_per_class=20)
     b = tv.digits_split(10, 1, val_per_class=20)
     assert len(a["train"]) == 100 and len(a["val"]) == 200 and 890 <= len(a["test"]) <= 905
@@ -242,6 +243,7 @@ def _digest(path: Path) -> str:
 def test_quick_mode_end_to_end(tmp_path, monkeypatch):
     """--quick on a synthetic Fashion-MNIST: 9 `tnt train` runs of a few seconds (~60 s on 2 cores)."""
     import sklearn  # noqa: F401  (the dev extra installs it: its absence fails, not skips)
+
     fmnist = make_fashion_mnist(tmp_path / "fm", n_train=300, n_test=100)
     monkeypatch.setattr(tv, "ABLATIONS", {"no word position encoding": {"word_pos": False}})
     monkeypatch.setattr(tv, "QUICK", {**tv.QUICK, "labels_per_class": (2,)})
