@@ -134,8 +134,15 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-compare", action="store_true", help="skip the --max-batch 1 run")
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="also time the model offline (tnt bench's inference, same threads) at each row's mean batch: "
+        "served / offline images/s, and p99 against 2 x (max wait + one batch's compute)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else Path(tmp) / "model"
@@ -167,7 +174,11 @@ def main() -> None:
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=60)
+        if args.offline:
+            model = _model_name(args, checkpoint)
+            offline_columns(rows, model, threads=args.threads, wait_ms=args.max_wait_ms)
     result = {
+        "command": command,
         "checkpoint": args.checkpoint or f"{args.model} (random weights)",
         "max_wait_ms": args.max_wait_ms,
         "threads": args.threads,
@@ -178,16 +189,56 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"{result['checkpoint']}, --max-wait-ms {args.max_wait_ms:g}, {result['cpu']}")
-    print(
-        "| --max-batch | clients | requests/s | p50 ms | p95 ms | p99 ms | mean batch | requests | errors |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    extra = " offline img/s | served / offline | p99 bound ms |" if args.offline else ""
+    head = "| --max-batch | clients | requests/s | p50 ms | p95 ms | p99 ms | mean batch | requests | errors"
+    head += " |"
+    print(head + extra)
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if args.offline else ""))
     for r in rows:
-        print(
+        line = (
             f"| {r['max_batch']} | {r['clients']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | "
             f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['requests']} | "
             f"{r['errors']} |"
         )
+        if args.offline:
+            line += f" {r['offline_img_per_s']:.1f} | {r['served_over_offline']:.2f} |"
+            line += f" {r['p99_bound_ms']:.1f} |"
+        print(line)
+    print(f"\ncommand: {command}")
+
+
+def _model_name(args: argparse.Namespace, checkpoint: Path) -> str:
+    if not args.checkpoint:
+        return args.model
+    import tntvision
+
+    return tntvision.load_model(checkpoint).model_name
+
+
+def offline_columns(rows: list[dict], model: str, *, threads: int | None, wait_ms: float) -> None:
+    """Offline images/s of ``model`` at each row's mean batch (rounded; ``tnt bench`` inference, random
+    weights, same threads), served / offline, and the p99 bound 2 x (max wait + one batch's compute)."""
+    from tntvision.tools.bench import bench_model
+
+    cache: dict[int, dict] = {}
+    for r in rows:
+        batch = max(1, round(r["mean_batch"])) if r["mean_batch"] == r["mean_batch"] else 1
+        if batch not in cache:
+            res = bench_model(
+                model_name=model,
+                batch_size=batch,
+                rounds=10,
+                warmup=3,
+                memory=False,
+                threads=threads,
+                workloads=("inference",),
+            )
+            cache[batch] = res["inference"]["per_impl"]["ours"]
+        s = cache[batch]
+        r["offline_batch"] = batch
+        r["offline_img_per_s"] = s["img_per_s"]
+        r["served_over_offline"] = r["requests_per_s"] / s["img_per_s"]
+        r["p99_bound_ms"] = 2 * (wait_ms + s["median_ms"])
 
 
 def _cpu() -> str:

@@ -52,6 +52,11 @@ MAX_UPLOAD_MB = 1
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
+    """A random tnt_mini_patch4_28 with CLASSES; TNT_SERVE_CHECKPOINT serves another (only for the page's
+    screenshot: `TNT_SERVE_CHECKPOINT=runs/<demo>/model TNT_SERVE_SCREENSHOT=docs/figures/serve_page.png
+    pytest tests/test_serve.py::test_the_page_in_headless_chromium`)."""
+    if os.environ.get("TNT_SERVE_CHECKPOINT"):
+        return Path(os.environ["TNT_SERVE_CHECKPOINT"])
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("serve") / "model"
     tntvision.save_model(tntvision.create_model("tnt_mini_patch4_28"), folder, class_names=CLASSES)

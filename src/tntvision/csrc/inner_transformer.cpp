@@ -79,7 +79,7 @@ namespace {
 constexpr int kTileWords = 256;  // words per tile (rounded to whole sentences)
 constexpr int kMaxWords = 4096;  // per sentence: keeps every scratch index within int
 constexpr int kMaxDim = 4096;
-constexpr int kBlockN = 32;  // N block of the packed bf16 weights (oneDNN's packing takes N <= 64)
+constexpr int kBlockN = 64;  // N block of the packed bf16 weights (oneDNN's packing takes N <= 64)
 constexpr int kPackLd = 16;  // the packed rows' stride is a multiple of this (pack refuses 8 or 24)
 
 inline int rup(int n, int w) { return (n + w - 1) / w * w; }
@@ -149,25 +149,18 @@ inline uint16_t bf16_bits(float f) {
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-// C (rows x n, ldc) += bf16(A) (rows x k, lda) @ W^T through oneDNN's bf16 micro-kernel (AMX) or, with an
-// unpacked weight, cpublas's bf16 GEMM; accumulation in fp32.
-void bf16_linear(const Linear& lin, int rows, int K, const float* A, int64_t lda, float* C, int64_t ldc,
-                 Scratch& s) {
+// C (rows x n, ldc) += a (rows x kp, bf16, from the tile code's `rows_to_bf16`) @ W^T through oneDNN's
+// bf16 micro-kernel (AMX) or, with an unpacked weight, cpublas's bf16 GEMM; accumulation in fp32.
+void bf16_gemm(const Linear& lin, int rows, const at::BFloat16* a, float* C, int64_t ldc) {
   const int kp = lin.kp;
-  uint16_t* a = reinterpret_cast<uint16_t*>(s.abf.data());
-  for (int r = 0; r < rows; ++r) {
-    for (int j = 0; j < K; ++j) a[r * kp + j] = bf16_bits(A[r * lda + j]);
-    for (int j = K; j < kp; ++j) a[r * kp + j] = 0;
-  }
-  const at::BFloat16* ab = s.abf.data();
   const at::BFloat16* b = lin.bf16.data_ptr<at::BFloat16>();
   if (!lin.packed) {
-    at::native::cpublas::brgemm(rows, lin.n, kp, kp, lin.n, ldc, true, ab, b, C, false);
+    at::native::cpublas::brgemm(rows, lin.n, kp, kp, lin.n, ldc, true, a, b, C, false);
     return;
   }
   for (size_t i = 0; i < lin.offsets.size(); ++i) {
     const int n0 = static_cast<int>(i) * kBlockN;
-    at::native::cpublas::brgemm(rows, lin.block_n(i), kp, kp, lin.block_ld(i), ldc, true, ab, b + lin.offsets[i],
+    at::native::cpublas::brgemm(rows, lin.block_n(i), kp, kp, lin.block_ld(i), ldc, true, a, b + lin.offsets[i],
                                 C + n0, true);
   }
 }

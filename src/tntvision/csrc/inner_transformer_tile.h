@@ -12,7 +12,7 @@
 // Without the intrinsics macros the same code runs on GCC's generic vector extensions (the compiler
 // splits or emulates the vectors), so a W = 16 build can be checked on a CPU without AVX-512.
 //
-// The types it works on (Dims, Weights, Scratch, Grads) and the bf16 GEMM (`bf16_linear`) are defined
+// The types it works on (Dims, Weights, Scratch, Grads) and the bf16 GEMM (`bf16_gemm`) are defined
 // once in inner_transformer.cpp; every row of a tile buffer is padded with zeros to a multiple of TNT_W
 // floats (Dims::cp, c3p, Hp, mp), so the vector loops never need a tail.
 
@@ -151,13 +151,39 @@ void gemm(int M, int N, int K, const float* A, int64_t sam, int64_t sak, const f
   if (N - n == kW) gemm_cols<1>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, acc);
 }
 
+// bf16 bits of the first K floats of each row of A (round to nearest even, NaN kept a quiet NaN, as
+// bf16_bits), rows kp apart with zeros in K..kp: the A operand of the bf16 GEMM, a vector at a time.
+void rows_to_bf16(const float* A, int64_t lda, int rows, int K, int kp, uint16_t* a) {
+  typedef uint32_t vu __attribute__((vector_size(TNT_W * 4)));
+  typedef uint16_t vh __attribute__((vector_size(TNT_W * 2)));
+  for (int r = 0; r < rows; ++r) {
+    const float* src = A + r * lda;
+    uint16_t* dst = a + r * kp;
+    int j = 0;
+    for (; j + kW <= K; j += kW) {
+      vu u;
+      std::memcpy(&u, src + j, sizeof u);
+      const vu nan = (vu)((u & 0x7fffffffu) > 0x7f800000u);  // all ones where NaN
+      const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+      const vh h = __builtin_convertvector((rounded & ~nan) | (0x7fc0u & nan), vh);
+      std::memcpy(dst + j, &h, sizeof h);
+    }
+    for (; j < K; ++j) dst[j] = bf16_bits(src[j]);
+    for (; j < kp; ++j) dst[j] = 0;
+  }
+}
+
 // C (rows x N padded, row-major) = A (rows x K, row stride lda) W^T + b: the bias rows first, then the
 // product accumulates onto them, in fp32 (the packed fp32 weight, (K x N)) or through the bf16 GEMM.
 void linear_rows(int rows, int N, int K, const float* A, int64_t lda, const Linear& lin, const float* b, float* C,
                  Scratch& s) {
   for (int r = 0; r < rows; ++r) std::memcpy(C + r * N, b, N * sizeof(float));
-  if (lin.bf16.defined()) bf16_linear(lin, rows, K, A, lda, C, N, s);
-  else gemm(rows, N, K, A, lda, 1, lin.wT.data_ptr<float>(), N, C, N, true);
+  if (lin.bf16.defined()) {
+    rows_to_bf16(A, lda, rows, K, lin.kp, reinterpret_cast<uint16_t*>(s.abf.data()));
+    bf16_gemm(lin, rows, s.abf.data(), C, N);
+  } else {
+    gemm(rows, N, K, A, lda, 1, lin.wT.data_ptr<float>(), N, C, N, true);
+  }
 }
 
 // ------------------------------------------------------------------------------- elementwise
