@@ -522,3 +522,24 @@ def test_the_page_in_headless_chromium(process_client, tmp_path):
             driver.save_screenshot(out)
     finally:
         driver.quit()
+
+
+def test_the_socket_sends_small_answers_at_once():
+    """Nagle's algorithm off on the listening socket and on every connection it accepts: asyncio only
+    sets TCP_NODELAY on sockets created with proto IPPROTO_TCP, and with Nagle on, each answer on a
+    keep-alive connection after the first waited for the client's delayed ACK (~40 ms per request)."""
+    import socket
+
+    from tntvision.serve.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        sock.listen()
+        with socket.create_connection(sock.getsockname()[:2]):
+            conn, _ = sock.accept()
+            with conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        sock.close()

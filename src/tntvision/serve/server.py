@@ -50,7 +50,11 @@ def bind(host: str, port: int) -> socket.socket:
     if not 0 <= port < 65536:
         raise ConfigError(f"--port must be 0..65535, got {port}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets that say
+    # so, and uvicorn writes a response's head and body separately: with Nagle on, every answer on a
+    # keep-alive connection after the first waited for the client's delayed ACK (~40 ms here)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it on Linux
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
