@@ -656,8 +656,9 @@ def _explain(args: argparse.Namespace, e: BaseException) -> None:
 
 
 def _users_path_or_disk(e: OSError, args: argparse.Namespace) -> bool:
-    """Whether an OSError is the user's to fix: a full disk or quota, or a path that is (or lies inside)
-    one the user named on the command line. Any other OSError is the project's own bug."""
+    """Whether an OSError is the user's to fix: a full disk or quota, or a path that is one the user named
+    on the command line, lies inside it, or is a folder on its way (``--out a_file/m.onnx``). Any other
+    OSError is the project's own bug."""
     import errno
     from pathlib import Path
 
@@ -672,7 +673,7 @@ def _users_path_or_disk(e: OSError, args: argparse.Namespace) -> bool:
         if filename is None:
             continue
         path = Path(str(filename)).expanduser().absolute()
-        if any(path == n or n in path.parents for n in named):
+        if any(path == n or n in path.parents or path in n.parents for n in named):  # it, inside, its folders
             return True
     return False
 
