@@ -474,3 +474,22 @@ def test_ninja_from_the_package_when_not_on_path(monkeypatch, tmp_path):
     assert shutil.which("ninja") is None
     kernels._ninja_on_path()
     assert shutil.which("ninja") is not None
+
+
+def test_autocast_tells_the_op_to_compute_its_gemms_in_bf16():
+    """Under bf16 autocast the Python side passes ``low_precision`` to the op (bf16 GEMMs forced here, so
+    any CPU runs them): its result equals the op's own low-precision call and differs from fp32 GEMMs."""
+    need_fused_kernel()
+    block = _model("tnt_s_patch16_224").blocks[0]
+    words = torch.randn(6, 16, 24)
+    with torch.no_grad(), kernels.kernel_options(bf16="brgemm"):
+        fp32 = kernels.inner_transformer(words, block, None, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = kernels.inner_transformer(words, block, None, None)
+        attn, mlp = block.attn_in, block.mlp_in
+        args = (block.norm_in.weight, block.norm_in.bias, attn.qk.weight, attn.qk.bias, attn.v.weight)
+        args += (attn.v.bias, attn.proj.weight, attn.proj.bias, block.norm_mlp_in.weight)
+        args += (block.norm_mlp_in.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+        direct = torch.ops.tntvision.inner_transformer(words, *args, None, None, attn.num_heads, 1e-5, True)
+    assert torch.equal(auto.float(), direct.float())
+    assert (auto.float() - fp32).abs().max() > 1e-4
