@@ -323,7 +323,7 @@ def test_faster_rcnn_with_the_backbone_learns_a_box():
     opt = torch.optim.AdamW(detector.parameters(), lr=2e-3)
     detector.train()
     losses = []
-    for _ in range(STEPS_TO_LEARN_A_BOX):
+    for _ in range(40):
         loss = sum(detector([image], [target]).values())
         opt.zero_grad()
         loss.backward()
@@ -336,9 +336,6 @@ def test_faster_rcnn_with_the_backbone_learns_a_box():
     best = pred["scores"].argmax()
     assert pred["labels"][best] == 1
     assert box_iou(pred["boxes"][best : best + 1], target["boxes"]).item() > 0.5
-
-
-STEPS_TO_LEARN_A_BOX = 40
 
 
 @pytest.mark.parametrize("kind", ["retinanet", "fcos", "maskrcnn"])

@@ -522,9 +522,7 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     _runtime_arg(p)
-    p.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of weights and images"
-    )
+    _dtype_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: a free one)")
     p.add_argument("--max-batch", type=int, default=32, help="images per forward pass, at most (default: 32)")

@@ -62,16 +62,16 @@ def read_failure(path: object, what: str, e: BaseException) -> str:
 
     The caller raises its :class:`UserError` ``from e``, so the original exception stays the cause.
     """
-    detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    text = str(e)
+    detail = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
     if isinstance(e, PermissionError):
         return f"{path}: permission denied (cannot read {what})"
     if isinstance(e, FileNotFoundError):
         return f"{path}: no such file (expected {what})"
     if isinstance(e, IsADirectoryError):
         return f"{path}: a folder, not {what}"
-    if isinstance(e, OSError) and not isinstance(e, EOFError):
+    if isinstance(e, OSError):
         return f"{path}: cannot read {what} ({e.strerror or detail})"
-    text = str(e)
     if "Unsupported global" in text or "can still be loaded" in text:  # torch's weights-only unpickler
         return f"{path}: refused as unsafe: it holds pickled objects beyond tensors and plain data"
     if "Weights only load failed" in text:
