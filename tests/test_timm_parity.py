@@ -62,6 +62,25 @@ def test_position_table_resampling_matches_timm(tmp_path):
         torch.testing.assert_close(ours224.eval()(x), want, rtol=0, atol=1e-5)  # resampled on the fly
 
 
+@pytest.mark.parametrize(("old", "new"), [((3, 5), (6, 4)), ((4, 2), (4, 7)), ((2, 6), (3, 3))])
+def test_position_table_resampling_of_a_non_square_grid_matches_timm(old, new):
+    """A table laid out on a non-square grid (rows first): resampled as timm's filter does, class row kept.
+
+    On a square grid rows and columns cannot be told apart; here a table read column-major would be
+    resampled from another image."""
+    from timm.layers import resample_abs_pos_embed
+
+    from tntvision.models.layers import resample_pos_embed
+
+    gen = torch.Generator().manual_seed(5)
+    pos = torch.randn(1, 1 + old[0] * old[1], 8, generator=gen)
+    got = resample_pos_embed(pos, new, old_grid=old)
+    want = resample_abs_pos_embed(pos, new_size=list(new), old_size=list(old), num_prefix_tokens=1)
+    assert got.shape == (1, 1 + new[0] * new[1], 8)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got[:, 0], pos[:, 0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "rates",
     [
