@@ -88,7 +88,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .tools.checkpoints import load_checkpoint
     from .tools.predict import predict_images
 
-    model = load_checkpoint(args.checkpoint, runtime=args.runtime)
+    model = load_checkpoint(args.checkpoint, runtime=args.runtime, merge_tokens=args.merge_tokens)
     from .utils.amp import weight_dtype
 
     dtype = weight_dtype(args.dtype)
@@ -153,6 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         out=args.out,
         runtime=args.runtime,
+        merge_tokens=args.merge_tokens,
         warn=log,
     )
 
@@ -182,6 +183,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         quantize=args.quantize,
         calibrate=args.calibrate,
         calibration_images=args.calibration_images,
+        merge_tokens=args.merge_tokens,
         warn=log,
     )
     size = "x".join(str(s) for s in result.input_size[1:])
@@ -208,6 +210,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             or args.amp != "none"
             or args.compile
             or args.profile
+            or args.merge_tokens
         ):
             from .errors import ConfigError
 
@@ -246,6 +249,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         device=args.device,
         lean_backward=not args.keep_activations,
         profile=args.profile,
+        merge_tokens=args.merge_tokens,
     )
     emit(args, result, lambda: format_report(result))
 
@@ -361,6 +365,30 @@ def _dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help=DTYPE_HELP)
 
 
+def _merge_tokens(text: str) -> int | list[int]:
+    """--merge-tokens: 'R' (every block) or 'R1,R2,...' (one per block)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an int or a comma-separated list of ints, got {text!r}"
+        ) from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"token counts must be >= 0, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def _merge_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--merge-tokens",
+        type=_merge_tokens,
+        default=0,
+        metavar="R|R1,R2,...",
+        help="token merging (ToMe) in TNT models: R patches and their words merged per block, or one R per "
+        "block (default: 0, off)",
+    )
+
+
 def _runtime_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default=None, help=RUNTIME_HELP)
 
@@ -400,6 +428,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     _dtype_arg(p)
     _runtime_arg(p)
+    _merge_arg(p)
     _json_flag(p)
     p.set_defaults(func=cmd_predict)
 
@@ -432,6 +461,7 @@ def _add_eval(sub) -> None:
     )
     _dtype_arg(p)
     _runtime_arg(p)
+    _merge_arg(p)
     _json_flag(p)
     p.set_defaults(func=cmd_eval)
 
@@ -508,6 +538,7 @@ def _add_bench(sub) -> None:
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: cpu)")
     _runtime_arg(p)
+    _merge_arg(p)
     _json_flag(p)
     p.set_defaults(func=cmd_bench)
 
@@ -566,6 +597,7 @@ def _add_export(sub) -> None:
     p.add_argument(
         "--calibration-images", type=int, default=256, help="images --calibrate uses (default: 256)"
     )
+    _merge_arg(p)
     _json_flag(p)
     p.set_defaults(func=cmd_export)
 

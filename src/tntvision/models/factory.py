@@ -3,6 +3,7 @@ extractor. It sits above the registry, the model modules and the weight mapping,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -24,6 +25,7 @@ def create_model(
     out_indices: tuple[int, ...] | list[int] | int | None = None,
     feature_cls: str | None = None,
     output_fmt: str | None = None,
+    merge_tokens: int | Sequence[int] = 0,
     **overrides: Any,
 ) -> nn.Module:
     """Build a registered model.
@@ -39,6 +41,9 @@ def create_model(
         feature_cls: with ``features_only``, timm's name of the wrapper: ``"getter"`` (the
             ``forward_intermediates`` wrapper, the only one; None means it too).
         output_fmt: with ``features_only``, ``"NCHW"`` maps (the default) or ``"NLC"`` tokens.
+        merge_tokens: token merging (ToMe) for TNT models: ``r`` patches (and their words) merged per
+            block, or a list of one ``r`` per block; 0 (the default) is the plain model. See
+            ``TNT.set_token_merging``.
         **overrides: config fields to change (``num_classes``, ``img_size``, ``in_chans``,
             ``drop_path_rate``, ...). Unknown names raise :class:`ConfigError`.
     """
@@ -60,6 +65,10 @@ def create_model(
     model.meta = entry.meta.resolved(in_chans=cfg.in_chans, img_size=cfg.img_size)
     if pretrained is not None:
         load_pretrained(model, pretrained)
+    if merge_tokens:
+        if not hasattr(model, "set_token_merging"):
+            raise ConfigError(f"{name} does not support token merging (merge_tokens); TNT models do")
+        model.set_token_merging(merge_tokens)
     if features_only:
         model = FeatureExtractor(model, out_indices=out_indices, output_fmt=output_fmt)
     return model

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import InputError
 from .kernels import PLAIN_MODULES, plain_module
+from .merging import proportional_attention, size_bias
 
 __all__ = [
     "Attention",
@@ -166,6 +167,26 @@ class Attention(nn.Module):
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, h, N, hd)
             x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj_drop(self.proj(x))
+
+    def forward_sized(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Proportional attention for merged tokens: ``log(size)`` added to every key's scores.
+
+        ``x`` (B, N, C), ``size`` (B, N, 1) how many original tokens each one stands for. Returns the
+        output (B, N, C) and the keys averaged over heads (B, N, hd), token merging's similarity metric.
+        """
+        B, N, C = x.shape
+        h, hd = self.num_heads, self.head_dim
+        qkv = self.qkv(x).view(B, N, 3, h, hd).permute(2, 0, 3, 1, 4)  # (3, B, h, N, hd)
+        q, k, v = qkv.unbind(0)  # each (B, h, N, hd)
+        p = self.attn_drop if self.training else 0.0
+        if self.keep_attn:
+            attn = (q @ k.transpose(-2, -1) * self.scale + size_bias(size, q.dtype)).softmax(dim=-1)
+            self.last_attn = attn.detach()  # (B, h, N, N)
+            y = F.dropout(attn, p) @ v  # (B, h, N, hd)
+        else:
+            y = proportional_attention(q, k, v, size, dropout_p=p)  # (B, h, N, hd)
+        y = y.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        return self.proj_drop(self.proj(y)), k.mean(dim=1)
 
 
 class _MlpFunction(torch.autograd.Function):

@@ -38,6 +38,7 @@ from .layers import (
     new_head,
     resample_pos_embed,
 )
+from .merging import Merge, bipartite_soft_matching, merge_schedule, merge_weighted
 from .registry import ModelMeta, register_model
 
 __all__ = ["TNT", "TNTBlock", "TNTConfig", "WordEmbed", "record_attention"]
@@ -246,6 +247,39 @@ class TNTBlock(nn.Module):
         patches = patches + self.drop_path(h)
         return words, patches
 
+    def forward_merging(
+        self, words: torch.Tensor, patches: torch.Tensor, size: torch.Tensor, r: int, *, merge_words: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Merge | None]:
+        """:meth:`forward` with token merging (see :mod:`tntvision.models.merging`).
+
+        ``size`` (B, 1+N, 1) counts the original patches each token stands for; the outer attention is
+        proportional to it. After the attention ``r`` patches merge into others (none when ``r == 0``) and
+        so do their words, unless ``merge_words`` is off (no later block reads them). Returns words
+        (B*N', m, c), patches (B, 1+N', d), sizes (B, 1+N', 1) and the merge (None if none).
+        """
+        B, n_tokens = patches.shape[0], patches.shape[1]
+        if self.has_inner:
+            words = _inner_transformer(self, words)
+            add = self.words_to_patches(words, B)  # (B, N, d)
+            patches = torch.cat([patches[:, :1], patches[:, 1:] + add], dim=1)
+        y, metric = self.attn_out.forward_sized(self.norm_out(patches), size)
+        patches = patches + self.drop_path(y)
+        merge = None
+        if r > 0 and n_tokens >= 3:  # the class token and at least one pair
+            merge = bipartite_soft_matching(metric, r, protected=1)
+            if merge_words:
+                m, c = words.shape[1], words.shape[2]
+                flat = words.reshape(B, n_tokens - 1, m * c)  # (B, N, m*c), word-major
+                flat = torch.cat([flat.new_zeros(B, 1, m * c), flat], dim=1)  # (B, 1+N, m*c): a class slot
+                flat, _ = merge_weighted(merge, flat, size)  # the slot stays first, alone
+                words = flat[:, 1:].reshape(-1, m, c)  # (B*N', m, c)
+            patches, size = merge_weighted(merge, patches, size)
+        h = fx_leaf(self.mlp, self.norm_mlp(patches))
+        if self.se is not None:
+            h = h + self.se(h)
+        patches = patches + self.drop_path(h)
+        return words, patches, size, merge
+
 
 # ---------------------------------------------------------------------------------------------- model
 
@@ -339,6 +373,8 @@ class TNT(TimmContract, nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        # token merging per block (set_token_merging); all zeros: the plain model, run as it always was
+        self.merge_r: tuple[int, ...] = (0,) * depth
         self.init_weights()
 
     # ------------------------------------------------------------------------------------ init & misc
@@ -392,6 +428,16 @@ class TNT(TimmContract, nn.Module):
                 mod.lean_backward = enable
 
     @torch.jit.ignore
+    def set_token_merging(self, r: int | Sequence[int]) -> None:
+        """Merge ``r`` patch tokens, and their words, in every block (an int) or per block (a list).
+
+        Training-free (ToMe, see :mod:`tntvision.models.merging`); ``0`` turns it off and the model runs
+        exactly as without it. Each block merges at most half of its tokens; the class token never merges.
+        Not saved with the weights: set it on the model you load.
+        """
+        self.merge_r = merge_schedule(r, len(self.blocks))
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -429,24 +475,55 @@ class TNT(TimmContract, nn.Module):
             return checkpoint(self.blocks[i], words, patches, use_reentrant=False)
         return self.blocks[i](words, patches)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> normalised tokens (B, 1+N, d), class token first."""
-        words, patches = self._embed(x)
-        for i in range(len(self.blocks)):
-            words, patches = self._run_block(i, words, patches)
-        return self.norm(patches)
+    def _run_block_merging(self, i: int, words, patches, size):
+        later_words = any(b.has_inner for b in self.blocks[i + 1 :])
+        args = (words, patches, size, self.merge_r[i])
+        block = self.blocks[i]
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block.forward_merging, *args, merge_words=later_words, use_reentrant=False)
+        return block.forward_merging(*args, merge_words=later_words)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens (B, 1+N, d) -> logits (B, classes), or pooled features (B, d) with ``pre_logits``."""
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images -> final tokens (B, 1+N', d) before the norm, and their sizes (B, 1+N', 1) when merging."""
+        words, patches = self._embed(x)
+        if not any(self.merge_r):
+            for i in range(len(self.blocks)):
+                words, patches = self._run_block(i, words, patches)
+            return patches, None
+        size = patches.new_ones(patches.shape[0], patches.shape[1], 1, dtype=torch.float32)  # (B, 1+N, 1)
+        for i in range(len(self.blocks)):
+            words, patches, size, _ = self._run_block_merging(i, words, patches, size)
+        return patches, size
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> normalised tokens (B, 1+N, d), class token first.
+
+        With token merging on, N is the number of tokens left after the last block.
+        """
+        return self.norm(self._tokens(x)[0])
+
+    def forward_head(
+        self, x: torch.Tensor, pre_logits: bool = False, *, token_size: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Tokens (B, 1+N, d) -> logits (B, classes), or pooled features (B, d) with ``pre_logits``.
+
+        ``token_size`` (B, 1+N, 1), the sizes of merged tokens, makes average pooling size-weighted.
+        """
         if self.global_pool == "avg":
-            x = x[:, self.num_prefix_tokens :].mean(dim=1)
+            p = self.num_prefix_tokens
+            if token_size is None:
+                x = x[:, p:].mean(dim=1)
+            else:
+                w = token_size[:, p:].to(x.dtype)  # (B, N, 1)
+                x = (x[:, p:] * w).sum(dim=1) / w.sum(dim=1)
         elif self.global_pool == "token":
             x = x[:, 0]
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        tokens, size = self._tokens(x)
+        return self.forward_head(self.norm(tokens), token_size=size)
 
     def forward_intermediates(
         self,
@@ -467,6 +544,9 @@ class TNT(TimmContract, nn.Module):
             stop_early: skip blocks after the last one asked for (only with ``intermediates_only``).
             output_fmt: ``"NCHW"`` (B, d, gh, gw) maps or ``"NLC"`` (B, N, d) tokens, class token dropped.
             intermediates_only: return only the list.
+
+        With token merging on, the maps are unmerged to the patch grid (each patch gets the token it was
+        merged into, as ToMe does for dense tasks); the final tokens stay merged (B, 1+N', d).
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ConfigError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
@@ -474,11 +554,25 @@ class TNT(TimmContract, nn.Module):
         gh, gw = self._check_input(x)
         words, patches = self._embed(x)
         last = max(take) if (stop_early and intermediates_only) else len(self.blocks) - 1
+        merging = any(self.merge_r)
+        if merging:  # where[b, t]: the token that original token t is part of now
+            B, n = patches.shape[0], patches.shape[1]
+            size = patches.new_ones(B, n, 1, dtype=torch.float32)  # (B, 1+N, 1)
+            where = torch.arange(n, device=patches.device).expand(B, -1)  # (B, 1+N)
         feats = []
         for i in range(last + 1):
-            words, patches = self._run_block(i, words, patches)
+            if merging:
+                n_before = patches.shape[1]
+                words, patches, size, merge = self._run_block_merging(i, words, patches, size)
+                if merge is not None:
+                    where = merge.new_index(n_before).gather(1, where)
+            else:
+                words, patches = self._run_block(i, words, patches)
             if i in take:
-                y = (self.norm(patches) if norm else patches)[:, self.num_prefix_tokens :]  # (B, N, d)
+                y = self.norm(patches) if norm else patches
+                if merging:  # unmerge: every patch reads the token it was merged into (ToMe's unmerge)
+                    y = y.gather(1, where[..., None].expand(-1, -1, y.shape[-1]))  # (B, 1+N, d)
+                y = y[:, self.num_prefix_tokens :]  # (B, N, d)
                 if output_fmt == "NCHW":
                     y = y.reshape(y.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous()  # (B, d, gh, gw)
                 feats.append(y)

@@ -57,15 +57,21 @@ class Impl:
         return self.spec != "ours:reference"
 
     def build(
-        self, model_name: str, *, weights_from: nn.Module | None = None, lean_backward: bool = True
+        self,
+        model_name: str,
+        *,
+        weights_from: nn.Module | None = None,
+        lean_backward: bool = True,
+        merge_tokens: int | Sequence[int] = 0,
     ) -> nn.Module:
         """A fresh model; timm's model of our name gets ``weights_from``'s weights (same layout).
 
-        ``lean_backward`` is our model's :meth:`~tntvision.models.tnt.TNT.set_lean_backward` setting.
+        ``lean_backward`` is our model's :meth:`~tntvision.models.tnt.TNT.set_lean_backward` setting;
+        ``merge_tokens`` its token merging (our models only: timm's have none).
         """
         if self.spec in ("ours", "ours:reference") or self.spec.startswith("tntvision:"):
             name = model_name if self.spec.startswith("ours") else self.spec.split(":", 1)[1]
-            model = create_model(name)
+            model = create_model(name, merge_tokens=merge_tokens)
             model.set_lean_backward(lean_backward)
             return model
         timm = _import_timm()
@@ -182,13 +188,15 @@ def _memory_probe(
     threads: int,
     lean_backward: bool = True,
     amp: str = "none",
+    merge_tokens: int | list[int] = 0,
 ) -> dict[str, float]:
     """Runs in a fresh child process: peak memory of ``steps`` calls of one workload (MB)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     impl = Impl(impl_spec)
     set_fused_kernels(impl.fused)
-    model = impl.build(model_name, lean_backward=lean_backward).to(device, weight_dtype(dtype))
+    model = impl.build(model_name, lean_backward=lean_backward, merge_tokens=merge_tokens)
+    model = model.to(device, weight_dtype(dtype))
     x = torch.randn(batch, *_input_shape(model_name), device=device, dtype=weight_dtype(dtype))
     run = (_train_fn if train else _inference_fn)(model, x, device, amp)
     if device == "cuda":
@@ -325,6 +333,7 @@ def bench_model(
     lean_backward: bool = True,
     profile: int = 0,
     workloads: Sequence[str] = ("inference", "latency"),
+    merge_tokens: int | Sequence[int] = 0,
 ) -> dict[str, Any]:
     """Measure one model (and the implementations in ``compare``) on random inputs.
 
@@ -337,6 +346,7 @@ def bench_model(
     (``memory=True``) comes from one child process per implementation (module docstring).
     ``lean_backward=False`` times our model with its reference-path inner activations kept for backward.
     ``profile=N`` adds the top N operators of one call of our model per workload (``torch.profiler``).
+    ``merge_tokens`` turns on token merging in our models (the ``ours`` and ``tntvision:`` rows).
 
     Returns plain data: per workload, per implementation ``median_ms`` / ``min_ms`` / ``img_per_s``,
     ``speedup`` = other's median time / ours and ``time_ratio`` = ours / other's; ``macs`` per
@@ -365,6 +375,7 @@ def bench_model(
         "torch": torch.__version__,
         "compile": compile,
         "lean_backward": lean_backward,
+        "merge_tokens": merge_tokens if isinstance(merge_tokens, int) else list(merge_tokens),
         "implementations": [i.label for i in impls],
         "rounds": rounds,
     }
@@ -372,9 +383,14 @@ def bench_model(
     with _threads(threads) as n_threads:
         result["threads"] = n_threads
         torch.manual_seed(0)
-        ours = Impl("ours").build(model_name, lean_backward=lean_backward)
+        ours = Impl("ours").build(model_name, lean_backward=lean_backward, merge_tokens=merge_tokens)
         models = {
-            i.label: (ours if i.spec == "ours" else i.build(model_name, weights_from=ours)) for i in impls
+            i.label: (
+                ours
+                if i.spec == "ours"
+                else i.build(model_name, weights_from=ours, merge_tokens=merge_tokens)
+            )
+            for i in impls
         }
         shape = _input_shape(model_name)
         result["macs"] = {k: _macs(m, shape) for k, m in models.items()}
@@ -406,7 +422,19 @@ def bench_model(
         if train:
             result["train"] = timed(_train_fn, x, rounds, batch_size)
         if memory and not compile:
-            args = (model_name, batch_size, dtype, train, warmup + 1, device, n_threads, lean_backward, amp)
+            merge = result["merge_tokens"]
+            args = (
+                model_name,
+                batch_size,
+                dtype,
+                train,
+                warmup + 1,
+                device,
+                n_threads,
+                lean_backward,
+                amp,
+                merge,
+            )
             mem = {i.label: _peak_memory((i.spec, *args)) for i in impls}
             result["memory"] = {
                 "workload": "train" if train else "inference",

@@ -10,28 +10,52 @@ A ``--checkpoint`` is a run folder, a ``model/`` folder or a weights file (read 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from torch import nn
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..models import load_model
 from ..models.weights import is_exported_file, refuse_exported
 from .exported import load_exported, resolve_runtime
 
-__all__ = ["load_checkpoint", "refuse_exported"]
+__all__ = ["apply_token_merging", "load_checkpoint", "refuse_exported"]
 
 
-def load_checkpoint(path: str | Path, *, autocast: bool = False, runtime: str | None = None) -> nn.Module:
+def load_checkpoint(
+    path: str | Path,
+    *,
+    autocast: bool = False,
+    runtime: str | None = None,
+    merge_tokens: int | Sequence[int] = 0,
+) -> nn.Module:
     """``--checkpoint``: an exported ``.onnx`` / ``.pt2`` file, or what :func:`tntvision.load_model` reads.
 
     ``runtime`` is ``--runtime`` (see :func:`resolve_runtime`; refused before anything is read when it
     cannot run ``path``). ``autocast=True`` (the caller will run the model under autocast, ``--amp``) is
-    refused for an exported file up front, before any work: the file runs in float32.
+    refused for an exported file up front, before any work: the file runs in float32. ``merge_tokens``
+    (``--merge-tokens``) turns on token merging (see :func:`apply_token_merging`).
     """
     resolve_runtime(path, runtime)
     if is_exported_file(path):
         if autocast:
             raise InputError(f"{Path(path).name}: autocast (--amp) applies to PyTorch checkpoints only")
+        if merge_tokens:
+            raise InputError(
+                f"{Path(path).name}: token merging (--merge-tokens) of an exported file is fixed when it is "
+                "exported (tnt export --merge-tokens)"
+            )
         return load_exported(path, runtime=runtime)
-    return load_model(path)
+    return apply_token_merging(load_model(path), merge_tokens)
+
+
+def apply_token_merging(model: nn.Module, merge_tokens: int | Sequence[int]) -> nn.Module:
+    """``model.set_token_merging(merge_tokens)`` (TNT models), a :class:`ConfigError` for a model without
+    it when merging is asked for; ``0`` leaves any model as it is."""
+    if merge_tokens:
+        if not hasattr(model, "set_token_merging"):
+            name = getattr(model, "model_name", None) or type(model).__name__
+            raise ConfigError(f"{name} does not support token merging (--merge-tokens); TNT models do")
+        model.set_token_merging(merge_tokens)
+    return model

@@ -9,7 +9,7 @@ training report the same thing for the same weights.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +134,7 @@ def evaluate_checkpoint(
     out: str | Path | None = None,
     progress: bool = True,
     runtime: str | None = None,
+    merge_tokens: int | Sequence[int] = 0,
     warn: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Evaluate a saved model on a split of ``data`` and draw its confusion matrix.
@@ -151,6 +152,7 @@ def evaluate_checkpoint(
         progress: show a progress bar on stderr.
         runtime: what runs an ``.onnx`` file: ``"onnxruntime"`` (default) or ``"openvino"``; ``"torch"``
             or None for anything else (see :func:`tntvision.tools.exported.resolve_runtime`).
+        merge_tokens: token merging (TNT models): ``r`` per block, or a list with one per block.
         warn: called with notes for the user.
 
     Raises:
@@ -162,7 +164,9 @@ def evaluate_checkpoint(
     weights = weight_dtype(dtype)
     if batch_size < 1 or workers < 0:
         raise InputError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
-    model = load_checkpoint(checkpoint, autocast=autocast_dtype is not None, runtime=runtime)
+    model = load_checkpoint(
+        checkpoint, autocast=autocast_dtype is not None, runtime=runtime, merge_tokens=merge_tokens
+    )
     model = model.eval().to(weights)
     record = report_folder(checkpoint) / "val_split.json"
     if split == "val" and not has_val_split(data) and record.is_file():  # the images its training held out

@@ -45,7 +45,7 @@ import dataclasses
 import json
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,7 @@ def export_metadata(model: nn.Module, *, quantize: str | None, exporter: str) ->
         "num_classes": int(model.num_classes),
         "class_names": None if class_names is None else [str(c) for c in class_names],
         "meta": dataclasses.asdict(meta),
+        "merge_tokens": list(getattr(model, "merge_r", ())),  # token merging per block, fixed in the file
         "input_name": INPUT_NAME,
         "quantize": quantize,
         "exporter": exporter,
@@ -121,9 +122,13 @@ def export_metadata(model: nn.Module, *, quantize: str | None, exporter: str) ->
 # ------------------------------------------------------------------------------------------ the model
 
 
-def _model_for_export(checkpoint: str | Path, img_size: int | None) -> nn.Module:
-    """The saved model in eval mode and fp32, rebuilt at ``img_size`` (position tables resampled)."""
+def _model_for_export(
+    checkpoint: str | Path, img_size: int | None, merge_tokens: int | Sequence[int] = 0
+) -> nn.Module:
+    """The saved model in eval mode and fp32, rebuilt at ``img_size`` (position tables resampled), with
+    token merging ``merge_tokens`` (fixed in the exported graph)."""
     from ..models import load_model
+    from .checkpoints import apply_token_merging
 
     if is_exported_file(checkpoint):
         raise ConfigError(f"{checkpoint}: already exported; --checkpoint takes a PyTorch checkpoint here")
@@ -132,7 +137,7 @@ def _model_for_export(checkpoint: str | Path, img_size: int | None) -> nn.Module
     else:
         model = load_model(checkpoint, img_size=img_size)
         model.meta = model.meta.resolved(img_size=img_size)
-    return model.eval().float()
+    return apply_token_merging(model, merge_tokens).eval().float()
 
 
 def _example_input(model: nn.Module) -> torch.Tensor:
@@ -335,6 +340,7 @@ def export_model(
     quantize: str | None = None,
     calibrate: str | None = None,
     calibration_images: int = 256,
+    merge_tokens: int | Sequence[int] = 0,
     warn: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export a saved model to ``out`` as ONNX or pt2 (module docstring), and check the file.
@@ -348,6 +354,7 @@ def export_model(
         quantize: ``"int8"`` (ONNX only): dynamic quantization, or static QDQ with ``calibrate``.
         calibrate: ``"fashion-mnist"`` or an ImageFolder root whose train images calibrate static int8.
         calibration_images: how many images calibration uses.
+        merge_tokens: token merging (TNT models), fixed in the file: ``r`` per block or one per block.
         warn: called with notes for the user.
 
     Returns:
@@ -368,7 +375,7 @@ def export_model(
         require("onnxruntime", "checking the ONNX file")
         if quantize is not None:
             require("onnxruntime.quantization", "--quantize int8")
-    model = _model_for_export(checkpoint, img_size)
+    model = _model_for_export(checkpoint, img_size, merge_tokens)
     calibration = None
     if calibrate is not None:
         calibration = calibration_batches(calibrate, model.meta, images=calibration_images)

@@ -463,7 +463,10 @@ def bench_exported(
             name, config = file_model.metadata.get("model"), dict(file_model.metadata.get("config") or {})
             torch.manual_seed(0)
             try:
-                models["pytorch"] = create_model(name, **config).eval()
+                merge = list(file_model.metadata.get("merge_tokens") or [])
+                models["pytorch"] = create_model(
+                    name, merge_tokens=merge if any(merge) else 0, **config
+                ).eval()
             except (KeyError, TypeError, ValueError) as e:
                 raise CheckpointError(f"{path}: cannot rebuild its PyTorch model ({e})") from e
         result: dict[str, Any] = {
