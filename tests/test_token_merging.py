@@ -6,6 +6,7 @@ Weights are perturbed away from their init so that a dropped bias or a swapped n
 """
 
 import copy
+import json
 import math
 
 import pytest
@@ -13,11 +14,16 @@ import torch
 import torch.nn.functional as F
 
 import tntvision
+from tntvision.cli import main
+from tntvision.data import eval_transform, open_image
 from tntvision.errors import ConfigError
 from tntvision.models import kernels
 from tntvision.models.merging import bipartite_soft_matching, decreasing_schedule, merge_schedule
+from tntvision.tools.export import export_model
+from tntvision.tools.exported import load_exported
 
 from .conftest import TNT_MODELS, need_fused_kernel, small_input_size
+from .data_helpers import make_image_folder
 
 
 def _perturbed(name: str, seed: int = 3, **kw) -> torch.nn.Module:
@@ -280,3 +286,146 @@ def test_schedules_and_bad_values():
         tntvision.create_model("ptnt_ti_patch16_192", merge_tokens=4)
     model = tntvision.create_model("tnt_mini_patch4_28", merge_tokens=[2, 2, 1, 0])
     assert model.merge_r == (2, 2, 1, 0)
+
+
+# ------------------------------------------------------------------------------ CLI and export
+
+
+@pytest.fixture(scope="module")
+def saved_mini(tmp_path_factory):
+    """A perturbed tnt_mini saved with class names, and a small ImageFolder val split for it."""
+    torch.manual_seed(0)
+    model = _perturbed("tnt_mini_patch4_28")
+    with torch.no_grad():
+        model.head.weight.mul_(30)  # logits of a few units: merging moves the loss visibly
+    root = tmp_path_factory.mktemp("tome")
+    tntvision.save_model(model, root / "model", class_names=[f"c{i}" for i in range(10)])
+    data = make_image_folder(root / "data", classes=tuple(f"c{i}" for i in range(10)), per_class=2, size=28)
+    return root / "model", data
+
+
+def _json(capsys, argv):
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _hand_loss(model, data):
+    """Mean cross-entropy over data/val, one image at a time (eval_transform + forward)."""
+    transform = eval_transform(model.meta)
+    losses = []
+    for label, folder in enumerate(sorted((data / "val").iterdir())):
+        for path in sorted(folder.iterdir()):
+            with torch.no_grad():
+                logits = model(transform(open_image(path))[None])
+            losses.append(F.cross_entropy(logits.double(), torch.tensor([label])).item())
+    return sum(losses) / len(losses)
+
+
+def test_eval_and_predict_take_merge_tokens(saved_mini, tmp_path, capsys):
+    folder, data = saved_mini
+    merged = tntvision.load_model(folder).eval()
+    merged.set_token_merging([8, 4, 2, 0])
+    plain = tntvision.load_model(folder).eval()
+    want, want_plain = _hand_loss(merged, data), _hand_loss(plain, data)
+    assert abs(want - want_plain) > 1e-3  # merging changes the numbers, so the flag is seen to act
+
+    base = [
+        "eval",
+        "--checkpoint",
+        str(folder),
+        "--data",
+        str(data),
+        "--split",
+        "val",
+        "--out",
+        str(tmp_path),
+    ]
+    got = _json(capsys, [*base, "--merge-tokens", "8,4,2,0"])
+    assert got["loss"] == pytest.approx(want, abs=1e-5)
+    assert _json(capsys, base)["loss"] == pytest.approx(want_plain, abs=1e-5)
+
+    image = sorted((data / "val" / "c3").iterdir())[0]
+    pred = _json(
+        capsys, ["predict", "--checkpoint", str(folder), str(image), "--topk", "10", "--merge-tokens", "8"]
+    )
+    merged.set_token_merging(8)
+    with torch.no_grad():
+        probs = merged(eval_transform(merged.meta)(open_image(image))[None]).softmax(-1)[0]
+    top = pred["predictions"][0]["top"]
+    assert [t["label"] for t in top] == [f"c{i}" for i in probs.argsort(descending=True).tolist()]
+    torch.testing.assert_close(
+        torch.tensor([t["prob"] for t in top]), probs.sort(descending=True).values, atol=1e-6, rtol=0
+    )
+
+
+def test_bad_merge_tokens_exit_2_with_one_line(saved_mini, tmp_path, capsys):
+    folder, data = saved_mini
+    out = tmp_path / "out"
+    base = ["eval", "--checkpoint", str(folder), "--data", str(data), "--split", "val", "--out", str(out)]
+    for value in ("-1", "two"):  # refused by the argument parser, which exits 2
+        with pytest.raises(SystemExit) as exc:
+            main([*base, "--merge-tokens", value])
+        assert exc.value.code == 2
+        assert "--merge-tokens" in capsys.readouterr().err
+    assert main([*base, "--merge-tokens", "1,2"]) == 2  # 2 values for 4 blocks
+    err = capsys.readouterr().err
+    assert "one int per block (4)" in err and len(err.strip().splitlines()) == 1
+    ptnt = tmp_path / "ptnt"
+    tntvision.save_model(tntvision.create_model("ptnt_ti_patch16_192", img_size=64, num_classes=10), ptnt)
+    assert main([*base[:2], str(ptnt), *base[3:], "--merge-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "does not support token merging" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing was evaluated
+
+
+def test_onnx_export_fixes_r_in_the_file(saved_mini, tmp_path, capsys):
+    folder, _ = saved_mini
+    out = tmp_path / "merged.onnx"
+    result = export_model(folder, format="onnx", out=out, merge_tokens=[6, 4, 2, 0])
+    model = tntvision.load_model(folder).eval()
+    model.set_token_merging([6, 4, 2, 0])
+    file_model = load_exported(out)
+    assert file_model.metadata["merge_tokens"] == [6, 4, 2, 0]
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        got, want, plain = file_model(x), model(x), tntvision.load_model(folder).eval()(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert (got - plain).abs().max() > 1e-2  # the file merges: it is not the plain model
+    assert result.max_abs_diff <= 1e-4
+    # r is fixed in the file: asking again is refused before anything runs
+    assert main(["predict", "--checkpoint", str(out), str(tmp_path), "--merge-tokens", "2"]) == 2
+    assert "fixed when it is exported" in capsys.readouterr().err
+
+
+def test_bench_times_and_counts_the_merged_model(monkeypatch):
+    from tntvision.tools import bench
+    from tntvision.tools.info import count_macs
+
+    built = []
+    real_build = bench.Impl.build
+
+    def spy(self, name, **kw):
+        model = real_build(self, name, **kw)
+        built.append((self.spec, model.merge_r))
+        return model
+
+    monkeypatch.setattr(bench.Impl, "build", spy)
+    result = bench.bench_model(
+        model_name="tnt_mini_patch4_28",
+        batch_size=4,
+        rounds=1,
+        warmup=0,
+        latency_rounds=1,
+        memory=False,
+        merge_tokens=8,
+        compare=["ours:reference"],
+    )
+    assert result["merge_tokens"] == 8
+    assert built == [("ours", (8, 8, 8, 8)), ("ours:reference", (8, 8, 8, 8))]
+    merged = tntvision.create_model("tnt_mini_patch4_28", merge_tokens=8)
+    assert (
+        result["macs"]["ours"]
+        == count_macs(merged)
+        < 0.75 * count_macs(tntvision.create_model("tnt_mini_patch4_28"))
+    )
