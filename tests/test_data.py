@@ -283,3 +283,26 @@ def test_image_folder_splits(tmp_path):
     assert (len(splits.train), len(splits.val), len(splits.test)) == (9, 3, 12)
     assert not set(splits.train.samples) & set(splits.val.samples)
     assert splits.val[0][1] == splits.val.targets[0]
+
+
+def test_an_image_that_cannot_be_opened_says_why_and_keeps_the_cause(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from tntvision.data import open_image
+
+    path = tmp_path / "a.png"
+    Image.new("L", (4, 4)).save(path)
+    open_image(path)  # readable as it is
+
+    def deny(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Image, "open", deny)  # root reads any file: chmod would not show it
+    with pytest.raises(DataError, match="permission denied") as exc:
+        open_image(path)
+    assert isinstance(exc.value.__cause__, PermissionError)
+    monkeypatch.undo()
+    path.write_bytes(path.read_bytes()[:20])  # truncated: the content, not the file, is at fault
+    with pytest.raises(DataError, match="not a readable image") as exc:
+        open_image(path)
+    assert exc.value.__cause__ is not None

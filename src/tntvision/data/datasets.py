@@ -225,11 +225,9 @@ class ImageFolder(Dataset):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
                 img = open_image(path)
-            except DataError:
-                if self.on_bad_image == "error":
-                    raise DataError(
-                        f"{path}: cannot decode the image (on_bad_image=skip skips such files)"
-                    ) from None
+            except DataError as e:
+                if self.on_bad_image == "error":  # e says why: unreadable, damaged, too large
+                    raise DataError(f"{e} (on_bad_image=skip skips such files)") from e
                 continue  # skip: take the next readable image (the count of such files is reported)
             return (self.transform(img) if self.transform is not None else img), label
         raise DataError(f"no image of {self.split} can be decoded")

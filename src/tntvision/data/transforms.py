@@ -11,7 +11,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from ..errors import DataError, ImageTooLargeError
+from ..errors import DataError, ImageTooLargeError, read_failure
 from ..models.registry import ModelMeta
 
 __all__ = [
@@ -46,9 +46,11 @@ def open_image(
                 img.load()
                 return ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as e:  # over twice Pillow's own limit, refused by Image.open
-        raise ImageTooLargeError(f"{label}: {e}") from None
+        raise ImageTooLargeError(f"{label}: {e}") from e
+    except (PermissionError, FileNotFoundError, IsADirectoryError) as e:  # the file, not its content
+        raise DataError(read_failure(label, "an image", e)) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{label}: not a readable image ({e})") from None
+        raise DataError(f"{label}: not a readable image ({e})") from e
     raise ImageTooLargeError(
         f"{label}: the image declares {width}x{height} pixels, more than the limit of {max_pixels:,}"
     )
