@@ -208,6 +208,7 @@ def test_drop_path_scales_are_the_reference_stream():
 
 def test_fused_op_against_an_independent_formula():
     """The op on random weights against the block written out with torch.nn.functional."""
+    need_fused_kernel()
     block = _model("tnt_mini_patch4_28").blocks[0]
     x = torch.randn(10, 4, 8)
     keep1, keep2 = torch.tensor([0.0, 2.0] * 5), torch.tensor([2.0, 0.0, 1.0, 1.0, 2.0] * 2)
@@ -236,6 +237,7 @@ def test_fused_op_against_an_independent_formula():
 
 
 def test_compile_fullgraph_keeps_one_op_per_inner_transformer():
+    need_fused_kernel()
     model = _model("tnt_s_patch16_224", depth=2).train()
     x = torch.randn(2, 3, 32, 32)
     graphs = []
@@ -254,6 +256,7 @@ def test_compile_fullgraph_keeps_one_op_per_inner_transformer():
 
 
 def test_torch_export_runs_the_fused_op():
+    need_fused_kernel()
     model = _model("tnt_mini_patch4_28").eval()
     x = torch.randn(2, 1, 28, 28)
     prog = torch.export.export(model, (x,))
@@ -301,6 +304,7 @@ def test_disabled_by_environment():
 
 
 def test_bad_input_is_refused_by_the_op():
+    need_fused_kernel()
     block = _model("tnt_mini_patch4_28").blocks[0]
     with pytest.raises(RuntimeError, match="sentences, words, dim"):
         kernels.inner_transformer(torch.randn(4, 8), block, None, None)
@@ -437,6 +441,7 @@ def test_dynamic_quantization_runs_the_quantized_modules():
 def test_compiled_or_exported_before_any_eager_call_runs_the_fused_op(how, tmp_path):
     """A fresh process whose first use of the model is torch.compile / torch.export gets the fused op in
     its graph (the kernel is loaded during tracing), with eager's numbers."""
+    need_fused_kernel()
     code = f"""
 import torch, tntvision
 from tntvision.models import kernels

@@ -18,6 +18,8 @@ from tntvision.cli import main
 from tntvision.models.layers import SMALL_ATTN_TOKENS, Attention, Mlp
 from tntvision.tools.bench import bench_model
 
+from .conftest import need_fused_kernel
+
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
 
@@ -239,6 +241,8 @@ def test_bench_cli_user_errors_exit_2(argv, message, capsys):
 
 def test_bench_headline_ratios_macs_and_profile(capsys):
     from tntvision.tools.info import count_macs
+
+    need_fused_kernel()  # the profile must show the fused op
 
     vit = "tntvision:vit_mini_patch4_28"
     argv = ["bench", "--model", "tnt_mini_patch4_28", "--batch-size", "2", "--rounds", "1", "--warmup", "0"]
