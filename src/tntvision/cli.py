@@ -534,7 +534,8 @@ def _add_bench(sub) -> None:
     p.add_argument(
         "--keep-activations",
         action="store_true",
-        help="our model keeps inner activations for backward (lean_backward off: faster for small models)",
+        help="lean_backward off: our PyTorch-run attention/MLP modules keep their activations for backward "
+        "(with the fused op on, the outer blocks only: the fused op always recomputes)",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: cpu)")
     _runtime_arg(p)

@@ -315,6 +315,58 @@ def profile_ops(fn: Callable[[], None], *, top: int = 15) -> list[dict[str, Any]
     ]
 
 
+def _check_bench_args(
+    dtype: str,
+    amp: str,
+    train: bool,
+    batch_size: int,
+    rounds: int,
+    latency_rounds: int,
+    warmup: int,
+    workloads: Sequence[str],
+    device: str,
+) -> None:
+    """:class:`ConfigError` for a bad :func:`bench_model` argument, before anything is built."""
+    if dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
+    if amp not in AMP:
+        raise ConfigError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
+    if train and dtype != "float32":
+        raise ConfigError("a training step needs float32 weights; use amp='bfloat16' (--amp) for bf16")
+    if batch_size < 1 or rounds < 1 or latency_rounds < 1 or warmup < 0:
+        raise ConfigError("batch size and rounds must be positive, warmup not negative")
+    if not set(workloads) <= {"inference", "latency"}:
+        raise ConfigError(f"workloads are 'inference' and 'latency', got {list(workloads)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda asked for but CUDA is not available")
+
+
+def _build_models(
+    model_name: str, impls: Sequence[Impl], *, lean_backward: bool, merge_tokens: int | Sequence[int]
+) -> dict[str, nn.Module]:
+    """One fresh model per implementation, ours first; timm's of our name gets our weights."""
+    torch.manual_seed(0)
+    ours = Impl("ours").build(model_name, lean_backward=lean_backward, merge_tokens=merge_tokens)
+    return {
+        i.label: ours
+        if i.spec == "ours"
+        else i.build(model_name, weights_from=ours, merge_tokens=merge_tokens)
+        for i in impls
+    }
+
+
+def _memory_section(impls: Sequence[Impl], args: tuple, *, train: bool, device: str) -> dict[str, Any]:
+    """Peak memory of every implementation (one child process each; ``args`` as :func:`_memory_probe`
+    takes them after the implementation) and ours / theirs."""
+    mem = {i.label: _peak_memory((i.spec, *args)) for i in impls}
+    return {
+        "workload": "train" if train else "inference",
+        "measured_as": "CUDA max_memory_allocated" if device == "cuda" else "RSS high-water mark",
+        "per_impl": mem,
+        "ratio": {k: mem["ours"]["peak_mb"] / v["peak_mb"] for k, v in mem.items() if k != "ours"},
+    }
+
+
 def bench_model(
     *,
     model_name: str,
@@ -352,18 +404,7 @@ def bench_model(
     ``speedup`` = other's median time / ours and ``time_ratio`` = ours / other's; ``macs`` per
     implementation (one image, ``torch.utils.flop_counter``) and ``flop_ratio`` = ours / other's.
     """
-    if dtype not in WEIGHT_DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
-    if amp not in AMP:
-        raise ConfigError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
-    if train and dtype != "float32":
-        raise ConfigError("a training step needs float32 weights; use amp='bfloat16' (--amp) for bf16")
-    if batch_size < 1 or rounds < 1 or latency_rounds < 1 or warmup < 0:
-        raise ConfigError("batch size and rounds must be positive, warmup not negative")
-    if not set(workloads) <= {"inference", "latency"}:
-        raise ConfigError(f"workloads are 'inference' and 'latency', got {list(workloads)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda asked for but CUDA is not available")
+    _check_bench_args(dtype, amp, train, batch_size, rounds, latency_rounds, warmup, workloads, device)
     get_model_entry(model_name)  # unknown names fail here, with suggestions
     impls = _parse_impls(compare)
     result: dict[str, Any] = {
@@ -382,16 +423,7 @@ def bench_model(
     wdtype = weight_dtype(dtype)
     with _threads(threads) as n_threads:
         result["threads"] = n_threads
-        torch.manual_seed(0)
-        ours = Impl("ours").build(model_name, lean_backward=lean_backward, merge_tokens=merge_tokens)
-        models = {
-            i.label: (
-                ours
-                if i.spec == "ours"
-                else i.build(model_name, weights_from=ours, merge_tokens=merge_tokens)
-            )
-            for i in impls
-        }
+        models = _build_models(model_name, impls, lean_backward=lean_backward, merge_tokens=merge_tokens)
         shape = _input_shape(model_name)
         result["macs"] = {k: _macs(m, shape) for k, m in models.items()}
         macs = result["macs"]
@@ -422,26 +454,10 @@ def bench_model(
         if train:
             result["train"] = timed(_train_fn, x, rounds, batch_size)
         if memory and not compile:
-            merge = result["merge_tokens"]
-            args = (
-                model_name,
-                batch_size,
-                dtype,
-                train,
-                warmup + 1,
-                device,
-                n_threads,
-                lean_backward,
-                amp,
-                merge,
+            args = (model_name, batch_size, dtype, train, warmup + 1, device, n_threads, lean_backward, amp)
+            result["memory"] = _memory_section(
+                impls, (*args, result["merge_tokens"]), train=train, device=device
             )
-            mem = {i.label: _peak_memory((i.spec, *args)) for i in impls}
-            result["memory"] = {
-                "workload": "train" if train else "inference",
-                "measured_as": "CUDA max_memory_allocated" if device == "cuda" else "RSS high-water mark",
-                "per_impl": mem,
-                "ratio": {k: mem["ours"]["peak_mb"] / v["peak_mb"] for k, v in mem.items() if k != "ours"},
-            }
     return result
 
 

@@ -1,6 +1,8 @@
-"""How a ``--checkpoint`` is opened: every command that runs a saved model (eval, predict, bench, export,
-serve) calls :func:`load_checkpoint`, and the commands that need a PyTorch model's insides call
-:func:`refuse_exported`.
+"""How a ``--checkpoint`` is opened: the commands that run a saved model of either kind (eval, predict,
+serve) call :func:`load_checkpoint`; those that need a PyTorch model's insides (export, visualize,
+``train --pretrained``) refuse an exported file up front (:func:`refuse_exported`, or export's own check)
+and call :func:`tntvision.load_model`; ``bench --checkpoint`` times an exported file
+(:func:`tntvision.tools.exported.bench_exported`).
 
 A ``--checkpoint`` is a run folder, a ``model/`` folder or a weights file (read by
 :func:`tntvision.load_model`, weights of the authors, timm or mmpretrain included), or an exported ``.onnx``
