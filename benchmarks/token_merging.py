@@ -239,7 +239,8 @@ def accuracy(args: argparse.Namespace) -> dict:
                         run, "fashion-mnist", split=split, out=tmp, progress=False, merge_tokens=r
                     )
                     res[split] = e.top1
-                tokens = _tokens_left(1 + model.patch_embed.num_patches, merge_schedule(r, len(model.blocks)))
+                n_patches = (size // model.cfg.patch_size) ** 2
+                tokens = _tokens_left(1 + n_patches, merge_schedule(r, len(model.blocks)))
                 row = {
                     "r": r,
                     "val_top1": res["val"],

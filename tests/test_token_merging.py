@@ -429,3 +429,33 @@ def test_bench_times_and_counts_the_merged_model(monkeypatch):
         == count_macs(merged)
         < 0.75 * count_macs(tntvision.create_model("tnt_mini_patch4_28"))
     )
+
+
+def test_the_benchmarks_deit_wrapper_is_timm_at_r0_and_merges_otherwise():
+    """benchmarks/token_merging.py's MergedViT (DeiT-S merged by our functions, the speed comparison)."""
+    import importlib.util
+    from pathlib import Path
+
+    import timm
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "token_merging.py"
+    spec = importlib.util.spec_from_file_location("token_merging_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5
+    ).eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for p in vit.parameters():  # off the init, so that merging moves the logits visibly
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        want = vit(x)
+        torch.testing.assert_close(bench.MergedViT(vit, 0)(x), want, rtol=0, atol=0)
+        seen = []
+        hooks = [b.mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1])) for b in vit.blocks]
+        got = bench.MergedViT(vit, [3, 2, 0])(x)
+        for h in hooks:
+            h.remove()
+    assert seen == [14, 12, 12]  # 17 tokens (class + 16), 3 then 2 merged, none in the last block
+    assert got.shape == want.shape and (got - want).abs().max() > 1e-4
