@@ -10,21 +10,31 @@ connection and sending the next one as soon as the answer is in. The mean batch 
 server's own ``tnt_serve_batch_size`` histogram, scraped before and after. ``--model`` serves a random
 model of that name (speed does not depend on the weights). The client is a plain asyncio HTTP/1.1 loop so
 that it costs the two cores little next to the server. Prints a markdown table.
+
+``--server litserve`` runs the same model, preprocessing and answer under LitServe instead
+(``benchmarks/litserve_app.py``, started with ``--litserve-python``, an interpreter that has ``litserve``;
+it is not a dependency of tntvision): the comparison docs/serving.md reports. LitServe decodes JSON or
+forms only, so ``--body multipart`` (the image as the form field ``file``, which `tnt serve` takes too)
+is what both servers should get in that comparison; its mean batch size comes from a log its worker writes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +52,47 @@ def start_server(checkpoint: Path, *, max_batch: int, max_wait_ms: float, thread
         proc.kill()
         raise SystemExit(f"tnt serve did not start: {line!r}")
     return proc, match.group(1), int(match.group(2))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_litserve(
+    checkpoint: Path, *, max_batch: int, max_wait_ms: float, threads: int | None, python: str, batch_log: Path
+):
+    """benchmarks/litserve_app.py on a free port; returns once its /health answers 200 (model warmed up)."""
+    port = _free_port()
+    cmd = [python, str(ROOT / "benchmarks" / "litserve_app.py"), "--checkpoint", str(checkpoint)]
+    cmd += ["--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+    cmd += ["--batch-log", str(batch_log)] + (["--threads", str(threads)] if threads else [])
+    # its own process group: LitServe's worker processes are stopped with it (see main)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the LitServe app exited with {proc.returncode}")
+        try:
+            if asyncio.run(_get("127.0.0.1", port, "/health")).strip() == "ok":
+                return proc, "127.0.0.1", port
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the LitServe app did not become healthy in 180 s")
+
+
+def multipart(image: bytes) -> tuple[bytes, str]:
+    """A multipart/form-data body with the image as the field ``file``, and its content type."""
+    boundary = uuid.uuid4().hex
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="image.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
+    body += image + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
 
 
 async def _request(reader, writer, host: str, path: str, body: bytes, ctype: str) -> tuple[int, bytes]:
@@ -68,6 +119,21 @@ async def _get(host: str, port: int, path: str) -> str:
     return data.split(b"\r\n\r\n", 1)[1].decode()
 
 
+async def metrics_batches(host: str, port: int) -> tuple[float, float]:
+    """(batches run, images in them) so far, from `tnt serve`'s /metrics."""
+    return _batches(await _get(host, port, "/metrics"))
+
+
+def log_batches(path: Path) -> Callable[[], Awaitable[tuple[float, float]]]:
+    """(batches run, images in them) so far, from the LitServe app's batch log."""
+
+    async def read() -> tuple[float, float]:
+        sizes = [int(v) for v in path.read_text().split()] if path.exists() else []
+        return float(len(sizes)), float(sum(sizes))
+
+    return read
+
+
 def _batches(metrics: str) -> tuple[float, float]:
     values = {}
     for name in ("tnt_serve_batch_size_count", "tnt_serve_batch_size_sum"):
@@ -77,12 +143,21 @@ def _batches(metrics: str) -> tuple[float, float]:
 
 
 async def load(
-    host: str, port: int, image: bytes, *, clients: int, seconds: float, max_requests: int
+    host: str,
+    port: int,
+    image: bytes,
+    *,
+    clients: int,
+    seconds: float,
+    max_requests: int,
+    ctype: str = "image/png",
+    batches: Callable[[], Awaitable[tuple[float, float]]] | None = None,
 ) -> dict:
     latencies: list[float] = []
     errors = 0
+    batches = batches or (lambda: metrics_batches(host, port))
     deadline = time.perf_counter() + seconds
-    before = _batches(await _get(host, port, "/metrics"))
+    before = await batches()
 
     async def client() -> None:
         nonlocal errors
@@ -91,7 +166,7 @@ async def load(
             while time.perf_counter() < deadline and len(latencies) + errors < max_requests:
                 t0 = time.perf_counter()
                 try:
-                    status, _ = await _request(reader, writer, host, "/predict", image, "image/png")
+                    status, _ = await _request(reader, writer, host, "/predict", image, ctype)
                 except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
                     errors += 1
                     reader, writer = await asyncio.open_connection(host, port)
@@ -106,7 +181,7 @@ async def load(
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - started
-    after = _batches(await _get(host, port, "/metrics"))
+    after = await batches()
     batches, images = after[0] - before[0], after[1] - before[1]
     q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
     return {
@@ -140,8 +215,13 @@ def main() -> None:
         help="also time the model offline (tnt bench's inference, same threads) at each row's mean batch: "
         "served / offline images/s, and p99 against 2 x (max wait + one batch's compute)",
     )
+    parser.add_argument("--server", choices=("tnt", "litserve"), default="tnt", help="what serves the model")
+    parser.add_argument("--body", choices=("raw", "multipart"), default="raw", help="how the image is sent")
+    parser.add_argument("--litserve-python", default=sys.executable, help="an interpreter with litserve")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.server == "litserve" and args.body != "multipart":
+        parser.error("LitServe reads forms, not raw bodies: use --body multipart")
     command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,13 +230,28 @@ def main() -> None:
             import tntvision
 
             tntvision.save_model(tntvision.create_model(args.model), checkpoint)
-        image = Path(args.image).read_bytes()
+        image, ctype = Path(args.image).read_bytes(), "image/png"
+        if args.body == "multipart":
+            image, ctype = multipart(image)
         counts = [int(c) for c in args.clients.split(",")]
         rows = []
         for max_batch in [args.max_batch] + ([] if args.no_compare or args.max_batch == 1 else [1]):
-            proc, host, port = start_server(
-                checkpoint, max_batch=max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads
-            )
+            batch_log = Path(tmp) / f"batches_{max_batch}.txt"
+            if args.server == "litserve":
+                proc, host, port = start_litserve(
+                    checkpoint,
+                    max_batch=max_batch,
+                    max_wait_ms=args.max_wait_ms,
+                    threads=args.threads,
+                    python=args.litserve_python,
+                    batch_log=batch_log,
+                )
+                batches = log_batches(batch_log)
+            else:
+                proc, host, port = start_server(
+                    checkpoint, max_batch=max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads
+                )
+                batches = None
             try:
                 for clients in counts:
                     row = asyncio.run(
@@ -167,19 +262,26 @@ def main() -> None:
                             clients=clients,
                             seconds=args.seconds,
                             max_requests=args.max_requests,
+                            ctype=ctype,
+                            batches=batches,
                         )
                     )
-                    rows.append({"max_batch": max_batch, **row})
+                    rows.append({"server": args.server, "body": args.body, "max_batch": max_batch, **row})
                     print(json.dumps(rows[-1]), file=sys.stderr)
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=60)
+                if args.server == "litserve":
+                    with contextlib.suppress(ProcessLookupError):  # workers that outlive the main process
+                        os.killpg(proc.pid, signal.SIGKILL)
         if args.offline:
             model = _model_name(args, checkpoint)
             offline_columns(rows, model, threads=args.threads, wait_ms=args.max_wait_ms)
     result = {
         "command": command,
         "checkpoint": args.checkpoint or f"{args.model} (random weights)",
+        "server": args.server,
+        "body": args.body,
         "max_wait_ms": args.max_wait_ms,
         "threads": args.threads,
         "cpu": _cpu(),
@@ -188,7 +290,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{result['checkpoint']}, --max-wait-ms {args.max_wait_ms:g}, {result['cpu']}")
+    print(
+        f"{result['checkpoint']}, server {args.server}, body {args.body}, "
+        f"--max-wait-ms {args.max_wait_ms:g}, {result['cpu']}"
+    )
     extra = " offline img/s | served / offline | p99 bound ms |" if args.offline else ""
     head = "| --max-batch | clients | requests/s | p50 ms | p95 ms | p99 ms | mean batch | requests | errors"
     head += " |"
