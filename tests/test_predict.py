@@ -146,12 +146,12 @@ def test_exif_orientation_is_applied(rgb_model, tmp_path):
     assert not np.allclose(rotated, full_probs(model, tmp_path / "sideways.png"), atol=1e-6)
 
 
-def test_folders_are_walked_and_other_files_reported(grey_model_dir, tmp_path, capsys):
+def test_folders_are_walked_and_unreadable_images_reported(grey_model_dir, tmp_path, capsys):
     root = tmp_path / "imgs"
     (root / "sub").mkdir(parents=True)
     Image.fromarray(noise((28, 28), seed=1)).save(root / "b.png")
     Image.fromarray(noise((64, 48, 3), seed=2)).save(root / "sub" / "a.jpg")
-    (root / "notes.txt").write_text("not an image")
+    (root / "notes.txt").write_text("not an image")  # not an image by its name: left out, not reported
     (root / "sub" / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     (root / ".DS_Store").write_bytes(b"\0\0")
     extra = tmp_path / "c.bmp"
@@ -165,15 +165,25 @@ def test_folders_are_walked_and_other_files_reported(grey_model_dir, tmp_path, c
     result = json.loads(out.out)
     paths = [p["path"] for p in result["predictions"]]
     assert paths == [str(root / "b.png"), str(root / "sub" / "a.jpg"), str(extra)]
-    assert sorted(s["path"] for s in result["skipped"]) == [
-        str(root / "notes.txt"),
-        str(root / "sub/truncated.png"),
-    ]
-    assert "skipped" in out.err and "notes.txt" in out.err
+    assert [s["path"] for s in result["skipped"]] == [str(root / "sub/truncated.png")]
+    assert "skipped" in out.err and "truncated.png" in out.err and "notes.txt" not in out.err
     for p in result["predictions"]:
         assert [t["label"] for t in p["top"]] == [CLASSES[t["index"]] for t in p["top"]]
         probs = [t["prob"] for t in p["top"]]
         assert len(probs) == 3 and probs == sorted(probs, reverse=True)
+
+
+def test_a_folder_leaves_out_files_that_are_not_images_by_name(grey_model, tmp_path):
+    """docs/examples holds a README.md next to its images: predicting the folder neither reports nor
+    skips it, while an image extension in any case (``.PNG``) is taken."""
+    (tmp_path / "README.md").write_text("# Example images\n")
+    (tmp_path / "labels.json").write_text("{}")
+    Image.fromarray(noise((28, 28), seed=1)).save(tmp_path / "a.png")
+    Image.fromarray(noise((28, 28), seed=2)).save(tmp_path / "B.PNG")
+    notes: list[str] = []
+    report = predict_images(grey_model, [tmp_path], topk=1, warn=notes.append)
+    assert [p.path for p in report.predictions] == [str(tmp_path / "B.PNG"), str(tmp_path / "a.png")]
+    assert report.skipped == [] and not any("README" in n for n in notes)
 
 
 def test_batching_does_not_change_results(grey_model, tmp_path):
@@ -222,8 +232,12 @@ def test_explicit_non_image_and_missing_paths_raise(grey_model, tmp_path):
     with pytest.raises(InputError, match="no such file"):
         predict_images(model, [tmp_path / "missing.png"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="no files"):
+    with pytest.raises(InputError, match="no image files"):
         predict_images(model, [tmp_path / "empty"])
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "README.md").write_text("no images here")
+    with pytest.raises(InputError, match="no image files"):
+        predict_images(model, [tmp_path / "docs"])
 
 
 def test_bad_input_exits_2_with_one_line(grey_model_dir, tmp_path, capsys):

@@ -423,7 +423,9 @@ def _add_convert(sub) -> None:
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="top-k classes of image files and folders")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (walked)")
+    p.add_argument(
+        "images", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders (walked for image files)"
+    )
     p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     _dtype_arg(p)

@@ -2,18 +2,21 @@
 
 Images are opened with :func:`~tntvision.data.open_image` (EXIF orientation applied) and preprocessed with
 :func:`~tntvision.data.eval_transform` from the model's own metadata (channels, size, crop, mean/std), so
-any mode or size Pillow reads works. Folders are walked; a file in a folder that is not an image is
-reported and skipped, while a file named explicitly must be an image.
+any mode or size Pillow reads works. Folders are walked for files with an image extension (one Pillow
+registers: .png, .jpg, .tiff, ...; others, such as a README, are left out); a file found there that cannot
+be read is reported and skipped, while a file named explicitly must be an image.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
 from ..data import eval_transform, open_image
@@ -24,6 +27,7 @@ __all__ = [
     "PredictReport",
     "class_labels",
     "find_images",
+    "image_extensions",
     "predict_images",
     "prepare_model",
     "top_k",
@@ -49,7 +53,7 @@ class Prediction:
 
 @dataclass
 class PredictReport:
-    """Predictions in input order, plus the folder entries that were not images (path, reason)."""
+    """Predictions in input order, plus the image files in folders that could not be read (path, reason)."""
 
     predictions: list[Prediction] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -61,11 +65,30 @@ class PredictReport:
         }
 
 
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """The file name extensions Pillow registers for its formats, lower case with the dot (``.png``)."""
+    return frozenset(Image.registered_extensions())
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """The files under ``folder`` with an image extension, sorted; hidden files and folders left out."""
+    return [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+        and p.suffix.lower() in image_extensions()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
+
+
 def find_images(inputs: Sequence[str | Path]) -> list[tuple[Path, bool]]:
     """Expand files and folders into ``(file, named_explicitly)`` pairs, in a stable order.
 
-    Folders are walked recursively in sorted order; hidden files and folders (``.DS_Store``, ``.git``)
-    are left out. Raises :class:`InputError` for a path that does not exist or a folder with no files.
+    Folders are walked recursively in sorted order for files with an image extension (see
+    :func:`image_extensions`); other files and hidden files and folders (``.DS_Store``, ``.git``) are left
+    out. A file named explicitly is taken whatever its name. Raises :class:`InputError` for a path that
+    does not exist or a folder with no image files.
     """
     if not inputs:
         raise InputError("no images given")
@@ -75,13 +98,9 @@ def find_images(inputs: Sequence[str | Path]) -> list[tuple[Path, bool]]:
         if path.is_file():
             files.append((path, True))
         elif path.is_dir():
-            found = [
-                p
-                for p in sorted(path.rglob("*"))
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            ]
+            found = _folder_images(path)
             if not found:
-                raise InputError(f"{path}: folder holds no files")
+                raise InputError(f"{path}: folder holds no image files")
             files.extend((p, False) for p in found)
         else:
             raise InputError(f"{path}: no such file or folder")
@@ -127,7 +146,7 @@ def top_k(logits: torch.Tensor, labels: Sequence[str], k: int, paths: Sequence[s
 def _batches(
     files: list[tuple[Path, bool]], transform: Callable, batch_size: int, report: PredictReport
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """Yield (paths, images (b, C, H, W)) batches, recording folder entries that are not images."""
+    """Yield (paths, images (b, C, H, W)) batches, recording files from folders that cannot be read."""
     paths: list[str] = []
     tensors: list[torch.Tensor] = []
     for path, explicit in files:
