@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -50,18 +49,15 @@ from tntvision.tools.bench import _time_interleaved
 from tntvision.tools.info import count_macs, forward_macs
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts' shared helpers
+from speed import cpu_name, has_amx  # noqa: E402
+
 COMMAND = "python benchmarks/token_merging.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                amx = " (AMX)" if "amx_tile" in Path("/proc/cpuinfo").read_text() else " (no AMX)"
-                return line.split(":", 1)[1].strip() + amx
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    """The CPU's model name and whether it has AMX (``benchmarks/speed.py``'s helpers)."""
+    return cpu_name() + (" (AMX)" if has_amx() else " (no AMX)")
 
 
 class MergedViT(nn.Module):

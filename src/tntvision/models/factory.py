@@ -14,7 +14,7 @@ from .features import FeatureExtractor, check_feature_options
 from .registry import get_model_entry, resolve_config
 from .weights import load_pretrained
 
-__all__ = ["create_model"]
+__all__ = ["apply_token_merging", "create_model"]
 
 
 def create_model(
@@ -65,10 +65,18 @@ def create_model(
     model.meta = entry.meta.resolved(in_chans=cfg.in_chans, img_size=cfg.img_size)
     if pretrained is not None:
         load_pretrained(model, pretrained)
-    if merge_tokens:
-        if not hasattr(model, "set_token_merging"):
-            raise ConfigError(f"{name} does not support token merging (merge_tokens); TNT models do")
-        model.set_token_merging(merge_tokens)
+    apply_token_merging(model, merge_tokens)
     if features_only:
         model = FeatureExtractor(model, out_indices=out_indices, output_fmt=output_fmt)
+    return model
+
+
+def apply_token_merging(model: nn.Module, merge_tokens: int | Sequence[int]) -> nn.Module:
+    """``model.set_token_merging(merge_tokens)`` (TNT models), a :class:`ConfigError` for a model without
+    it when merging is asked for (PyramidTNT); ``0`` leaves any model as it is. Returns ``model``."""
+    if merge_tokens:
+        if not hasattr(model, "set_token_merging"):
+            name = getattr(model, "model_name", None) or type(model).__name__
+            raise ConfigError(f"{name} does not support token merging (--merge-tokens); TNT models do")
+        model.set_token_merging(merge_tokens)
     return model

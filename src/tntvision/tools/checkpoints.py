@@ -17,8 +17,9 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..models import load_model
+from ..models.factory import apply_token_merging
 from ..models.weights import is_exported_file, refuse_exported
 from .exported import load_exported, resolve_runtime
 
@@ -50,14 +51,3 @@ def load_checkpoint(
             )
         return load_exported(path, runtime=runtime)
     return apply_token_merging(load_model(path), merge_tokens)
-
-
-def apply_token_merging(model: nn.Module, merge_tokens: int | Sequence[int]) -> nn.Module:
-    """``model.set_token_merging(merge_tokens)`` (TNT models), a :class:`ConfigError` for a model without
-    it when merging is asked for; ``0`` leaves any model as it is."""
-    if merge_tokens:
-        if not hasattr(model, "set_token_merging"):
-            name = getattr(model, "model_name", None) or type(model).__name__
-            raise ConfigError(f"{name} does not support token merging (--merge-tokens); TNT models do")
-        model.set_token_merging(merge_tokens)
-    return model
