@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import tntvision
-from tntvision.cli import main
+from tntvision.cli import build_parser, main, subcommand_parsers
 
 from .data_helpers import make_image_folder
 
@@ -191,9 +191,41 @@ def test_a_permission_error_says_so_and_stays_the_cause(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     assert "permission denied" in err and "cause: PermissionError" in err
-    assert main(["--verbose", *argv]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" in err and "PermissionError: [Errno 13] Permission denied" in err
+    for verbose in (["--verbose", *argv], [*argv, "--verbose"]):  # before or after the sub-command
+        assert main(verbose) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "PermissionError: [Errno 13] Permission denied" in err, verbose
+
+
+# The fewest arguments each sub-command parses with.
+MINIMAL_ARGV = {
+    "models": [],
+    "info": [MINI],
+    "convert": ["w.pth", "--out", "o"],
+    "predict": ["--checkpoint", "c", "x.png"],
+    "visualize": ["--model", MINI, "x.png", "--out", "o"],
+    "eval": ["--checkpoint", "c", "--data", "d"],
+    "train": ["--out", "o"],
+    "bench": ["--model", MINI],
+    "serve": ["--checkpoint", "c"],
+    "export": ["--checkpoint", "c", "--format", "onnx", "--out", "o.onnx"],
+    "kernels": ["info"],
+}
+
+
+def test_every_subcommand_has_its_minimal_argv():
+    assert set(MINIMAL_ARGV) == set(subcommand_parsers(build_parser()))
+
+
+@pytest.mark.parametrize("command", sorted(MINIMAL_ARGV))
+def test_verbose_goes_before_or_after_every_subcommand(command):
+    """`tnt COMMAND ... --verbose` sets the flag `tnt --verbose COMMAND ...` sets, and the sub-command's
+    parser does not reset the flag given before it."""
+    argv = [command, *MINIMAL_ARGV[command]]
+    parser = build_parser()
+    assert parser.parse_args(argv).verbose is False
+    assert parser.parse_args([*argv, "--verbose"]).verbose is True
+    assert parser.parse_args(["--verbose", *argv]).verbose is True
 
 
 @pytest.mark.parametrize(

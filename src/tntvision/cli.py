@@ -2,9 +2,9 @@
 
 Contract (docs/cli.md): every sub-command takes --help; with --json, stdout carries exactly one JSON object
 (under torchrun, rank 0's only); logs and progress go to stderr; a user error (bad argument, missing or
-unwritable file, bad data, a full disk) exits 2 with a one-line message on stderr (`tnt --verbose ...` adds
-the chain of causes); an interrupted run exits 130; anything else, e.g. an OSError about a path the user did
-not name, is the project's bug: exit 1 with a traceback.
+unwritable file, bad data, a full disk) exits 2 with a one-line message on stderr (`--verbose`, before or
+after the sub-command, adds the chain of causes); an interrupted run exits 130; anything else, e.g. an
+OSError about a path the user did not name, is the project's bug: exit 1 with a traceback.
 """
 
 from __future__ import annotations
@@ -389,6 +389,17 @@ def _merge_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _verbose_flag(p: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
+    """--verbose, on ``tnt`` itself (default False) and on every sub-command (default SUPPRESS: a
+    sub-command's parser leaves alone what ``tnt --verbose`` already set)."""
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="on an error, print the whole chain of causes (a traceback) after the one-line message",
+    )
+
+
 def _runtime_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default=None, help=RUNTIME_HELP)
 
@@ -640,15 +651,19 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"tntvision {__version__}")
-    parser.add_argument(
-        "--verbose",
-        action="store_true",
-        help="on an error, print the whole chain of causes (a traceback) after the one-line message",
-    )
+    _verbose_flag(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(sub)
+    for command in subcommand_parsers(parser).values():  # `tnt predict ... --verbose`, `tnt --verbose ...`
+        _verbose_flag(command)
     return parser
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The sub-command parsers of ``parser`` (as :func:`build_parser` makes it), by command name."""
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(commands.choices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
