@@ -1,5 +1,6 @@
 """The figures the README states are the library's, to the digit written: every row of its model table
-(parameters to the unit, MACs to the decimals shown, at the input size named), and its two commands."""
+(parameters to the unit, MACs to the decimals shown, at the input size named), its two commands, and the
+command lists of README and docs/cli.md (every sub-command, only real options)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 import pytest
 
 import tntvision
+from tntvision.cli import build_parser, subcommand_parsers
 from tntvision.tools.info import count_macs, count_params
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+CLI_DOC = README.parent / "docs" / "cli.md"
 # | `name` | structure | 23,768,584 | 5.217 G |  or  ... | 0.586 G @ 192 |  or an empty MACs cell
 ROW = re.compile(
     r"^\| `(?P<name>[a-z0-9_]+)` \|[^|]*\| (?P<params>[\d,]+) \| *(?P<macs>[\d.]+ G(?: @ \d+)?)? *\|$"
@@ -54,3 +57,35 @@ def test_the_readme_starts_with_the_two_commands():
     makefile = (README.parent / "Makefile").read_text()
     for target in ("demo", "test"):
         assert re.search(rf"^{target}:", makefile, flags=re.M)
+
+
+def command_list(path: Path, heading: str) -> dict[str, set[str]]:
+    """The first code block after ``heading`` in ``path``, as sub-command -> the options its lines name
+    (a line starting with ``tnt NAME``, and the indented lines that continue it)."""
+    text = path.read_text()
+    block = re.search(r"```\n(.*?)```", text[text.index(heading) :], flags=re.S)[1]
+    commands: dict[str, set[str]] = {}
+    name = None
+    for line in block.splitlines():
+        if line.startswith("tnt "):
+            name = line.split()[1]
+        assert name is not None, line
+        commands.setdefault(name, set()).update(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line))
+    return commands
+
+
+LISTS = {"README": (README, "## Command line"), "docs/cli.md": (CLI_DOC, "# The `tnt` command")}
+
+
+@pytest.mark.parametrize("where", sorted(LISTS))
+def test_the_command_lists_name_every_subcommand_and_real_options(where):
+    parsers = subcommand_parsers(build_parser())
+    listed = command_list(*LISTS[where])
+    assert set(listed) == set(parsers)  # a new sub-command needs its line
+    for name, options in listed.items():
+        real = {o for action in parsers[name]._actions for o in action.option_strings}
+        assert options <= real, (name, options - real)
+
+
+def test_the_readme_lists_the_options_docs_cli_lists():
+    assert command_list(*LISTS["README"]) == command_list(*LISTS["docs/cli.md"])
