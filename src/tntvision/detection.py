@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -201,72 +201,119 @@ def tnt_fpn_backbone(
             an unknown norm, ``extra_blocks`` that is not an ``ExtraFPNBlock``).
         UnknownModelError: an unknown model name.
     """
-    if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels <= 0:
-        raise ConfigError(f"out_channels must be a positive int, got {out_channels!r}")
+    _check_out_channels(out_channels)
     neck_factory = _norm_factory(neck_norm, what="neck_norm")
     fpn_factory = _norm_factory(fpn_norm, what="fpn_norm")
+    extra_blocks = _extra_fpn_block(extra_blocks)
+    out_indices = _block_indices(out_indices)
+    body, model, isotropic = _feature_body(name, pretrained, out_indices, model_overrides)
+    if isotropic:
+        levels = _isotropic_levels(body, name=name, out_indices=out_indices, norm=neck_factory)
+    else:
+        levels = _hierarchical_levels(body, name=name)
+    if trainable_blocks is not None:
+        _freeze_all_but_last_blocks(model, trainable_blocks, name=name)
+    return TNTFPNBackbone(
+        body,
+        out_channels=out_channels,
+        neck=levels.neck,
+        scales=levels.scales,
+        size_divisible=levels.size_divisible,
+        extra_blocks=extra_blocks,
+        fpn_norm=fpn_factory,
+    )
+
+
+def _check_out_channels(out_channels: int) -> None:
+    if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels <= 0:
+        raise ConfigError(f"out_channels must be a positive int, got {out_channels!r}")
+
+
+def _extra_fpn_block(extra_blocks: ExtraFPNBlock | None) -> ExtraFPNBlock:
+    """``extra_blocks`` as given, checked; ``LastLevelMaxPool()`` for None."""
     if extra_blocks is None:
-        extra_blocks = LastLevelMaxPool()
-    elif not isinstance(extra_blocks, ExtraFPNBlock):
+        return LastLevelMaxPool()
+    if not isinstance(extra_blocks, ExtraFPNBlock):
         raise ConfigError(
             f"extra_blocks must be a torchvision ExtraFPNBlock (e.g. LastLevelMaxPool()), got "
             f"{type(extra_blocks).__name__}"
         )
-    if out_indices is not None:
-        if isinstance(out_indices, int) or not all(isinstance(i, int) for i in out_indices):
-            raise ConfigError(f"out_indices must be a sequence of block indices, got {out_indices!r}")
-        out_indices = tuple(out_indices)
+    return extra_blocks
 
+
+def _block_indices(out_indices: Sequence[int] | None) -> tuple[int, ...] | None:
+    """``out_indices`` as a tuple of ints (None stays None)."""
+    if out_indices is None:
+        return None
+    if isinstance(out_indices, int) or not all(isinstance(i, int) for i in out_indices):
+        raise ConfigError(f"out_indices must be a sequence of block indices, got {out_indices!r}")
+    return tuple(out_indices)
+
+
+def _feature_body(
+    name: str, pretrained: str | None, out_indices: tuple[int, ...] | None, model_overrides: dict[str, Any]
+) -> tuple[nn.Module, nn.Module, bool]:
+    """The ``features_only`` wrapper, its model (classifier dropped) and whether the model is isotropic.
+
+    An isotropic model given no ``out_indices`` takes four evenly spaced blocks (create_model's default
+    is the last four)."""
     body = create_model(name, pretrained, features_only=True, out_indices=out_indices, **model_overrides)
     model = getattr(body, "model", body)
     if hasattr(model, "reset_classifier"):
         model.reset_classifier(0)  # the classifier is never run: drop its weights
     all_info = getattr(model, "feature_info", None) or body.feature_info
     isotropic = len({info["reduction"] for info in all_info}) == 1
+    if isotropic and out_indices is None:
+        body = FeatureExtractor(model, out_indices=evenly_spaced_blocks(len(all_info)))
+    return body, model, isotropic
 
-    if isotropic:
-        if out_indices is None:
-            # create_model's default is the last four blocks; the recipe wants four evenly spaced ones
-            body = FeatureExtractor(model, out_indices=evenly_spaced_blocks(len(all_info)))
-        if len(body.feature_info) != 4:
-            raise ConfigError(
-                f"{name} is isotropic: the neck needs exactly 4 distinct blocks, got out_indices "
-                f"{list(getattr(body, 'out_indices', out_indices or ()))}"
-            )
-        r = int(body.feature_info[0]["reduction"])
-        k0 = math.floor(math.log2(r / _TARGET_STRIDES[0]) + 0.5)  # log2 of the finest level's scale
-        steps = [k0 - i for i in range(4)]  # > 0: upscale by 2**steps, < 0: downscale, 0: identity
-        channels = [int(info["num_chs"]) for info in body.feature_info]
-        neck = nn.ModuleList(
-            _upsampler(c, s, neck_factory)
-            if s >= 0
-            else nn.MaxPool2d(kernel_size=2**-s, stride=2**-s, ceil_mode=True)
-            for c, s in zip(channels, steps, strict=True)
+
+class _Levels(NamedTuple):
+    """How the body's maps become the FPN's input levels (the arguments of :class:`TNTFPNBackbone`)."""
+
+    neck: nn.ModuleList | None
+    scales: list[tuple[int, int]]  # each level's stride as (num, den)
+    size_divisible: int
+
+
+def _isotropic_levels(
+    body: nn.Module,
+    *,
+    name: str,
+    out_indices: tuple[int, ...] | None,
+    norm: Callable[[int], nn.Module] | None,
+) -> _Levels:
+    """The simple feature pyramid: four maps at the patch stride ``r`` rescaled to strides 4, 8, 16, 32."""
+    if len(body.feature_info) != 4:
+        raise ConfigError(
+            f"{name} is isotropic: the neck needs exactly 4 distinct blocks, got out_indices "
+            f"{list(getattr(body, 'out_indices', out_indices or ()))}"
         )
-        scales = [(r, 2**s) if s >= 0 else (r * 2**-s, 1) for s in steps]  # stride = num / den
-        divisible = _model_size_divisible(body) or r
-    else:
-        reductions = [int(info["reduction"]) for info in body.feature_info]
-        if any(b <= a for a, b in zip(reductions, reductions[1:], strict=False)):
-            raise ConfigError(
-                f"{name}: the feature maps' reductions {reductions} neither stay equal (isotropic) nor "
-                "increase (hierarchical)"
-            )
-        neck = None
-        scales = [(red, 1) for red in reductions]
-        divisible = _model_size_divisible(body) or max(reductions)
+    r = int(body.feature_info[0]["reduction"])
+    k0 = math.floor(math.log2(r / _TARGET_STRIDES[0]) + 0.5)  # log2 of the finest level's scale
+    steps = [k0 - i for i in range(4)]  # > 0: upscale by 2**steps, < 0: downscale, 0: identity
+    channels = [int(info["num_chs"]) for info in body.feature_info]
+    neck = nn.ModuleList(_neck_layer(c, s, norm) for c, s in zip(channels, steps, strict=True))
+    scales = [(r, 2**s) if s >= 0 else (r * 2**-s, 1) for s in steps]  # stride = num / den
+    return _Levels(neck, scales, _model_size_divisible(body) or r)
 
-    if trainable_blocks is not None:
-        _freeze_all_but_last_blocks(model, trainable_blocks, name=name)
-    return TNTFPNBackbone(
-        body,
-        out_channels=out_channels,
-        neck=neck,
-        scales=scales,
-        size_divisible=divisible,
-        extra_blocks=extra_blocks,
-        fpn_norm=fpn_factory,
-    )
+
+def _neck_layer(channels: int, steps: int, norm: Callable[[int], nn.Module] | None) -> nn.Module:
+    """Scale a map by ``2**steps``: transposed convs up, a max pool down, the identity for 0."""
+    if steps >= 0:
+        return _upsampler(channels, steps, norm)
+    return nn.MaxPool2d(kernel_size=2**-steps, stride=2**-steps, ceil_mode=True)
+
+
+def _hierarchical_levels(body: nn.Module, *, name: str) -> _Levels:
+    """A hierarchical model's maps go into the FPN as they are, at their own (increasing) strides."""
+    reductions = [int(info["reduction"]) for info in body.feature_info]
+    if any(b <= a for a, b in zip(reductions, reductions[1:], strict=False)):
+        raise ConfigError(
+            f"{name}: the feature maps' reductions {reductions} neither stay equal (isotropic) nor "
+            "increase (hierarchical)"
+        )
+    return _Levels(None, [(red, 1) for red in reductions], _model_size_divisible(body) or max(reductions))
 
 
 def _freeze_all_but_last_blocks(model: nn.Module, trainable: int, *, name: str) -> None:
