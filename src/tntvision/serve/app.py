@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import Any
 
@@ -127,7 +127,7 @@ async def _one_image(request: Request) -> bytes:
     )
 
 
-async def _preprocess(engine: Engine, data: bytes):
+async def _preprocess(engine: Engine, data: bytes) -> torch.Tensor:
     try:
         return await run_in_threadpool(engine.preprocess, data)
     except ImageTooLargeError as e:
@@ -164,7 +164,20 @@ def create_app(engine: Engine, *, max_upload_mb: float = 10.0, topk: int = 5) ->
     ``?topk``."""
     metrics = ServeMetrics(engine.config.max_batch, engine.queue_depth, ENDPOINTS)
     engine.on_batch = metrics.observe_batch
-    page = resources.files("tntvision.serve").joinpath("page.html").read_text(encoding="utf-8")
+    app = FastAPI(
+        title="tntvision", lifespan=_lifespan(engine), docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.add_middleware(BodyLimit, max_bytes=int(max_upload_mb * 2**20))
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it also sees BodyLimit's 413s
+    for kind, handler in _ERROR_HANDLERS:
+        app.add_exception_handler(kind, handler)
+    _add_info_routes(app, engine, metrics)
+    _add_inference_routes(app, engine, topk)
+    return app
+
+
+def _lifespan(engine: Engine) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """Start ``engine`` when the app starts, stop it (in a worker thread) after the last request."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -174,26 +187,43 @@ def create_app(engine: Engine, *, max_upload_mb: float = 10.0, topk: int = 5) ->
         finally:
             await run_in_threadpool(engine.stop)
 
-    app = FastAPI(title="tntvision", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, max_bytes=int(max_upload_mb * 2**20))
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it also sees BodyLimit's 413s
+    return lifespan
 
-    @app.exception_handler(ServeError)
-    async def refused(_request: Request, e: ServeError) -> JSONResponse:
-        return _error(e.status, e.message)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, e: HTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail))
+# ---------------------------------------------------------------------------------- error responses
 
-    @app.exception_handler(Unavailable)
-    async def unavailable(_request: Request, e: Unavailable) -> JSONResponse:
-        return _error(503, str(e))
 
-    @app.exception_handler(Exception)
-    async def bug(_request: Request, e: Exception) -> JSONResponse:
-        log_stderr(f"tnt serve: internal error: {type(e).__name__}: {e}")
-        return _error(500, f"internal error ({type(e).__name__})")
+async def _refused(_request: Request, e: ServeError) -> JSONResponse:
+    return _error(e.status, e.message)
+
+
+async def _http_error(_request: Request, e: HTTPException) -> JSONResponse:
+    return _error(e.status_code, str(e.detail))
+
+
+async def _unavailable(_request: Request, e: Unavailable) -> JSONResponse:
+    return _error(503, str(e))
+
+
+async def _bug(_request: Request, e: Exception) -> JSONResponse:
+    log_stderr(f"tnt serve: internal error: {type(e).__name__}: {e}")
+    return _error(500, f"internal error ({type(e).__name__})")
+
+
+_ERROR_HANDLERS: tuple[tuple[type[Exception], Callable[..., Awaitable[JSONResponse]]], ...] = (
+    (ServeError, _refused),
+    (HTTPException, _http_error),
+    (Unavailable, _unavailable),
+    (Exception, _bug),
+)
+
+
+# ------------------------------------------------------------------------------------------- routes
+
+
+def _add_info_routes(app: FastAPI, engine: Engine, metrics: ServeMetrics) -> None:
+    """GET / (the page), /health, /metadata and /metrics."""
+    page = resources.files("tntvision.serve").joinpath("page.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
@@ -201,11 +231,7 @@ def create_app(engine: Engine, *, max_upload_mb: float = 10.0, topk: int = 5) ->
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if engine.ready.is_set():
-            return JSONResponse({"status": "ok", "model": engine.model_name})
-        if engine.failure is not None:
-            return JSONResponse({"status": "failed", "error": str(engine.failure)}, status_code=503)
-        return JSONResponse({"status": "warming up"}, status_code=503)
+        return _health(engine)
 
     @app.get("/metadata")
     async def metadata() -> dict:
@@ -215,51 +241,80 @@ def create_app(engine: Engine, *, max_upload_mb: float = 10.0, topk: int = 5) ->
     async def scrape() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+
+def _health(engine: Engine) -> JSONResponse:
+    """200 once the model has warmed up; 503 while it warms up or after its warm-up failed."""
+    if engine.ready.is_set():
+        return JSONResponse({"status": "ok", "model": engine.model_name})
+    if engine.failure is not None:
+        return JSONResponse({"status": "failed", "error": str(engine.failure)}, status_code=503)
+    return JSONResponse({"status": "warming up"}, status_code=503)
+
+
+def _add_inference_routes(app: FastAPI, engine: Engine, topk: int) -> None:
+    """POST /predict, /predict/batch and /explain; ``topk`` is the default ``?topk``."""
+
     @app.post("/predict")
     async def predict(request: Request) -> dict:
-        started = time.perf_counter()
-        k = _topk(request, topk)
-        image = await _preprocess(engine, await _one_image(request))
-        logits = await engine.infer(image)
-        (prediction,) = engine.predictions(logits[None], k, ["upload"])
-        return {
-            "model": engine.model_name,
-            "top": prediction.to_dict()["top"],
-            "latency_ms": 1000 * (time.perf_counter() - started),
-        }
+        return await _predict(engine, request, topk)
 
     @app.post("/predict/batch")
     async def predict_batch(request: Request) -> dict:
-        started = time.perf_counter()
-        k = _topk(request, topk)
-        uploads = await _form_files(request, max_files=MAX_BATCH_FILES)
-        names = [u.filename or f"file {i}" for i, u in enumerate(uploads)]
-        images = []
-        for name, upload in zip(names, uploads, strict=True):
-            try:
-                images.append(await _preprocess(engine, await upload.read()))
-            except ServeError as e:
-                raise ServeError(e.status, f"{name}: {e.message}") from None
-        rows = await asyncio.gather(*(engine.infer(x) for x in images))  # all in the coming batches
-        predictions = engine.predictions(torch.stack(rows), k, names)
-        return {
-            "model": engine.model_name,
-            "predictions": [{"filename": p.path, "top": p.to_dict()["top"]} for p in predictions],
-            "latency_ms": 1000 * (time.perf_counter() - started),
-        }
+        return await _predict_batch(engine, request, topk)
 
     @app.post("/explain")
     async def explain(request: Request) -> dict:
-        started = time.perf_counter()
-        k = _topk(request, topk)
-        if not engine.can_explain:
-            raise ServeError(
-                501, f"{engine.model_name} ({engine.runtime}) has no class-token attention to draw"
-            )
-        if not engine.ready.is_set():
-            raise Unavailable("the model is warming up")
-        image = await _preprocess(engine, await _one_image(request))
-        result = await run_in_threadpool(engine.explain, image, k)
-        return {"model": engine.model_name, **result, "latency_ms": 1000 * (time.perf_counter() - started)}
+        return await _explain(engine, request, topk)
 
-    return app
+
+def _since_ms(started: float) -> float:
+    return 1000 * (time.perf_counter() - started)
+
+
+async def _predict(engine: Engine, request: Request, default_topk: int) -> dict:
+    """The top-k classes of the request's one image."""
+    started = time.perf_counter()
+    k = _topk(request, default_topk)
+    image = await _preprocess(engine, await _one_image(request))
+    logits = await engine.infer(image)
+    (prediction,) = engine.predictions(logits[None], k, ["upload"])
+    return {"model": engine.model_name, "top": prediction.to_dict()["top"], "latency_ms": _since_ms(started)}
+
+
+async def _predict_batch(engine: Engine, request: Request, default_topk: int) -> dict:
+    """The top-k classes of every ``file`` field of the request's form, named by their file names."""
+    started = time.perf_counter()
+    k = _topk(request, default_topk)
+    uploads = await _form_files(request, max_files=MAX_BATCH_FILES)
+    names = [u.filename or f"file {i}" for i, u in enumerate(uploads)]
+    images = [
+        await _preprocess_upload(engine, name, upload) for name, upload in zip(names, uploads, strict=True)
+    ]
+    rows = await asyncio.gather(*(engine.infer(x) for x in images))  # all in the coming batches
+    predictions = engine.predictions(torch.stack(rows), k, names)
+    return {
+        "model": engine.model_name,
+        "predictions": [{"filename": p.path, "top": p.to_dict()["top"]} for p in predictions],
+        "latency_ms": _since_ms(started),
+    }
+
+
+async def _preprocess_upload(engine: Engine, name: str, upload: UploadFile) -> torch.Tensor:
+    """One file of a batch, preprocessed; a refusal names the file."""
+    try:
+        return await _preprocess(engine, await upload.read())
+    except ServeError as e:
+        raise ServeError(e.status, f"{name}: {e.message}") from None
+
+
+async def _explain(engine: Engine, request: Request, default_topk: int) -> dict:
+    """The top-k classes of the request's one image and the class token's attention over it."""
+    started = time.perf_counter()
+    k = _topk(request, default_topk)
+    if not engine.can_explain:
+        raise ServeError(501, f"{engine.model_name} ({engine.runtime}) has no class-token attention to draw")
+    if not engine.ready.is_set():
+        raise Unavailable("the model is warming up")
+    image = await _preprocess(engine, await _one_image(request))
+    result = await run_in_threadpool(engine.explain, image, k)
+    return {"model": engine.model_name, **result, "latency_ms": _since_ms(started)}
