@@ -98,8 +98,10 @@ def test_fused_matches_reference_fp32(name, mode):
 
 @pytest.mark.parametrize("name", ["tnt_s_patch16_224", "tnt_mini_patch4_28"])
 def test_fused_matches_reference_bf16_autocast(name):
-    """Under autocast the fused op computes in fp32 where the reference rounds to bf16: its logits agree
-    within bf16 tolerance, and its gradients are at least as close to the fp32 ones as the reference's."""
+    """Under autocast the reference path rounds every GEMM's operands to bf16; the fused op keeps its
+    LayerNorms, softmax and GELU in fp32 and its GEMMs in bf16 only where the CPU has AMX (fp32 elsewhere),
+    and its backward in fp32: its logits agree within bf16 tolerance, and its gradients are at least as
+    close to the fp32 ones as the reference's."""
     model = _model(name, drop_path_rate=0.2).train()
     x = torch.randn(2, model.in_chans, *(2 * [small_input_size(name)]))
     with _count_fused_calls() as calls:
@@ -368,8 +370,64 @@ def _with_norm_hook(block):
     block.norm_in.register_forward_hook(lambda mod, args, out: out * 0.5)
 
 
+class Halved(torch.nn.Module):
+    """Stands where the block's DropPath was: halves every residual branch (not what the op computes)."""
+
+    def forward(self, x):
+        return 0.5 * x
+
+
+def _with_identity_activation(block):  # a plain module of an allowed type, in the wrong slot
+    block.mlp_in.act = torch.nn.Identity()
+
+
+def _with_dropout_as_activation(block):
+    block.mlp_in.act = torch.nn.Dropout(0.0)
+
+
+def _with_linear_as_activation(block):
+    hidden = block.mlp_in.fc1.out_features
+    block.mlp_in.act = torch.nn.Linear(hidden, hidden)
+
+
+def _with_norm_as_dropout(block):
+    block.attn_in.proj_drop = torch.nn.LayerNorm(block.attn_in.proj.out_features)
+
+
+def _with_norm_without_affine(block):
+    block.norm_in = torch.nn.LayerNorm(block.norm_in.normalized_shape, elementwise_affine=False)
+
+
+def _with_other_drop_path(block):
+    block.drop_path = Halved()
+
+
 CHANGES = [_with_hook, _with_pre_hook, _with_adapter, _with_parametrization, _with_weight_norm]
-CHANGES += [_with_other_activation, _with_norm_hook]
+CHANGES += [_with_other_activation, _with_norm_hook, _with_identity_activation, _with_dropout_as_activation]
+CHANGES += [
+    _with_linear_as_activation,
+    _with_norm_as_dropout,
+    _with_norm_without_affine,
+    _with_other_drop_path,
+]
+
+
+def _inner_by_calling_the_modules(block, words):
+    """The inner transformer written out with a call of each of the block's modules (so the hooks, adapters
+    and whatever stands in each slot run), the attention from the qk / v outputs in plain torch: an oracle
+    that shares no code with either path. Eval mode (no dropout)."""
+    attn, mlp = block.attn_in, block.mlp_in
+    S, m, c = words.shape
+    heads, hd = attn.num_heads, attn.head_dim
+    h = block.norm_in(words)
+    q, k = attn.qk(h).chunk(2, dim=-1)
+    v = attn.v(h)
+    q, k, v = (t.reshape(S, m, heads, hd).transpose(1, 2) for t in (q, k, v))  # (S, heads, m, hd)
+    att = torch.softmax(q @ k.transpose(-1, -2) * hd**-0.5, dim=-1) @ v  # (S, heads, m, hd)
+    y = attn.proj_drop(attn.proj(att.transpose(1, 2).reshape(S, m, c)))  # (S, m, c)
+    words = words + block.drop_path(y)
+    z = mlp.drop(mlp.fc2(mlp.drop(mlp.act(mlp.fc1(block.norm_mlp_in(words))))))
+    return words + block.drop_path(z)
 
 
 @pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__.removeprefix("_with_"))
@@ -393,6 +451,112 @@ def test_the_fused_path_never_bypasses_what_is_on_the_inner_modules(change, trai
     assert (out - plain).abs().max() > 1e-3  # the change is in the numbers
 
 
+@pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__.removeprefix("_with_"))
+def test_the_inner_transformer_computes_what_its_modules_compute(change):
+    """Block 0's inner transformer, changed, on both paths, with and without autograd (the reference
+    path's shortcuts differ between the two), equals the oracle that calls each module."""
+    model = _model("tnt_mini_patch4_28").eval()
+    block = model.blocks[0]
+    change(block)
+    words = torch.randn(6, 4, 8)
+    with torch.no_grad():
+        want = _inner_by_calling_the_modules(block, words)
+    for fused in (True, False):
+        with kernels.fused_kernels(fused):
+            torch.testing.assert_close(block.inner(words), want, rtol=0, atol=1e-5)
+            with torch.no_grad():
+                torch.testing.assert_close(block.inner(words), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["backward", "backward_pre", "global_backward"])
+def test_backward_hooks_fire_and_count_on_both_paths(kind):
+    """A backward hook on an inner Linear (Grad-CAM, Captum, gradient inspection) fires on both paths,
+    the hooked block runs its modules (the fused op never bypasses it), and what the hook returns is in
+    the gradients, the same on both paths; a global backward hook keeps every block off the fused op."""
+    model = _model("tnt_mini_patch4_28").train()
+    x = torch.randn(2, 1, 28, 28)
+    _, plain_gx, _ = _run(model, x, fused=False)
+    fc1 = model.blocks[1].mlp_in.fc1
+    fired = []
+
+    def scale_grad_input(module, grad_input, grad_output):
+        fired.append(module)
+        return tuple(None if g is None else 2.0 * g for g in grad_input)
+
+    def scale_grad_output(module, grad_output):
+        fired.append(module)
+        return tuple(None if g is None else 3.0 * g for g in grad_output)
+
+    if kind == "backward":
+        handle = fc1.register_full_backward_hook(scale_grad_input)
+    elif kind == "backward_pre":
+        handle = fc1.register_full_backward_pre_hook(scale_grad_output)
+    else:
+        register = torch.nn.modules.module.register_module_full_backward_hook
+        handle = register(lambda module, grad_input, grad_output: fired.append(module))
+    try:
+        results = {}
+        for fused in (True, False):
+            fired.clear()
+            with _count_fused_calls() as calls:
+                results[fused] = _run(model, x, fused=fused)
+            assert fired.count(fc1) == 1, f"fused={fused}: the hook on fc1 fired {fired.count(fc1)} times"
+            blocks = sum(b.has_inner for b in model.blocks)
+            assert len(calls) == (0 if not fused or kind == "global_backward" else blocks - 1)
+    finally:
+        handle.remove()
+    out, gx, grads = results[True]
+    ref, ref_gx, ref_grads = results[False]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gx, ref_gx, rtol=0, atol=1e-5 * ref_gx.abs().max().item())
+    _assert_grads_close(grads, ref_grads, rel=1e-5)
+    if kind != "global_backward":  # what the hook returned changed the gradients
+        assert (gx - plain_gx).abs().max() > 1e-3 * plain_gx.abs().max()
+
+
+# Constructor options that change what the op receives, each through the whole model, fused vs reference.
+OPTIONS = {
+    "qkv_bias": ("tnt_mini_patch4_28", dict(qkv_bias=True), "train"),
+    "qkv_bias_tnt_s": ("tnt_s_patch16_224", dict(qkv_bias=True), "eval"),
+    "se": ("tnt_s_se_patch16_224", dict(qkv_bias=True), "train"),
+    "inner_blocks": ("tnt_s_patch16_224", dict(inner_blocks=(0, 5, 11)), "train"),
+    "drop_path": ("tnt_mini_patch4_28", dict(drop_path_rate=0.3, qkv_bias=True), "train"),
+    "legacy_drop_path": ("tnt_s_legacy_patch16_224", dict(drop_path_rate=0.2), "train"),
+    "merging": ("tnt_s_patch16_224", dict(merge_tokens=2, img_size=64), "train"),
+    "merging_mini": ("tnt_mini_patch4_28", dict(merge_tokens=4, qkv_bias=True), "eval"),
+}
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_every_option_that_reaches_the_op_matches_the_reference(option):
+    name, overrides, mode = OPTIONS[option]
+    merge = overrides.pop("merge_tokens", 0) if "merge_tokens" in overrides else 0
+    overrides = dict(overrides)
+    size = overrides.pop("img_size", small_input_size(name))
+    model = tntvision.create_model(name, img_size=size, **overrides)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # away from the init: zero qkv biases or unit LayerNorms would hide a dropped one
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.set_token_merging(merge)
+    model.train(mode == "train")
+    x = torch.randn(3, model.in_chans, size, size)
+    with _count_fused_calls() as calls:
+        out, gx, grads = _run(model, x, fused=True)
+    assert len(calls) == sum(b.has_inner for b in model.blocks)
+    ref, ref_gx, ref_grads = _run(model, x, fused=False)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gx, ref_gx, rtol=0, atol=1e-5 * ref_gx.abs().max().item())
+    _assert_grads_close(grads, ref_grads, rel=1e-5)
+    if overrides.get("qkv_bias"):  # the biases reach the op: zeroing them changes the numbers
+        with torch.no_grad():
+            for b in model.blocks:
+                if b.has_inner:
+                    b.attn_in.qk.bias.zero_()
+                    b.attn_in.v.bias.zero_()
+        assert (_run(model, x, fused=True)[0] - out).abs().max() > 1e-4
+
+
 def test_plain_module_is_exact():
     assert kernels.plain_module(torch.nn.GELU())
     assert not kernels.plain_module(torch.nn.GELU(approximate="tanh"))  # the op computes the erf GELU
@@ -401,12 +565,42 @@ def test_plain_module_is_exact():
         pass
 
     assert not kernels.plain_module(MyLinear(2, 2))  # a subclass may compute something else
-    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
-    try:
-        assert not kernels.plain_module(torch.nn.Linear(2, 2))  # a global hook must see every call
-    finally:
-        handle.remove()
+    register = torch.nn.modules.module
+    for add_global in (
+        register.register_module_forward_hook,
+        register.register_module_forward_pre_hook,
+        register.register_module_full_backward_hook,
+        register.register_module_full_backward_pre_hook,
+    ):
+        handle = add_global(lambda *a: None)
+        try:  # a global hook must see every call
+            assert not kernels.plain_module(torch.nn.Linear(2, 2))
+            assert not kernels.exactly(torch.nn.Linear(2, 2), torch.nn.Linear)
+        finally:
+            handle.remove()
     assert kernels.plain_module(torch.nn.Linear(2, 2))
+    for add in ("register_full_backward_hook", "register_full_backward_pre_hook", "register_backward_hook"):
+        lin = torch.nn.Linear(2, 2)
+        getattr(lin, add)(lambda *a: None)
+        assert not kernels.plain_module(lin) and not kernels.exactly(lin, torch.nn.Linear), add
+
+
+def test_exactly_checks_each_slot():
+    mlp = tntvision.models.layers.Mlp(8, hidden_dim=16)
+    assert kernels.exactly(mlp, tntvision.models.layers.Mlp, mlp.SLOTS)
+    for slot, other in [
+        ("act", torch.nn.Identity()),
+        ("fc1", torch.nn.GELU()),
+        ("drop", torch.nn.Linear(8, 8)),
+    ]:
+        changed = copy.deepcopy(mlp)
+        setattr(changed, slot, other)  # each an allowed type somewhere, in the wrong slot here
+        assert not kernels.exactly(changed, tntvision.models.layers.Mlp, mlp.SLOTS), slot
+    extra = copy.deepcopy(mlp)
+    extra.adapter = torch.nn.Linear(8, 8)  # a child the shortcut would not call
+    assert not kernels.exactly(extra, tntvision.models.layers.Mlp, mlp.SLOTS)
+    assert not kernels.exactly(torch.nn.LayerNorm(4, bias=False), torch.nn.LayerNorm)
+    assert not kernels.exactly(torch.nn.GELU(approximate="tanh"), torch.nn.GELU)
 
 
 def test_a_forward_hook_sees_every_call_on_both_paths():

@@ -43,6 +43,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -127,12 +128,24 @@ struct Scratch {
   float* weights(int sentence, int head, const Dims& d) { return P.data() + (sentence * d.heads + head) * d.m * d.mp; }
 };
 
-// Gradient accumulators of one chunk of tiles, fp32, padded like the packed weights.
+// Which gradients a backward call computes (autograd's needs_input_grad, grouped by module): the input's,
+// and each module's parameters together (weight and bias). What is not needed is not computed: a frozen
+// backbone under a saliency map skips every weight-gradient GEMM.
+struct Needs {
+  bool x, ln1, qkv, proj, ln2, fc1, fc2;
+  explicit Needs(std::array<bool, 7> m) : x(m[0]), ln1(m[1]), qkv(m[2]), proj(m[3]), ln2(m[4]), fc1(m[5]), fc2(m[6]) {}
+  bool below_ln2() const { return x || ln1 || qkv || proj; }  // anything the MLP branch's input gradient feeds
+  bool below_attention() const { return x || ln1 || qkv; }     // ... and the attention's
+};
+
+// Gradient accumulators of one chunk of tiles, fp32, padded like the packed weights; `need` says which the
+// backward fills (the others stay zero and are not returned).
 struct Grads {
+  Needs need;
   std::vector<float> ln1w, ln1b, ln2w, ln2b, wqkv, bqkv, wp, bp, w1, b1, w2, b2;
-  explicit Grads(const Dims& d)
-      : ln1w(d.cp), ln1b(d.cp), ln2w(d.cp), ln2b(d.cp), wqkv(3 * d.c * d.cp), bqkv(d.c3p), wp(d.c * d.cp),
-        bp(d.cp), w1(d.H * d.cp), b1(d.Hp), w2(d.c * d.Hp), b2(d.cp) {}
+  Grads(const Dims& d, Needs n)
+      : need(n), ln1w(d.cp), ln1b(d.cp), ln2w(d.cp), ln2b(d.cp), wqkv(3 * d.c * d.cp), bqkv(d.c3p),
+        wp(d.c * d.cp), bp(d.cp), w1(d.H * d.cp), b1(d.Hp), w2(d.c * d.Hp), b2(d.cp) {}
   void add(const Grads& o) {
     for (auto [a, b] : {std::pair{&ln1w, &o.ln1w}, {&ln1b, &o.ln1b}, {&ln2w, &o.ln2w}, {&ln2b, &o.ln2b},
                         {&wqkv, &o.wqkv}, {&bqkv, &o.bqkv}, {&wp, &o.wp}, {&bp, &o.bp}, {&w1, &o.w1},
@@ -637,9 +650,11 @@ std::vector<at::Tensor> inner_transformer_backward_cpu(
     const c10::optional<at::Tensor>& v_b, const at::Tensor& proj_w, const at::Tensor& proj_b,
     const at::Tensor& ln2_w, const at::Tensor& ln2_b, const at::Tensor& fc1_w, const at::Tensor& fc1_b,
     const at::Tensor& fc2_w, const at::Tensor& fc2_b, const c10::optional<at::Tensor>& keep1,
-    const c10::optional<at::Tensor>& keep2, int64_t num_heads, double eps, bool low_precision) {
+    const c10::optional<at::Tensor>& keep2, int64_t num_heads, double eps, bool low_precision,
+    std::array<bool, 7> output_mask) {
   const Call call = prepare_call(x_in, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w,
                                  fc1_b, fc2_w, fc2_b, keep1, keep2, num_heads, eps, low_precision, true);
+  const Needs need(output_mask);
   const Dims& d = call.p.d;
   const at::Tensor& x = call.x;
   TORCH_CHECK(grad_in.sizes() == x.sizes(), "inner_transformer_backward: grad has shape ", grad_in.sizes(),
@@ -652,7 +667,7 @@ std::vector<at::Tensor> inner_transformer_backward_cpu(
   // Tiles in a fixed number of chunks, each with its own gradient accumulators: indexed by chunk, never
   // by an OpenMP thread id, and summed in chunk order, so the result does not depend on the scheduling.
   const int64_t nchunks = std::min<int64_t>(call.ntiles, std::max(1, at::get_num_threads()));
-  std::vector<Grads> grads(nchunks, Grads(d));
+  std::vector<Grads> grads(nchunks, Grads(d, need));
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     const int R = call.p.tile * d.m;
     Scratch s = call.scratch();
@@ -669,34 +684,36 @@ std::vector<at::Tensor> inner_transformer_backward_cpu(
         load_tile(grad, s0, rows, d, dy.data());
         call.kern->backward(s, rows, d, call.w, kk1, kk2, dy.data(), dz.data(), dg.data(), dx.data(), dqkv.data(),
                             grads[ch]);
-        store_tile(dx.data(), s0, rows, d, gx);
+        if (need.x) store_tile(dx.data(), s0, rows, d, gx);
       }
     }
     call.release();
   });
-  Grads tot(d);
+  Grads tot(d, need);
   for (const Grads& g : grads) tot.add(g);
   const int c = d.c;
   at::Tensor gwqkv = at::from_blob(tot.wqkv.data(), {3 * c, d.cp}, at::TensorOptions().dtype(at::kFloat));
   at::Tensor gbqkv = at::from_blob(tot.bqkv.data(), {d.c3p}, at::TensorOptions().dtype(at::kFloat));
   const bool qkv_bias = qk_b.has_value() && qk_b->defined();
+  // a gradient that was not asked for (or a bias that is absent) comes back as an empty fp32 tensor
   at::Tensor empty = at::empty({0}, x.options().dtype(at::kFloat));
+  auto either = [&](bool needed, auto make) { return needed ? at::Tensor(make()) : empty; };
   return {
-      gx,
-      unpack(tot.ln1w, 1, c, d.cp, ln1_w),
-      unpack(tot.ln1b, 1, c, d.cp, ln1_b),
-      gwqkv.narrow(0, 0, 2 * c).narrow(1, 0, c).to(qk_w.scalar_type()).clone(),
-      qkv_bias ? gbqkv.narrow(0, 0, 2 * c).to(qk_b->scalar_type()).clone() : empty,
-      gwqkv.narrow(0, 2 * c, c).narrow(1, 0, c).to(v_w.scalar_type()).clone(),
-      qkv_bias ? gbqkv.narrow(0, 2 * c, c).to(v_b->scalar_type()).clone() : empty,
-      unpack(tot.wp, c, c, d.cp, proj_w),
-      unpack(tot.bp, 1, c, d.cp, proj_b),
-      unpack(tot.ln2w, 1, c, d.cp, ln2_w),
-      unpack(tot.ln2b, 1, c, d.cp, ln2_b),
-      unpack(tot.w1, d.H, c, d.cp, fc1_w),
-      unpack(tot.b1, 1, d.H, d.Hp, fc1_b),
-      unpack(tot.w2, c, d.H, d.Hp, fc2_w),
-      unpack(tot.b2, 1, c, d.cp, fc2_b),
+      need.x ? gx : empty,
+      either(need.ln1, [&] { return unpack(tot.ln1w, 1, c, d.cp, ln1_w); }),
+      either(need.ln1, [&] { return unpack(tot.ln1b, 1, c, d.cp, ln1_b); }),
+      either(need.qkv, [&] { return gwqkv.narrow(0, 0, 2 * c).narrow(1, 0, c).to(qk_w.scalar_type()).clone(); }),
+      either(need.qkv && qkv_bias, [&] { return gbqkv.narrow(0, 0, 2 * c).to(qk_b->scalar_type()).clone(); }),
+      either(need.qkv, [&] { return gwqkv.narrow(0, 2 * c, c).narrow(1, 0, c).to(v_w.scalar_type()).clone(); }),
+      either(need.qkv && qkv_bias, [&] { return gbqkv.narrow(0, 2 * c, c).to(v_b->scalar_type()).clone(); }),
+      either(need.proj, [&] { return unpack(tot.wp, c, c, d.cp, proj_w); }),
+      either(need.proj, [&] { return unpack(tot.bp, 1, c, d.cp, proj_b); }),
+      either(need.ln2, [&] { return unpack(tot.ln2w, 1, c, d.cp, ln2_w); }),
+      either(need.ln2, [&] { return unpack(tot.ln2b, 1, c, d.cp, ln2_b); }),
+      either(need.fc1, [&] { return unpack(tot.w1, d.H, c, d.cp, fc1_w); }),
+      either(need.fc1, [&] { return unpack(tot.b1, 1, d.H, d.Hp, fc1_b); }),
+      either(need.fc2, [&] { return unpack(tot.w2, c, d.H, d.Hp, fc2_w); }),
+      either(need.fc2, [&] { return unpack(tot.b2, 1, c, d.cp, fc2_b); }),
   };
 }
 
@@ -712,7 +729,7 @@ TORCH_LIBRARY(tntvision, m) {
       "inner_transformer_backward(Tensor grad, Tensor x, Tensor ln1_w, Tensor ln1_b, Tensor qk_w, Tensor? qk_b, "
       "Tensor v_w, Tensor? v_b, Tensor proj_w, Tensor proj_b, Tensor ln2_w, Tensor ln2_b, Tensor fc1_w, "
       "Tensor fc1_b, Tensor fc2_w, Tensor fc2_b, Tensor? keep1, Tensor? keep2, int num_heads, float eps, "
-      "bool low_precision=False) -> Tensor[]");
+      "bool low_precision=False, bool[7] output_mask=[True, True, True, True, True, True, True]) -> Tensor[]");
   // [instruction set running, how low-precision GEMMs run, instruction sets this CPU can run]
   m.def("kernel_dispatch() -> str[]", &kernel_dispatch);
   m.def("set_kernel_dispatch(str isa, str bf16) -> ()", &set_kernel_dispatch);

@@ -220,7 +220,8 @@ void layer_norm(const float* x, int rows, const Dims& d, const float* w, const f
   }
 }
 
-// dx (+)= LayerNorm backward of dy (whose padding is zero); accumulates the weight and bias gradients.
+// dx (+)= LayerNorm backward of dy (whose padding is zero); accumulates the weight and bias gradients into
+// gw and gb unless gw is null (not asked for).
 void layer_norm_backward(const float* dy, const float* x, int rows, const Dims& d, const float* w,
                          const float* mean, const float* rstd, float* dx, float* gw, float* gb) {
   const int cp = d.cp;
@@ -233,8 +234,10 @@ void layer_norm_backward(const float* dy, const float* x, int rows, const Dims& 
     vf s1{}, s2{};
     for (int j = 0; j < cp; j += kW) {
       vf xhat = (vld(xr + j) - mu) * rs, g = vld(dyr + j) * vld(w + j);
-      vst(gw + j, vld(gw + j) + vld(dyr + j) * xhat);
-      vst(gb + j, vld(gb + j) + vld(dyr + j));
+      if (gw) {  // the LayerNorm's own gradients, when asked for
+        vst(gw + j, vld(gw + j) + vld(dyr + j) * xhat);
+        vst(gb + j, vld(gb + j) + vld(dyr + j));
+      }
       s1 += g;
       s2 += g * xhat;
     }
@@ -444,9 +447,13 @@ void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const 
                    float* dy, float* dz, float* dg, float* dx, float* dqkv, Grads& gr) {
   const int cp = d.cp, c3p = d.c3p, Hp = d.Hp, m = d.m, mp = d.mp;
   PROF_START();
+  const Needs& need = gr.need;
   scale_rows(dz, dy, keep2, rows, d);  // MLP branch: dz = keep2 * dx2
-  gemm(d.c, Hp, rows, dz, 1, cp, s.g.data(), Hp, gr.w2.data(), Hp, true);  // dW2 += dz^T g
-  col_sum(dz, rows, cp, gr.b2.data());
+  if (need.fc2) {
+    gemm(d.c, Hp, rows, dz, 1, cp, s.g.data(), Hp, gr.w2.data(), Hp, true);  // dW2 += dz^T g
+    col_sum(dz, rows, cp, gr.b2.data());
+  }
+  if (!need.fc1 && !need.ln2 && !need.below_ln2()) return;
   gemm(rows, Hp, d.c, dz, cp, 1, w.w2.data_ptr<float>(), Hp, dg, Hp, false);  // dg = dz W2
   const float* h = s.h.data();
   const float* cdf = s.cdf.data();
@@ -455,16 +462,22 @@ void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const 
     vf pdf = kInvSqrt2Pi * vexp(-0.5f * a * a);
     vst(dg + i, vld(dg + i) * (vld(cdf + i) + a * pdf));
   }
-  gemm(d.H, cp, rows, dg, 1, Hp, s.xn2.data(), cp, gr.w1.data(), cp, true);  // dW1 += dh^T xn2
-  col_sum(dg, rows, Hp, gr.b1.data());
+  if (need.fc1) {
+    gemm(d.H, cp, rows, dg, 1, Hp, s.xn2.data(), cp, gr.w1.data(), cp, true);  // dW1 += dh^T xn2
+    col_sum(dg, rows, Hp, gr.b1.data());
+  }
+  if (!need.ln2 && !need.below_ln2()) return;
   gemm(rows, cp, d.H, dg, Hp, 1, w.w1.data_ptr<float>(), cp, dz, cp, false);  // dxn2 = dh W1 (into dz)
   PROF(8);
   layer_norm_backward(dz, s.x1.data(), rows, d, w.ln2w.data_ptr<float>(), s.mean2.data(), s.rstd2.data(), dy,
-                      gr.ln2w.data(), gr.ln2b.data());  // dy now holds dx1
+                      need.ln2 ? gr.ln2w.data() : nullptr, gr.ln2b.data());  // dy now holds dx1
   PROF(9);
   scale_rows(dz, dy, keep1, rows, d);  // attention branch: dz = keep1 * dx1
-  gemm(d.c, cp, rows, dz, 1, cp, s.o.data(), cp, gr.wp.data(), cp, true);  // dWp += dy^T o
-  col_sum(dz, rows, cp, gr.bp.data());
+  if (need.proj) {
+    gemm(d.c, cp, rows, dz, 1, cp, s.o.data(), cp, gr.wp.data(), cp, true);  // dWp += dy^T o
+    col_sum(dz, rows, cp, gr.bp.data());
+  }
+  if (!need.below_attention()) return;
   float* dO = dg;  // reuse: (rows, cp) gradient of the attention output
   gemm(rows, cp, d.c, dz, cp, 1, w.wp.data_ptr<float>(), cp, dO, cp, false);
   PROF(10);
@@ -513,13 +526,16 @@ void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const 
         }
     }
   PROF(11);
-  gemm(3 * d.c, cp, rows, dqkv, 1, c3p, s.xn1.data(), cp, gr.wqkv.data(), cp, true);  // dWqkv += dqkv^T xn1
-  col_sum(dqkv, rows, c3p, gr.bqkv.data());
+  if (need.qkv) {
+    gemm(3 * d.c, cp, rows, dqkv, 1, c3p, s.xn1.data(), cp, gr.wqkv.data(), cp, true);  // dWqkv += dqkv^T xn1
+    col_sum(dqkv, rows, c3p, gr.bqkv.data());
+  }
+  if (!need.x && !need.ln1) return;
   gemm(rows, cp, 3 * d.c, dqkv, c3p, 1, w.wqkv.data_ptr<float>(), cp, dz, cp, false);  // dxn1
   PROF(12);
   std::memcpy(dx, dy, sizeof(float) * rows * cp);  // residual: dx = dx1 + LN1 backward
   layer_norm_backward(dz, s.x.data(), rows, d, w.ln1w.data_ptr<float>(), s.mean1.data(), s.rstd1.data(), dx,
-                      gr.ln1w.data(), gr.ln1b.data());
+                      need.ln1 ? gr.ln1w.data() : nullptr, gr.ln1b.data());
   PROF(13);
 }
 

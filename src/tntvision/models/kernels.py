@@ -54,9 +54,11 @@ from ..errors import ConfigError
 
 __all__ = [
     "build",
+    "exactly",
     "fused_available",
     "fused_kernels",
     "fused_kernels_enabled",
+    "global_hooks",
     "inner_transformer",
     "kernel_dispatch",
     "plain_module",
@@ -71,7 +73,20 @@ _LOCK = threading.Lock()
 _STATE: dict[str, object] = {"loaded": None, "error": None}  # loaded: None (not tried), True, False
 # On/off: a process default (TNTVISION_FUSED, set_fused_kernels) and, over it, what a `fused_kernels` block
 # says in the current thread or asyncio task (a context variable: another thread keeps its own setting).
-_DEFAULT = [os.environ.get("TNTVISION_FUSED", "1") not in ("0", "false", "no", "off")]
+# The default is None until set_fused_kernels is called: the environment decides, read at each use.
+_DEFAULT: list[bool | None] = [None]
+
+
+def _fused_from_environment() -> tuple[bool | None, str]:
+    """(on?, value) of ``TNTVISION_FUSED``, on when unset; None for a value that is neither
+    1/true/yes/on nor 0/false/no/off."""
+    flags = dict.fromkeys(("1", "true", "yes", "on"), True)
+    flags |= dict.fromkeys(("0", "false", "no", "off"), False)
+    value = os.environ.get("TNTVISION_FUSED", "1")
+    return flags.get(value.strip().lower()), value
+
+
+_ENVIRONMENT = _fused_from_environment()  # read once, at import
 _OVERRIDE: contextvars.ContextVar[bool | None] = contextvars.ContextVar("tntvision_fused", default=None)
 ISAS = ("auto", "avx512", "avx512-w8", "avx2", "baseline", "avx2-w16")
 BF16_MODES = ("auto", "fp32", "brgemm")
@@ -149,10 +164,11 @@ def _load() -> bool:
             )
         loaded = bool(_STATE["loaded"])
     if loaded and not _STATE.get("dispatch_set"):
-        _STATE["dispatch_set"] = True
+        # marked as applied only once it was: a bad setting fails every call the same way, not just the first
         isa = os.environ.get("TNTVISION_KERNEL_ISA", "auto")
         bf16 = os.environ.get("TNTVISION_KERNEL_BF16", "auto")
         set_kernel_dispatch(isa=isa, bf16=bf16, what="TNTVISION_KERNEL_ISA / TNTVISION_KERNEL_BF16")
+        _STATE["dispatch_set"] = True
     return loaded
 
 
@@ -213,7 +229,13 @@ def fused_kernels_enabled() -> bool:
     """Whether the fused path is on here: the innermost `fused_kernels` block of this thread (or asyncio
     task), else the process default."""
     override = _OVERRIDE.get()
-    return _DEFAULT[0] if override is None else override
+    if override is not None:
+        return override
+    if _DEFAULT[0] is not None:
+        return _DEFAULT[0]
+    if _ENVIRONMENT[0] is None:  # a bad TNTVISION_FUSED: every call that needs it fails the same way
+        raise ConfigError(f"TNTVISION_FUSED={_ENVIRONMENT[1]!r}: use 1/true/yes/on or 0/false/no/off")
+    return _ENVIRONMENT[0]
 
 
 def set_fused_kernels(enabled: bool) -> None:
@@ -260,34 +282,101 @@ def _loaded_for_trace() -> bool:
 
 # Exactly what the fused op computes; a subclass may override forward, so types must match exactly.
 PLAIN_MODULES = (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.GELU, torch.nn.Dropout, torch.nn.Identity)
+DROPOUT = (torch.nn.Dropout, torch.nn.Identity)  # a dropout slot: either computes x in eval
 
 
-def plain_module(module: torch.nn.Module, *, allowed: tuple[type, ...] = PLAIN_MODULES) -> bool:
-    """True when ``module`` and every submodule are of exactly an ``allowed`` type, with no forward hooks
-    or pre-hooks (their own or global), no parametrization (``torch.nn.utils.parametrize``, weight norm)
-    and plain tensors as parameters. A fused op that reads their weights instead of calling them would
-    silently skip a hook, a LoRA adapter or a quantized module; anything else runs the modules."""
+def global_hooks() -> bool:
+    """Whether a global module hook is registered (``torch.nn.modules.module.register_module_*_hook``):
+    forward, forward pre-, backward or backward pre-hooks, which must see every module call."""
     from torch.nn.modules import module as nn_module
+
+    return bool(
+        nn_module._global_forward_hooks
+        or nn_module._global_forward_pre_hooks
+        or nn_module._global_backward_hooks
+        or nn_module._global_backward_pre_hooks
+    )
+
+
+def _hooked(mod: torch.nn.Module) -> bool:
+    """A hook of the module's own: forward, forward pre-, backward (full or not) or backward pre-hook."""
+    forward = mod._forward_hooks or mod._forward_pre_hooks
+    return bool(forward or mod._backward_hooks or mod._backward_pre_hooks)
+
+
+def _computes_its_type(mod: torch.nn.Module) -> bool:
+    """No hook, no parametrization, plain parameters, and the variant of its type the shortcuts compute:
+    an affine LayerNorm with a bias, the exact (erf) GELU."""
     from torch.nn.utils import parametrize
 
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+    if _hooked(mod) or parametrize.is_parametrized(mod):
         return False
-    tracing = torch.compiler.is_compiling()
-    for mod in module.modules():
-        if type(mod) not in allowed or parametrize.is_parametrized(mod):
+    if isinstance(mod, torch.nn.GELU) and mod.approximate != "none":
+        return False
+    if isinstance(mod, torch.nn.LayerNorm) and (mod.weight is None or mod.bias is None):
+        return False
+    # a tensor-subclass weight (e.g. quantized) is not what the op reads; a trace holds fake tensors instead
+    return torch.compiler.is_compiling() or all(
+        type(p) is torch.nn.Parameter for p in mod._parameters.values() if p is not None
+    )
+
+
+def exactly(
+    module: torch.nn.Module | None,
+    kind: type | tuple[type, ...],
+    slots: dict[str, type | tuple[type, ...]] | None = None,
+) -> bool:
+    """True when ``module`` is exactly of type ``kind`` (a subclass may compute something else) and holds,
+    child by child, exactly the modules ``slots`` names (name -> the type(s) a shortcut computes for that
+    slot; no child at all when None), each like ``module`` free of hooks (their own or global: forward,
+    backward and their pre-hooks), parametrizations (``torch.nn.utils.parametrize``, weight norm) and
+    tensor-subclass parameters.
+
+    A fused op or a shortcut that reads weights instead of calling the modules may run only then:
+    anything else (an ``nn.Identity`` where the GELU was, a LoRA adapter, a quantized Linear, a hook that
+    inspects gradients) runs the user's modules."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if module is None or type(module) not in kinds or global_hooks() or not _computes_its_type(module):
+        return False
+    slots = slots or {}
+    if set(module._modules) != set(slots):
+        return False
+    for name, child in module._modules.items():
+        child_kinds = slots[name] if isinstance(slots[name], tuple) else (slots[name],)
+        if child is None or type(child) not in child_kinds or child._modules:
             return False
-        if mod._forward_hooks or mod._forward_pre_hooks:
+        if not _computes_its_type(child):
             return False
-        if isinstance(mod, torch.nn.GELU) and mod.approximate != "none":
-            return False
-        if not tracing and any(
-            type(p) is not torch.nn.Parameter for p in mod._parameters.values() if p is not None
-        ):
-            return False  # a tensor-subclass weight (e.g. quantized); a trace holds fake tensors instead
     return True
 
 
+def plain_module(module: torch.nn.Module, *, allowed: tuple[type, ...] = PLAIN_MODULES) -> bool:
+    """True when ``module`` and every submodule are of exactly an ``allowed`` type and, like
+    :func:`exactly` requires, free of hooks of any kind, parametrizations and tensor-subclass parameters.
+    Checks types, not slots: to check what each slot holds, use :func:`exactly`."""
+    if global_hooks():
+        return False
+    return all(type(mod) in allowed and _computes_its_type(mod) for mod in module.modules())
+
+
 # ------------------------------------------------------------------------------- op registration
+
+
+# The op's inputs (after x) that are tensors, in order, and which group of the backward's ``output_mask``
+# each gradient belongs to: x, then each module's parameters together.
+_PARAMS = ("ln1_w", "ln1_b", "qk_w", "qk_b", "v_w", "v_b", "proj_w", "proj_b")
+_PARAMS += ("ln2_w", "ln2_b", "fc1_w", "fc1_b", "fc2_w", "fc2_b")
+_GROUPS = (("x",), ("ln1_w", "ln1_b"), ("qk_w", "qk_b", "v_w", "v_b"), ("proj_w", "proj_b"))
+_GROUPS += (("ln2_w", "ln2_b"), ("fc1_w", "fc1_b"), ("fc2_w", "fc2_b"))
+_ALL = (True,) * len(_GROUPS)  # every gradient
+_TENSORS = 1 + len(_PARAMS) + 2  # x, the parameters, keep1, keep2; then num_heads, eps, low_precision
+
+
+def output_mask(needs_input_grad: tuple[bool, ...]) -> list[bool]:
+    """The backward op's ``output_mask`` from autograd's ``needs_input_grad`` over the op's inputs: a group
+    (the input, or one module's weight and bias) is computed when any of its tensors needs a gradient."""
+    needs = dict(zip(("x", *_PARAMS), needs_input_grad, strict=False))
+    return [any(needs[name] for name in group) for group in _GROUPS]
 
 
 def _register_python_kernels() -> None:
@@ -295,29 +384,39 @@ def _register_python_kernels() -> None:
 
     @torch.library.register_fake("tntvision::inner_transformer")
     def _fake_forward(x, *args):
-        return torch.empty_like(x)
+        return x.new_empty(x.shape)  # contiguous, as the op's output (whatever x's strides)
 
     @torch.library.register_fake("tntvision::inner_transformer_backward")
-    def _fake_backward(grad, x, *rest):
-        out = [torch.empty_like(x)]
-        for p in rest[:14]:  # the parameters; then keep1, keep2, num_heads, eps, low_precision
-            out.append(x.new_empty((0,), dtype=torch.float32) if p is None else torch.empty_like(p))
-        return out
+    def _fake_backward(
+        grad, x, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b,
+        keep1, keep2, num_heads, eps, low_precision=False, output_mask=_ALL,
+    ):  # fmt: skip
+        tensors = (x, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b)
+        tensors += (ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b)
+        asked = {name: output_mask[i] for i, group in enumerate(_GROUPS) for name in group}
+        # contiguous gradients in each input's dtype; what is not asked for, or absent (a bias), comes
+        # back as an empty fp32 tensor, as from the real op
+        return [
+            t.new_empty(t.shape) if t is not None and asked[name] else x.new_empty((0,), dtype=torch.float32)
+            for name, t in zip(("x", *_PARAMS), tensors, strict=True)
+        ]
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*(t for t in inputs[:17] if t is not None))
-        ctx.present = [t is not None for t in inputs[:17]]
-        ctx.num_heads, ctx.eps, ctx.low_precision = inputs[17], inputs[18], inputs[19]
+        ctx.save_for_backward(*(t for t in inputs[:_TENSORS] if t is not None))
+        ctx.present = [t is not None for t in inputs[:_TENSORS]]
+        ctx.num_heads, ctx.eps, ctx.low_precision = inputs[_TENSORS : _TENSORS + 3]
 
     def backward(ctx, grad):
         saved = iter(ctx.saved_tensors)
         inputs = [next(saved) if present else None for present in ctx.present]
+        mask = output_mask(ctx.needs_input_grad)
         grads = torch.ops.tntvision.inner_transformer_backward(
-            grad, *inputs, ctx.num_heads, ctx.eps, ctx.low_precision
+            grad, *inputs, ctx.num_heads, ctx.eps, ctx.low_precision, mask
         )
-        out = list(grads) + [None] * 5  # keep1, keep2, num_heads, eps, low_precision
-        for i, present in enumerate(ctx.present[1:15], start=1):  # optional qkv biases
-            if not present:
+        # no gradient for keep1, keep2, num_heads, eps, low_precision
+        out: list[torch.Tensor | None] = list(grads) + [None] * 5
+        for i, needed in enumerate(ctx.needs_input_grad[: 1 + len(_PARAMS)]):
+            if not needed or not ctx.present[i]:  # not asked for (came back empty), or an absent bias
                 out[i] = None
         return tuple(out)
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .kernels import PLAIN_MODULES, plain_module
+from .kernels import DROPOUT, exactly
 from .merging import proportional_attention, size_bias
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "SqueezeExcite",
     "check_images",
     "drop_path_scale",
+    "dropout_p",
     "fx_leaf",
     "init_linear_and_norm",
     "new_head",
@@ -89,6 +90,9 @@ class Attention(nn.Module):
     visualisation.
     """
 
+    # What each submodule must be for the fused op to compute the attention from its weights.
+    SLOTS = {"qk": nn.Linear, "v": nn.Linear, "proj": nn.Linear, "proj_drop": DROPOUT}
+
     def __init__(
         self,
         dim: int,
@@ -151,7 +155,7 @@ class Attention(nn.Module):
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, 3*C): one GEMM over the concatenated weights when ``qk`` and ``v`` are plain Linears;
         otherwise (an adapter, a quantized Linear, a hook) the modules themselves are called."""
-        if plain_module(self.qk) and plain_module(self.v):
+        if exactly(self.qk, nn.Linear) and exactly(self.v, nn.Linear):
             return F.linear(x, *self.qkv_weight())
         return torch.cat([self.qk(x), self.v(x)], dim=-1)
 
@@ -237,6 +241,9 @@ class Mlp(nn.Module):
     otherwise the plain module chain.
     """
 
+    # What each submodule must be for the shortcuts (and the fused op) to compute the MLP from its weights.
+    SLOTS = {"fc1": nn.Linear, "act": nn.GELU, "fc2": nn.Linear, "drop": DROPOUT}
+
     def __init__(self, dim: int, *, hidden_dim: int, drop: float = 0.0, recompute_fc1: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
@@ -246,17 +253,26 @@ class Mlp(nn.Module):
         self.recompute_fc1 = recompute_fc1
         self.lean_backward = True
 
+    def is_plain(self) -> bool:
+        """Whether this is exactly the module the shortcuts compute (fc1, the exact GELU, fc2, dropout,
+        with no hook or parametrization anywhere): then they may read its weights instead of calling it."""
+        return exactly(self, Mlp, self.SLOTS)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plain = plain_module(
-            self, allowed=(Mlp, *PLAIN_MODULES)
-        )  # else the modules are called (adapters, hooks, quantized Linears)
-        if not torch.is_grad_enabled():
-            act = torch.ops.aten.gelu_ if plain or plain_module(self.act) else self.act
-            return self.drop(self.fc2(self.drop(act(self.fc1(x)))))
-        if plain and self.lean_backward and (self.drop.p == 0.0 or not self.training):
+        if not self.is_plain():  # an adapter, a hook, another activation, a quantized Linear: call them
+            return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        if not torch.is_grad_enabled():  # nothing else sees fc1's output: activate it in place
+            return self.drop(self.fc2(self.drop(torch.ops.aten.gelu_(self.fc1(x)))))
+        if self.lean_backward and (dropout_p(self.drop) == 0.0 or not self.training):
             fc1, fc2 = self.fc1, self.fc2
             return _MlpFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.recompute_fc1)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def dropout_p(module: nn.Module) -> float:
+    """The drop probability of a dropout slot (``nn.Dropout``; 0 for the ``nn.Identity`` that may stand
+    in its place)."""
+    return module.p if isinstance(module, nn.Dropout) else 0.0
 
 
 def drop_path_scale(

@@ -33,6 +33,7 @@ from .layers import (
     SqueezeExcite,
     check_images,
     drop_path_scale,
+    dropout_p,
     fx_leaf,
     init_linear_and_norm,
     new_head,
@@ -202,23 +203,28 @@ class TNTBlock(nn.Module):
     def fused_inner_ok(self, words: torch.Tensor) -> bool:
         """Whether the inner transformer may run as the fused op (static facts only, see ``kernels``).
 
-        Only when its modules are exactly what the op computes: our ``Attention`` and ``Mlp`` of plain
-        ``nn.Linear`` / ``nn.LayerNorm`` / exact ``nn.GELU``, with no hooks or parametrizations. A LoRA
-        adapter, a quantized Linear, weight norm or a forward hook sends the block down the reference
+        Only when each slot holds exactly what the op computes: LayerNorms, our ``Attention`` and ``Mlp``
+        of plain ``nn.Linear``, the exact ``nn.GELU`` and dropout, our ``DropPath``, with no hook of any
+        kind (forward, backward, pre-hooks, global ones) and no parametrization. A LoRA adapter, a
+        quantized Linear, weight norm, another activation or a hook sends the block down the reference
         path, which calls the modules themselves.
         """
         attn, mlp = self.attn_in, self.mlp_in
-        dropout = attn.attn_drop > 0 or attn.proj_drop.p > 0 or mlp.drop.p > 0
+
+        def dropout() -> bool:  # any dropout in the inner transformer (the op has none)
+            return attn.attn_drop > 0 or dropout_p(attn.proj_drop) > 0 or dropout_p(mlp.drop) > 0
+
         return (
-            not attn.keep_attn
-            and not (self.training and dropout)
+            kernels.exactly(self.norm_in, nn.LayerNorm)
+            and kernels.exactly(self.norm_mlp_in, nn.LayerNorm)
+            and kernels.exactly(attn, Attention, Attention.SLOTS)
+            and kernels.exactly(mlp, Mlp, Mlp.SLOTS)
+            and kernels.exactly(self.drop_path, DropPath)
+            and (attn.qk.bias is None) == (attn.v.bias is None)  # the op takes both qkv biases or none
+            and None not in (attn.proj.bias, mlp.fc1.bias, mlp.fc2.bias)
+            and not attn.keep_attn
+            and not (self.training and dropout())
             and self.norm_in.eps == self.norm_mlp_in.eps
-            and type(attn) is Attention
-            and type(mlp) is Mlp
-            and kernels.plain_module(self.norm_in)
-            and kernels.plain_module(self.norm_mlp_in)
-            and kernels.plain_module(attn, allowed=(Attention, *kernels.PLAIN_MODULES))
-            and kernels.plain_module(mlp, allowed=(Mlp, *kernels.PLAIN_MODULES))
             and kernels.use_fused(words)
         )
 
