@@ -257,6 +257,41 @@ def test_compile_fullgraph_keeps_one_op_per_inner_transformer():
     _assert_grads_close({k.removeprefix("_orig_mod."): v for k, v in grads_c.items()}, grads, rel=1e-5)
 
 
+def test_compiled_training_step_runs_the_fake_backward():
+    """torch.compile's training path (AOTAutograd) traces the backward with fake tensors, so it runs the
+    op's fake backward: the backward graph holds one ``inner_transformer_backward`` per inner transformer,
+    and the compiled step's outputs and gradients are eager's."""
+    need_fused_kernel()
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    model = _model("tnt_mini_patch4_28").train()
+    x = torch.randn(2, 1, 28, 28)
+    graphs = {"forward": [], "backward": []}
+
+    def keeping(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    backend = aot_autograd(fw_compiler=keeping("forward"), bw_compiler=keeping("backward"))
+    out, gx, grads = _run(model, x, fused=True)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    out_c, gx_c, grads_c = _run(compiled, x, fused=True)
+
+    def count(kind: str, op: str) -> int:
+        nodes = [n for g in graphs[kind] for n in g.graph.nodes if n.op == "call_function"]
+        return [str(n.target) for n in nodes].count(op)
+
+    assert count("forward", "tntvision.inner_transformer.default") == len(model.blocks)
+    assert count("backward", "tntvision.inner_transformer_backward.default") == len(model.blocks)
+    torch.testing.assert_close(out_c, out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gx_c, gx, rtol=0, atol=1e-5 * gx.abs().max().item())
+    _assert_grads_close({k.removeprefix("_orig_mod."): v for k, v in grads_c.items()}, grads, rel=1e-5)
+
+
 def test_torch_export_runs_the_fused_op():
     need_fused_kernel()
     model = _model("tnt_mini_patch4_28").eval()

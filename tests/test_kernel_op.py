@@ -73,12 +73,15 @@ def op(x, p, keep1, keep2, heads, *, eps=1e-5, low_precision=False):
 
 def formula(x, p, keep1, keep2, heads, *, eps=1e-5, gemm_dtype=None):
     """The inner transformer written out with torch.nn.functional, in x's dtype. With ``gemm_dtype``,
-    each GEMM's operands are rounded to it first (what a bf16 GEMM with exact accumulation computes)."""
+    each GEMM's operands are rounded to it first (what a bf16 GEMM with exact accumulation computes), and
+    its gradients are those of the unrounded operands (what an fp32 backward of that forward computes)."""
 
     def lin(a, w, b):
-        if gemm_dtype is not None:
-            a, w = a.to(gemm_dtype).to(x.dtype), w.to(gemm_dtype).to(x.dtype)
-        return F.linear(a, w, b)
+        if gemm_dtype is None:
+            return F.linear(a, w, b)
+        exact = F.linear(a, w, b)  # the value of rounded operands, the gradient of exact ones (what a
+        rounded = F.linear(a.to(gemm_dtype).to(x.dtype), w.to(gemm_dtype).to(x.dtype), b)  # bf16 forward
+        return exact + (rounded - exact).detach()  # followed by an fp32 backward computes)
 
     p = {k: None if v is None else v.to(x.dtype) for k, v in p.items()}
     S, m, c = x.shape
@@ -271,23 +274,161 @@ def test_low_precision_in_the_default_mode_runs_what_the_cpu_is_best_at():
     assert (got - want).abs().max().item() <= tol
 
 
-def test_bf16_backward_matches_the_fp32_backward_of_the_recomputed_forward():
-    """A low-precision call's backward recomputes the forward the same way and runs fp32 GEMMs: its
-    gradients stay within bf16 rounding of the fp32 gradients."""
-    p = {k: None if v is None else v.requires_grad_(True) for k, v in params(16, 64, bias=True).items()}
+def _grads(x, p, heads, *, use_formula=False, **kw):
+    """Gradients of the op (or of the ``formula``) for a fixed output gradient, as {name: tensor}, x's
+    included."""
+    x = x.detach().clone().requires_grad_(True)
+    p = {k: None if v is None else v.detach().clone().requires_grad_(True) for k, v in p.items()}
+    y = formula(x, p, None, None, heads, **kw) if use_formula else op(x, p, None, None, heads, **kw)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(9))  # fp32 draws, then y's dtype
+    y.backward(grad.to(y.dtype))
+    return {"x": x.grad, **{k: v.grad for k, v in p.items() if v is not None}}
+
+
+def test_bf16_backward_is_the_fp32_backward_of_the_bf16_forward():
+    """A low-precision call's backward recomputes the forward with the same bf16 GEMMs and then runs
+    fp32 GEMMs: its gradients follow the float64 formula with bf16-rounded forward operands and exact
+    backward ones, not the fp32 formula's (mean errors, as in the forward test: a rounding that flips the
+    other way moves single values by 2^-8); an fp32 call follows the fp32 formula."""
+    p = params(16, 64, bias=True, seed=3)
     x = torch.randn(12, 16, 16)
-    grad = torch.randn_like(x)
-    grads = {}
-    for lp in (False, True):
-        for v in p.values():
-            if v is not None:
-                v.grad = None
-        with kernels.kernel_options(bf16="brgemm"):
-            op(x, p, None, None, 2, low_precision=lp).backward(grad)
-        grads[lp] = {k: v.grad.clone() for k, v in p.items() if v is not None}
-    for k, g in grads[False].items():
-        err = (grads[True][k] - g).abs().max().item()
-        assert err <= 0.05 * g.abs().max().item(), f"{k}: {err}"
+    p64 = {k: None if v is None else v.double() for k, v in p.items()}
+    want_bf16 = _grads(x.double(), p64, 2, use_formula=True, gemm_dtype=torch.bfloat16)
+    want_fp32 = _grads(x.double(), p64, 2, use_formula=True)
+    with kernels.kernel_options(bf16="brgemm"):
+        low = _grads(x, p, 2, low_precision=True)
+        full = _grads(x, p, 2, low_precision=False)
+    for k in want_fp32:
+        scale = want_fp32[k].abs().mean().item()
+        to_bf16 = (low[k].double() - want_bf16[k]).abs().mean().item() / scale
+        to_fp32 = (low[k].double() - want_fp32[k]).abs().mean().item() / scale
+        print(f"{k}: low-precision backward, mean error {to_bf16:.1e} (bf16 forward) vs {to_fp32:.1e} (fp32)")
+        assert to_bf16 <= 1e-5, k
+        if k != "fc2_b":  # (fc2's bias gradient sums the output gradient: the same for either forward)
+            assert to_fp32 > 1e-4, k  # the two formulas differ here: the comparison tells them apart
+        torch.testing.assert_close(
+            full[k].double(), want_fp32[k], rtol=0, atol=1e-5 * want_fp32[k].abs().max()
+        )
+
+
+@pytest.mark.parametrize("frozen", ["all", "fc1", "attention", "x"])
+def test_backward_computes_only_the_gradients_asked_for(frozen):
+    """Autograd's needs_input_grad reaches the op as ``output_mask`` (one flag for x and one per module's
+    weight and bias): what is not asked for comes back empty from the op and None from autograd, the rest
+    bit for bit what a full backward gives."""
+    p = params(24, 96, bias=True, seed=4)
+    x = torch.randn(10, 16, 24)
+    full = _grads(x, p, 4)
+    frozen_names = {
+        "all": set(p),
+        "fc1": {"fc1_w", "fc1_b"},
+        "attention": {"ln1_w", "ln1_b", "qk_w", "qk_b", "v_w", "v_b", "proj_w", "proj_b"},
+        "x": {"x"},
+    }[frozen]
+    xx = x.clone().requires_grad_("x" not in frozen_names)
+    pp = {k: v.clone().requires_grad_(k not in frozen_names) for k, v in p.items() if v is not None}
+    masks = []
+    real = kernels.output_mask
+
+    def spy(needs):
+        masks.append(real(needs))
+        return masks[-1]
+
+    kernels.output_mask = spy
+    try:
+        y = op(xx, pp | {k: None for k in p if p[k] is None}, None, None, 4)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(9)))  # as _grads
+    finally:
+        kernels.output_mask = real
+    groups = ["x", "ln1", "qkv", "proj", "ln2", "fc1", "fc2"]
+    asked = {"all": ["x"], "fc1": [g for g in groups if g != "fc1"], "x": groups[1:]}
+    asked["attention"] = ["x", "ln2", "fc1", "fc2"]
+    assert masks == [[g in asked[frozen] for g in groups]]
+    got = {"x": xx.grad, **{k: v.grad for k, v in pp.items()}}
+    for k, g in got.items():
+        if k in frozen_names:
+            assert g is None, k
+        else:
+            assert torch.equal(g, full[k]), k
+    raw = torch.ops.tntvision.inner_transformer_backward(
+        torch.ones_like(x), x, *[p[n] for n in NAMES], None, None, 4, 1e-5, False, masks[0]
+    )
+    for name, g in zip(["x", *NAMES], raw, strict=True):
+        if name in frozen_names or p.get(name, 0) is None:
+            assert g.numel() == 0, name  # not computed
+        else:
+            assert g.shape == (x if name == "x" else p[name]).shape, name
+
+
+def test_a_frozen_backbone_asks_the_op_for_the_input_gradient_only():
+    """Saliency through a frozen TNT (parameters without gradients, the image with one): each fused call's
+    backward is asked for the words' gradient alone, and the image gradient is the reference path's."""
+    import tntvision
+
+    model = tntvision.create_model("tnt_mini_patch4_28").eval().requires_grad_(False)
+    x = torch.randn(2, 1, 28, 28, requires_grad=True)
+    masks = []
+    real = kernels.output_mask
+
+    def spy(needs):
+        masks.append(real(needs))
+        return masks[-1]
+
+    kernels.output_mask = spy
+    try:
+        model(x).logsumexp(-1).sum().backward()
+    finally:
+        kernels.output_mask = real
+    assert masks == [[True] + [False] * 6] * len(model.blocks)
+    fused_grad = x.grad.clone()
+    x.grad = None
+    with kernels.fused_kernels(False):
+        model(x).logsumexp(-1).sum().backward()
+    torch.testing.assert_close(fused_grad, x.grad, rtol=0, atol=1e-5 * x.grad.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------- torch.library
+
+
+def _opcheck_samples():
+    """Inputs that exercise the op's schema: fp32 and bf16, with and without qkv biases and drop-path
+    scales, a non-contiguous x (the output is contiguous whatever x's strides), inputs with gradients."""
+    for dtype, bias, keep, strided in [
+        (torch.float32, True, True, False),
+        (torch.float32, False, False, True),
+        (torch.bfloat16, True, False, False),
+        (torch.bfloat16, False, True, True),
+    ]:
+        p = {
+            k: None if v is None else v.to(dtype).requires_grad_(True)
+            for k, v in params(8, 32, bias=bias).items()
+        }
+        x = (
+            torch.randn(4, 5, 8, dtype=dtype).transpose(0, 1)
+            if strided
+            else torch.randn(5, 4, 8, dtype=dtype)
+        )
+        x.requires_grad_(True)
+        keep1 = torch.tensor([0.0, 2.0, 2.0, 0.0, 2.0], dtype=dtype) if keep else None
+        yield (x, *[p[n] for n in NAMES], keep1, None, 2, 1e-5, dtype == torch.bfloat16)
+
+
+@pytest.mark.parametrize("sample", range(4))
+def test_opcheck_forward(sample):
+    """torch.library.opcheck: schema, fake (meta) kernel against the real one, autograd registration,
+    and AOTAutograd with dynamic shapes (which runs the fake backward)."""
+    args = list(_opcheck_samples())[sample]
+    torch.library.opcheck(torch.ops.tntvision.inner_transformer.default, args)
+
+
+@pytest.mark.parametrize(
+    "mask", [[True] * 7, [True] + [False] * 6, [False, True, False, True, False, True, False]]
+)
+def test_opcheck_backward(mask):
+    p = params(8, 32, bias=True)
+    x = torch.randn(5, 4, 8)
+    args = (torch.randn(5, 4, 8), x, *[p[n] for n in NAMES], None, torch.ones(5), 2, 1e-5, False, mask)
+    torch.library.opcheck(torch.ops.tntvision.inner_transformer_backward.default, args)
 
 
 # ------------------------------------------------------------------------------- argument checks
@@ -375,21 +516,64 @@ def test_the_best_copy_runs_by_default_and_the_environment_overrides_it():
     assert bad.returncode != 0 and "TNTVISION_KERNEL_ISA" in bad.stderr and "sse9" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("TNTVISION_KERNEL_ISA", "sse9"), ("TNTVISION_KERNEL_BF16", "fp8"), ("TNTVISION_FUSED", "maybe")],
+)
+def test_a_bad_setting_fails_every_call_the_same_way(variable, value):
+    """Not once and then silently ignored: three model calls and the query of the setting each raise the
+    same ConfigError naming the variable and its value."""
+    code = f"""
+import torch, tntvision
+from tntvision.errors import ConfigError
+from tntvision.models import kernels
+model = tntvision.create_model("tnt_mini_patch4_28").eval()
+query = kernels.fused_kernels_enabled if "{variable}" == "TNTVISION_FUSED" else kernels.kernel_dispatch
+calls = [lambda: model(torch.randn(1, 1, 28, 28))] * 3 + [query]
+for call in calls:
+    try:
+        with torch.no_grad():
+            call()
+        print("ran")
+    except ConfigError as e:
+        print("refused:", e)
+"""
+    env = {**os.environ, variable: value}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 4, out.stdout
+    assert len(set(lines)) == 1 and lines[0].startswith("refused:"), out.stdout
+    assert variable in lines[0] and value in lines[0]
+
+
 def test_one_portable_build():
-    """No -march flag anywhere in the build (checked in the build file ninja ran), and a cache key that
-    does not read the CPU: the same folder serves every CPU of this architecture."""
+    """No -march flag anywhere in the build (checked in the build file ninja ran), and a cache key made of
+    the sources, torch's version, the flags and the architecture alone: computing it reads no file but
+    the sources (not /proc/cpuinfo), so the same folder serves every CPU of this architecture; each of
+    its parts changes it."""
     assert kernels.fused_available()
     ninja = (kernels.build_directory() / "build.ninja").read_text()
     assert "-march" not in ninja and "-O3" in ninja
-    real = Path.read_text
-    try:  # a different CPU model must not change where the build lives
-        Path.read_text = lambda self, *a, **k: (
-            "model name : Other CPU\n" if str(self) == "/proc/cpuinfo" else real(self, *a, **k)
-        )
-        other = kernels.build_directory()
+    opened = []
+
+    def audit(event, args):
+        if event == "open" and isinstance(args[0], str | Path):
+            opened.append(Path(args[0]).resolve())
+
+    sys.addaudithook(audit)  # (an audit hook stays for the process: it only records while `opened` grows)
+    key = kernels.build_directory()
+    files, opened[:] = list(opened), []
+    assert files and set(files) <= {src.resolve() for src in kernels._SOURCES}, files
+    real_version, real_flags = torch.__version__, kernels._cflags
+    try:
+        torch.__version__ = real_version + "+other"
+        other_torch = kernels.build_directory()
+        torch.__version__ = real_version
+        kernels._cflags = lambda: [*real_flags(), "-DOTHER"]
+        other_flags = kernels.build_directory()
     finally:
-        Path.read_text = real
-    assert other == kernels.build_directory()
+        torch.__version__, kernels._cflags = real_version, real_flags
+    assert len({key, other_torch, other_flags}) == 3
 
 
 def test_tnt_kernels_build_and_info():

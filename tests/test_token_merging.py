@@ -162,12 +162,15 @@ def test_r0_is_the_plain_model_bit_for_bit(name):
     ],
     ids=["mini", "mini-avg-pool", "mini-some-inner", "tnt_s-96px", "legacy-64px"],
 )
-def test_merged_logits_equal_a_slow_loop_implementation(name, img, overrides, schedule):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_merged_logits_equal_a_slow_loop_implementation(name, img, overrides, schedule, fused):
+    """Both paths (the fused op on the merged words, and the reference modules) against the float64 loop."""
     model = _perturbed(name, img_size=img, **overrides)
     model.set_token_merging(list(schedule))
     x = torch.randn(3, model.cfg.in_chans, img, img)
     with torch.no_grad(), kernels.fused_kernels(False):
         want, _ = _reference(copy.deepcopy(model).double(), x.double(), schedule)
+    with torch.no_grad(), kernels.fused_kernels(fused):
         got = model(x)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
 

@@ -695,11 +695,13 @@ std::vector<at::Tensor> inner_transformer_backward_cpu(
   at::Tensor gwqkv = at::from_blob(tot.wqkv.data(), {3 * c, d.cp}, at::TensorOptions().dtype(at::kFloat));
   at::Tensor gbqkv = at::from_blob(tot.bqkv.data(), {d.c3p}, at::TensorOptions().dtype(at::kFloat));
   const bool qkv_bias = qk_b.has_value() && qk_b->defined();
-  // a gradient that was not asked for (or a bias that is absent) comes back as an empty fp32 tensor
-  at::Tensor empty = at::empty({0}, x.options().dtype(at::kFloat));
-  auto either = [&](bool needed, auto make) { return needed ? at::Tensor(make()) : empty; };
+  // a gradient that was not asked for (or a bias that is absent) comes back as an empty fp32 tensor, a
+  // new one each (outputs never alias each other)
+  auto either = [&](bool needed, auto make) {
+    return needed ? at::Tensor(make()) : at::empty({0}, x.options().dtype(at::kFloat));
+  };
   return {
-      need.x ? gx : empty,
+      either(need.x, [&] { return gx; }),
       either(need.ln1, [&] { return unpack(tot.ln1w, 1, c, d.cp, ln1_w); }),
       either(need.ln1, [&] { return unpack(tot.ln1b, 1, c, d.cp, ln1_b); }),
       either(need.qkv, [&] { return gwqkv.narrow(0, 0, 2 * c).narrow(1, 0, c).to(qk_w.scalar_type()).clone(); }),

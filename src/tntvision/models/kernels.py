@@ -134,7 +134,26 @@ def _ninja_on_path() -> None:
 
 
 def _load() -> bool:
-    """Compile (first time on this machine) and load the extension; register fake and autograd kernels."""
+    """Build and load the extension once (:func:`_build_once`); then, until it succeeds, apply the
+    environment's kernel choice: a bad ``TNTVISION_KERNEL_ISA`` / ``TNTVISION_KERNEL_BF16`` raises on every
+    call, not just the first."""
+    loaded = _built()
+    if loaded and not _STATE.get("dispatch_set"):
+        isa = os.environ.get("TNTVISION_KERNEL_ISA", "auto")
+        bf16 = os.environ.get("TNTVISION_KERNEL_BF16", "auto")
+        set_kernel_dispatch(isa=isa, bf16=bf16, what="TNTVISION_KERNEL_ISA / TNTVISION_KERNEL_BF16")
+        _STATE["dispatch_set"] = True
+    return bool(loaded)
+
+
+def _built() -> bool:
+    """Whether the extension is loaded, building it on the first call (no kernel choice applied)."""
+    return bool(_STATE["loaded"]) if _STATE["loaded"] is not None else _build_once()
+
+
+def _build_once() -> bool:
+    """Compile (first time on this machine) and load the extension; register fake and autograd kernels.
+    One warning and False when it cannot be built."""
     with _LOCK:
         if _STATE["loaded"] is not None:
             return bool(_STATE["loaded"])
@@ -162,14 +181,7 @@ def _load() -> bool:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        loaded = bool(_STATE["loaded"])
-    if loaded and not _STATE.get("dispatch_set"):
-        # marked as applied only once it was: a bad setting fails every call the same way, not just the first
-        isa = os.environ.get("TNTVISION_KERNEL_ISA", "auto")
-        bf16 = os.environ.get("TNTVISION_KERNEL_BF16", "auto")
-        set_kernel_dispatch(isa=isa, bf16=bf16, what="TNTVISION_KERNEL_ISA / TNTVISION_KERNEL_BF16")
-        _STATE["dispatch_set"] = True
-    return loaded
+        return bool(_STATE["loaded"])
 
 
 def build() -> Path:
@@ -199,7 +211,7 @@ def set_kernel_dispatch(*, isa: str = "auto", bf16: str = "auto", what: str = "s
         raise ConfigError(f"{what}: unknown instruction set {isa!r}; choose one of {', '.join(ISAS)}")
     if bf16 not in BF16_MODES:
         raise ConfigError(f"{what}: unknown bf16 mode {bf16!r}; choose one of {', '.join(BF16_MODES)}")
-    if not _load():
+    if not _built():
         raise ConfigError(f"the fused CPU kernel could not be built: {_STATE['error']}")
     try:
         torch.ops.tntvision.set_kernel_dispatch(isa, bf16)
