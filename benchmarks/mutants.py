@@ -1,11 +1,12 @@
 """Mutation check: does the test suite fail when the code is wrong?
 
-Each mutant is one deliberate bug, a small textual change to one source file (in the fused op's arguments,
-the kernel itself, drop-path scales, position-table resampling, the words-to-patch projection, checkpoint
-key mapping, export metadata, the bf16 casts, the validation split). The script applies one mutant at a
-time, runs the tests that guard that code, and restores the file, whatever happens. A mutant is *killed*
-when those tests fail, *survives* when they pass. Before any mutant, the same tests run on the unchanged
-tree and must pass (else the check says so and stops).
+Each mutant is one deliberate bug, a small textual change to one source file: in the fused op's arguments
+on their way in from the model, the checks that choose the fused or the reference path (slots, hooks), the
+gradients the backward computes, the kernel itself, drop-path scales, position-table resampling, the
+words-to-patch projection, checkpoint key mapping, export metadata, the bf16 casts, the validation split.
+The script applies one mutant at a time, runs the tests that guard that code, and restores the file,
+whatever happens. A mutant is *killed* when those tests fail, *survives* when they pass. Before any
+mutant, the same tests run on the unchanged tree and must pass (else the check says so and stops).
 
     python benchmarks/mutants.py                 # every mutant; a table, then the command
     python benchmarks/mutants.py --only drop     # the mutants whose name contains "drop"
@@ -40,6 +41,10 @@ class Mutant:
 
 FUSED_FP32 = ("tests/test_fused.py", "-k", "fp32 and (tnt_s_patch16_224 or tnt_mini)")
 KERNEL = ("tests/test_kernel_op.py", "-k", "formula and not bf16")
+BOUNDARY = ("tests/test_fused.py", "-k", "every_option")
+SLOT_TESTS = ("tests/test_fused.py", "-k", "bypasses or computes_what")
+HOOK_TESTS = ("tests/test_fused.py", "-k", "backward_hooks or plain_module")
+MASK_TESTS = ("tests/test_kernel_op.py", "-k", "asked or frozen_backbone")
 
 MUTANTS = [
     Mutant(
@@ -174,6 +179,105 @@ MUTANTS = [
         '    return "avx512_bf16" in flags and _cpu_vendor() == "AuthenticAMD"',
         '    return "avx512_bf16" in flags',
         ("tests/test_amp.py",),
+    ),
+    # --- the boundary between the model and the op, and the checks that choose a path (issue 30)
+    Mutant(
+        "op boundary: inner qkv biases dropped on the way in",
+        "models/kernels.py",
+        "        attn.qk.bias,\n        attn.v.weight,\n        attn.v.bias,\n",
+        "        None,\n        attn.v.weight,\n        None,\n",
+        BOUNDARY,
+    ),
+    Mutant(
+        "op boundary: LN1's bias passed as LN2's",
+        "models/kernels.py",
+        "        block.norm_mlp_in.weight,\n        block.norm_mlp_in.bias,\n",
+        "        block.norm_mlp_in.weight,\n        block.norm_in.bias,\n",
+        BOUNDARY,
+    ),
+    Mutant(
+        "op boundary: the attention projection's bias zeroed",
+        "models/kernels.py",
+        "        attn.proj.bias,\n",
+        "        torch.zeros_like(attn.proj.bias),\n",
+        BOUNDARY,
+    ),
+    Mutant(
+        "op boundary: fc2's bias zeroed",
+        "models/kernels.py",
+        "        mlp.fc2.bias,\n",
+        "        torch.zeros_like(mlp.fc2.bias),\n",
+        BOUNDARY,
+    ),
+    Mutant(
+        "op boundary: the MLP branch's drop-path scale dropped",
+        "models/tnt.py",
+        "            return kernels.inner_transformer(words, self, *keep)",
+        "            return kernels.inner_transformer(words, self, keep[0], None)",
+        BOUNDARY,
+    ),
+    Mutant(
+        "op boundary: different LayerNorm eps not sent to the reference path",
+        "models/tnt.py",
+        "            and self.norm_in.eps == self.norm_mlp_in.eps\n",
+        "",
+        SLOT_TESTS,
+    ),
+    Mutant(
+        "slots: an Identity accepted where the GELU belongs",
+        "models/layers.py",
+        'SLOTS = {"fc1": nn.Linear, "act": nn.GELU,',
+        'SLOTS = {"fc1": nn.Linear, "act": (nn.GELU, nn.Identity),',
+        SLOT_TESTS,
+    ),
+    Mutant(
+        "slots: the reference MLP takes its shortcut whatever its slots hold",
+        "models/layers.py",
+        "        if not self.is_plain():",
+        "        if False:",
+        SLOT_TESTS,
+    ),
+    Mutant(
+        "slots: the block's DropPath slot not checked",
+        "models/tnt.py",
+        "            and kernels.exactly(self.drop_path, DropPath)\n",
+        "",
+        SLOT_TESTS,
+    ),
+    Mutant(
+        "hooks: a module's backward hooks ignored",
+        "models/kernels.py",
+        "    return bool(forward or mod._backward_hooks or mod._backward_pre_hooks)",
+        "    return bool(forward)",
+        HOOK_TESTS,
+    ),
+    Mutant(
+        "hooks: global backward hooks ignored",
+        "models/kernels.py",
+        "        or nn_module._global_backward_hooks\n",
+        "",
+        HOOK_TESTS,
+    ),
+    Mutant(
+        "backward: every gradient computed whatever autograd needs",
+        "models/kernels.py",
+        "        mask = output_mask(ctx.needs_input_grad)\n",
+        "        mask = [True] * len(_GROUPS)\n",
+        MASK_TESTS,
+    ),
+    Mutant(
+        "backward: the qkv gradients gated by the projection's flag",
+        "csrc/inner_transformer_tile.h",
+        "  if (need.qkv) {",
+        "  if (need.proj) {",
+        MASK_TESTS,
+    ),
+    Mutant(
+        "backward: recomputes the forward in fp32 for a low-precision call",
+        "csrc/inner_transformer.cpp",
+        "fc1_b, fc2_w, fc2_b, keep1, keep2, num_heads, eps, low_precision, true);",
+        "fc1_b, fc2_w, fc2_b, keep1, keep2, num_heads, eps, false, true);",
+        ("tests/test_kernel_op.py", "-k", "bf16_backward"),
     ),
     Mutant(
         "validation split: held-out images stay in training",

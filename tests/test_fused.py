@@ -437,14 +437,15 @@ def _with_other_drop_path(block):
     block.drop_path = Halved()
 
 
+def _with_other_eps(block):  # the op takes one eps for both LayerNorms
+    block.norm_mlp_in.eps = 0.5
+
+
 CHANGES = [_with_hook, _with_pre_hook, _with_adapter, _with_parametrization, _with_weight_norm]
-CHANGES += [_with_other_activation, _with_norm_hook, _with_identity_activation, _with_dropout_as_activation]
-CHANGES += [
-    _with_linear_as_activation,
-    _with_norm_as_dropout,
-    _with_norm_without_affine,
-    _with_other_drop_path,
-]
+CHANGES += [_with_other_activation, _with_norm_hook]
+# an allowed type in the wrong slot, a LayerNorm the op cannot compute, a DropPath stand-in, another eps
+CHANGES += [_with_identity_activation, _with_dropout_as_activation, _with_linear_as_activation]
+CHANGES += [_with_norm_as_dropout, _with_norm_without_affine, _with_other_drop_path, _with_other_eps]
 
 
 def _inner_by_calling_the_modules(block, words):

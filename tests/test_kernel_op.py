@@ -311,7 +311,7 @@ def test_bf16_backward_is_the_fp32_backward_of_the_bf16_forward():
         )
 
 
-@pytest.mark.parametrize("frozen", ["all", "fc1", "attention", "x"])
+@pytest.mark.parametrize("frozen", ["all", "fc1", "proj", "ln2", "attention", "x"])
 def test_backward_computes_only_the_gradients_asked_for(frozen):
     """Autograd's needs_input_grad reaches the op as ``output_mask`` (one flag for x and one per module's
     weight and bias): what is not asked for comes back empty from the op and None from autograd, the rest
@@ -322,6 +322,8 @@ def test_backward_computes_only_the_gradients_asked_for(frozen):
     frozen_names = {
         "all": set(p),
         "fc1": {"fc1_w", "fc1_b"},
+        "proj": {"proj_w", "proj_b"},
+        "ln2": {"ln2_w", "ln2_b"},
         "attention": {"ln1_w", "ln1_b", "qk_w", "qk_b", "v_w", "v_b", "proj_w", "proj_b"},
         "x": {"x"},
     }[frozen]
@@ -341,8 +343,8 @@ def test_backward_computes_only_the_gradients_asked_for(frozen):
     finally:
         kernels.output_mask = real
     groups = ["x", "ln1", "qkv", "proj", "ln2", "fc1", "fc2"]
-    asked = {"all": ["x"], "fc1": [g for g in groups if g != "fc1"], "x": groups[1:]}
-    asked["attention"] = ["x", "ln2", "fc1", "fc2"]
+    asked = {name: [g for g in groups if g != name] for name in ("fc1", "proj", "ln2")}
+    asked |= {"all": ["x"], "attention": ["x", "ln2", "fc1", "fc2"], "x": groups[1:]}
     assert masks == [[g in asked[frozen] for g in groups]]
     got = {"x": xx.grad, **{k: v.grad for k, v in pp.items()}}
     for k, g in got.items():
