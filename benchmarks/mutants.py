@@ -259,6 +259,13 @@ MUTANTS = [
         HOOK_TESTS,
     ),
     Mutant(
+        "hooks: the word-embedding GEMM taken whatever the conv holds",
+        "models/tnt.py",
+        'if self.fused and kernels.exactly(self.proj, nn.Conv2d) and self.proj.padding_mode == "zeros":',
+        "if self.fused:",
+        ("tests/test_fused.py", "-k", "word_embedding"),
+    ),
+    Mutant(
         "backward: every gradient computed whatever autograd needs",
         "models/kernels.py",
         "        mask = output_mask(ctx.needs_input_grad)\n",

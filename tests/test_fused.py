@@ -550,6 +550,37 @@ def test_backward_hooks_fire_and_count_on_both_paths(kind):
         assert (gx - plain_gx).abs().max() > 1e-3 * plain_gx.abs().max()
 
 
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_hooks_on_the_word_embedding_conv_fire(kind):
+    """The word embedding runs as one GEMM over the conv's folded weights; a hook on the conv sends it to
+    the per-patch conv, which calls the module: the hook fires and what it returns is in the result."""
+    model = _model("tnt_s_patch16_224").eval()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    conv = model.pixel_embed.proj
+    model.pixel_embed.fused = False  # the per-patch conv, unhooked: the numbers the hooked model starts from
+    plain_out = model(x)
+    (plain_gx,) = torch.autograd.grad(plain_out.sum(), x)
+    model.pixel_embed.fused = True
+    fired = []
+    if kind == "forward":
+        handle = conv.register_forward_hook(lambda mod, args, out: fired.append(mod) or out * 1.5)
+    else:
+        handle = conv.register_full_backward_hook(
+            lambda mod, gi, go: fired.append(mod) or tuple(None if g is None else 2.0 * g for g in gi)
+        )
+    try:
+        out = model(x)
+        (gx,) = torch.autograd.grad(out.sum(), x)
+    finally:
+        handle.remove()
+    assert fired == [conv]
+    if kind == "forward":
+        assert (out - plain_out).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(out, plain_out, rtol=0, atol=1e-5)
+        torch.testing.assert_close(gx, 2.0 * plain_gx, rtol=0, atol=1e-6 * plain_gx.abs().max().item())
+
+
 # Constructor options that change what the op receives, each through the whole model, fused vs reference.
 OPTIONS = {
     "qkv_bias": ("tnt_mini_patch4_28", dict(qkv_bias=True), "train"),

@@ -63,8 +63,9 @@ class WordEmbed(nn.Module):
     padding at every patch border). That equals one linear map of the flattened patch (C*P*P values) to
     its m*c word features, whose weight is built from the conv kernel: for word (i, j) the kernel sits at
     offset (i*s - pad, j*s - pad) inside the patch, clipped at the border. We run that single GEMM
-    (``fused=True``); ``fused=False`` runs the per-patch conv the way the paper writes it (a test oracle,
-    and what MAC counts are taken from).
+    (``fused=True``) when ``proj`` is exactly a plain ``nn.Conv2d``; ``fused=False`` (or a hook, a
+    parametrization or another module in ``proj``) runs the per-patch conv the way the paper writes it (a
+    test oracle, and what MAC counts are taken from).
 
     Legacy structure: the conv runs over the whole image and words are cut from its output afterwards,
     so border words see pixels of the neighbouring patch.
@@ -124,7 +125,9 @@ class WordEmbed(nn.Module):
             y = y.view(B, c, gh, side, gw, side).permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, side, side, c)
             return y.reshape(B * gh * gw, side * side, c) + pos  # (B*N, m, c)
         patches = x.view(B, C, gh, P, gw, P).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, P, P)
-        if self.fused:
+        # the GEMM reads the conv's weights instead of calling it: only for exactly a plain Conv2d (a hook,
+        # a parametrization or another module there runs the per-patch conv, which calls it)
+        if self.fused and kernels.exactly(self.proj, nn.Conv2d) and self.proj.padding_mode == "zeros":
             patches = patches.reshape(B * gh * gw, C * P * P)  # (B*N, C*P*P)
             bias = self.proj.bias.repeat(side * side)  # (m*c,), word-major
             words = F.linear(patches, self.folded_weight(), bias)  # (B*N, m*c)
