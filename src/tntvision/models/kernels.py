@@ -272,17 +272,25 @@ def fused_kernels(enabled: bool) -> Iterator[None]:
 
 def use_fused(x: torch.Tensor) -> bool:
     """Whether the fused op may run on ``x`` now (static facts only; builds the kernel on first use)."""
-    if (
-        not fused_kernels_enabled()
-        or x.device.type != "cpu"
-        or x.dtype not in (torch.float32, torch.bfloat16)
-    ):
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return False
     if torch.onnx.is_in_onnx_export():
         return False
-    if torch.compiler.is_compiling():  # dynamo runs it once at trace time and keeps the answer
-        return _loaded_for_trace()
-    return _load()
+    if torch.compiler.is_compiling():  # dynamo runs these once at trace time and keeps the answers
+        enabled = fused_kernels_enabled() if _DYNAMO_TRACES_CONTEXTVARS else _enabled_for_trace()
+        return enabled and _loaded_for_trace()
+    return fused_kernels_enabled() and _load()
+
+
+# torch 2.14's dynamo traces ContextVar.get and guards on the value (switching the fused path recompiles);
+# 2.13's cannot trace it, so there the switch is read once per trace, a constant of the compiled graph.
+_DYNAMO_TRACES_CONTEXTVARS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
+
+
+@torch.compiler.assume_constant_result
+def _enabled_for_trace() -> bool:
+    """:func:`fused_kernels_enabled` for a trace where dynamo cannot read the context variable."""
+    return fused_kernels_enabled()
 
 
 @torch.compiler.assume_constant_result
