@@ -266,17 +266,22 @@ def synthetic_batch(n: int = 2, H: int = 64, W: int = 96, num_classes: int = 3):
     return images, targets
 
 
-def small_faster_rcnn(backbone, *, size: tuple[int, int] = (64, 96), num_classes: int = 3) -> FasterRCNN:
-    anchors = AnchorGenerator(
-        sizes=((16,), (32,), (64,), (128,), (256,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5
-    )
+def small_faster_rcnn(
+    backbone,
+    *,
+    size: tuple[int, int] = (64, 96),
+    num_classes: int = 3,
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+    representation: int = 32,
+) -> FasterRCNN:
+    anchors = AnchorGenerator(sizes=((16,), (32,), (64,), (128,), (256,)), aspect_ratios=(aspect_ratios,) * 5)
     return FasterRCNN(
         backbone,
         min_size=min(size),
         max_size=max(size),
         rpn_anchor_generator=anchors,
-        box_head=TwoMLPHead(backbone.out_channels * 49, 32),
-        box_predictor=FastRCNNPredictor(32, num_classes),
+        box_head=TwoMLPHead(backbone.out_channels * 49, representation),
+        box_predictor=FastRCNNPredictor(representation, num_classes),
         rpn_batch_size_per_image=64,
         box_batch_size_per_image=32,
     )
@@ -310,32 +315,90 @@ def test_faster_rcnn_trains_and_predicts(name, overrides, fake_pyramid):
         assert p["boxes"].shape == (len(p["labels"]), 4) and p["scores"].shape == p["labels"].shape
 
 
-def test_faster_rcnn_with_the_backbone_learns_a_box():
-    """A short fit on one image with one bright square lowers the loss, and afterwards the detector finds
-    the square (IoU > 0.5) with the right label: the backbone's features carry where things are."""
+# Two disjoint squares, one per image, each exactly a 32 px anchor (centres on the stride-8 grid).
+SQUARES = ((8, 8, 40, 40), (56, 24, 88, 56))
+
+
+def square_images() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """One 64x96 image per square: a bright frame around a darker core on a dark background. (In a uniform
+    square, a box inside it looks like the square itself to a 7x7 RoIAlign: the fit then sometimes ranks
+    such a box first.)"""
+    images, targets = [], []
+    for x0, y0, x1, y1 in SQUARES:
+        image = torch.full((3, 64, 96), 0.1)
+        image[:, y0:y1, x0:x1] = 0.9
+        image[:, y0 + 8 : y1 - 8, x0 + 8 : x1 - 8] = 0.4
+        images.append(image)
+        targets.append(
+            dict(boxes=torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32), labels=torch.tensor([1]))
+        )
+    return images, targets
+
+
+def fit_squares(
+    *, zero_features: bool = False, seed: int = 0, steps: int = 40
+) -> tuple[list[float], list[float], list[int]]:
+    """Fits a small Faster R-CNN with a TNT backbone on :func:`square_images` (AdamW, cosine decay to 0,
+    both images in every step); returns the loss of each step, and per image the IoU of the top-scoring box
+    with the square (0 if there is none) and that box's label. ``zero_features`` zeroes the body's feature
+    maps (the neck and FPN still run)."""
     from torchvision.ops import box_iou
 
-    torch.manual_seed(0)
-    detector = small_faster_rcnn(tnt_fpn_backbone("tnt_mini_patch4_28", out_channels=16, **MINI))
-    image = torch.full((3, 64, 96), 0.1)
-    image[:, 16:48, 40:72] = 0.9
-    target = dict(boxes=torch.tensor([[40.0, 16.0, 72.0, 48.0]]), labels=torch.tensor([1]))
+    torch.manual_seed(seed)
+    backbone = tnt_fpn_backbone("tnt_mini_patch4_28", out_channels=16, **MINI)
+    if zero_features:
+        backbone.body.register_forward_hook(lambda _m, _args, feats: [torch.zeros_like(f) for f in feats])
+    # square anchors only, and a wider box head than the other tests': with three aspect ratios some seeds
+    # of this fit ranked a flat or a tall box inside a square first, with 32 features some put the box off
+    detector = small_faster_rcnn(backbone, aspect_ratios=(1.0,), representation=128)
+    images, targets = square_images()
     opt = torch.optim.AdamW(detector.parameters(), lr=2e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     detector.train()
     losses = []
-    for _ in range(40):
-        loss = sum(detector([image], [target]).values())
+    for _ in range(steps):
+        loss = sum(detector(images, targets).values())
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
         losses.append(loss.item())
-    assert sum(losses[-3:]) < 0.5 * sum(losses[:3]), losses
     with torch.no_grad():
-        pred = detector.eval()([image])[0]
-    assert len(pred["boxes"]) > 0
-    best = pred["scores"].argmax()
-    assert pred["labels"][best] == 1
-    assert box_iou(pred["boxes"][best : best + 1], target["boxes"]).item() > 0.5
+        preds = detector.eval()(images)
+    ious, labels = [], []
+    for pred, target in zip(preds, targets, strict=True):
+        if len(pred["boxes"]) == 0:
+            ious.append(0.0)
+            labels.append(0)
+            continue
+        best = pred["scores"].argmax()
+        ious.append(box_iou(pred["boxes"][best : best + 1], target["boxes"]).item())
+        labels.append(pred["labels"][best].item())
+    return losses, ious, labels
+
+
+def test_faster_rcnn_with_the_backbone_learns_a_box():
+    """A short fit on two images, each with one square at its own place, lowers the loss, and afterwards the
+    detector's top box in each image is that image's square (IoU > 0.5) with the right label: the
+    backbone's features carry where things are. The squares are disjoint, and a box with IoU > 0.5 with a
+    square covers more than half of itself with it, so no box passes for both: a detector that found the
+    same boxes in both images fails (the control below).
+
+    The margin, measured on a Xeon (one thread): over seeds 0-47 of this fit the lowest IoU was 0.72 and the
+    largest loss ratio 0.17; with seed 0, the avx512, avx512-w8, avx2 and baseline copies of the fused
+    kernel and the unfused path give IoUs of 0.95-0.98 and loss ratios of 0.08-0.11."""
+    losses, ious, labels = fit_squares()
+    ratio = sum(losses[-3:]) / sum(losses[:3])
+    assert ratio < 0.5, (ratio, losses)
+    assert labels == [1, 1] and min(ious) > 0.5, (ious, labels)
+
+
+def test_the_box_fit_fails_without_features():
+    """The control of the test above: with the body's feature maps zeroed, everything after it sees the same
+    input in both images, so it predicts the same boxes in both, and its top box cannot pass for both
+    squares."""
+    _, ious, _ = fit_squares(zero_features=True)
+    assert min(ious) <= 0.5, ious
 
 
 @pytest.mark.parametrize("kind", ["retinanet", "fcos", "maskrcnn"])
