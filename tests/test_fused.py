@@ -34,8 +34,10 @@ def test_the_kernel_builds_on_this_machine():
     assert kernels.fused_available()
 
 
-def _model(name: str, **kw) -> tntvision.models.tnt.TNT:
-    model = tntvision.create_model(name, img_size=small_input_size(name), **kw)
+def _model(name: str, *, img_size: int | None = None, **kw) -> tntvision.models.tnt.TNT:
+    """``name`` at its smallest cheap input (or ``img_size``), weights perturbed away from their init (zero
+    qkv biases or unit LayerNorms would hide a dropped one)."""
+    model = tntvision.create_model(name, img_size=img_size or small_input_size(name), **kw)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -72,6 +74,19 @@ def _run(model, x, *, fused: bool, seed: int = 3, amp: bool = False):
     return out.detach().float(), x.grad.float(), grads
 
 
+def _assert_paths_agree(model, x, *, fused_calls: int) -> torch.Tensor:
+    """One forward/backward on each path: the fused op ran ``fused_calls`` times, and outputs, the input
+    gradient and every parameter gradient agree within 1e-5. Returns the fused output."""
+    with _count_fused_calls() as calls:
+        out, gx, grads = _run(model, x, fused=True)
+    assert len(calls) == fused_calls
+    ref, ref_gx, ref_grads = _run(model, x, fused=False)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gx, ref_gx, rtol=0, atol=1e-5 * ref_gx.abs().max().item())
+    _assert_grads_close(grads, ref_grads, rel=1e-5)
+    return out
+
+
 def _assert_grads_close(got: dict, want: dict, rel: float) -> None:
     assert got.keys() == want.keys()
     for name, g in want.items():
@@ -84,13 +99,7 @@ def _assert_grads_close(got: dict, want: dict, rel: float) -> None:
 def test_fused_matches_reference_fp32(name, mode):
     model = _model(name, drop_path_rate=0.3 if mode == "drop_path" else 0.0).train(mode != "eval")
     x = torch.randn(3, model.in_chans, *(2 * [small_input_size(name)]))
-    with _count_fused_calls() as calls:
-        out, gx, grads = _run(model, x, fused=True)
-    assert len(calls) == sum(b.has_inner for b in model.blocks)
-    ref, ref_gx, ref_grads = _run(model, x, fused=False)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(gx, ref_gx, rtol=0, atol=1e-5 * ref_gx.abs().max().item())
-    _assert_grads_close(grads, ref_grads, rel=1e-5)
+    out = _assert_paths_agree(model, x, fused_calls=sum(b.has_inner for b in model.blocks))
     if mode == "drop_path":  # a different random stream must change the result: the masks matter
         other, _, _ = _run(model, x, fused=True, seed=4)
         assert (other - out).abs().max() > 1e-3
@@ -477,13 +486,7 @@ def test_the_fused_path_never_bypasses_what_is_on_the_inner_modules(change, trai
     x = torch.randn(2, 1, 28, 28)
     plain, _, _ = _run(model, x, fused=False)
     change(model.blocks[0])
-    with _count_fused_calls() as calls:
-        out, gx, grads = _run(model, x, fused=True)
-    assert len(calls) == len(model.blocks) - 1
-    ref, ref_gx, ref_grads = _run(model, x, fused=False)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(gx, ref_gx, rtol=0, atol=1e-5 * ref_gx.abs().max().item())
-    _assert_grads_close(grads, ref_grads, rel=1e-5)
+    out = _assert_paths_agree(model, x, fused_calls=len(model.blocks) - 1)
     assert (out - plain).abs().max() > 1e-3  # the change is in the numbers
 
 
@@ -597,24 +600,10 @@ OPTIONS = {
 @pytest.mark.parametrize("option", OPTIONS)
 def test_every_option_that_reaches_the_op_matches_the_reference(option):
     name, overrides, mode = OPTIONS[option]
-    merge = overrides.pop("merge_tokens", 0) if "merge_tokens" in overrides else 0
-    overrides = dict(overrides)
-    size = overrides.pop("img_size", small_input_size(name))
-    model = tntvision.create_model(name, img_size=size, **overrides)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # away from the init: zero qkv biases or unit LayerNorms would hide a dropped one
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    model.set_token_merging(merge)
-    model.train(mode == "train")
+    model = _model(name, **overrides).train(mode == "train")
+    size = overrides.get("img_size", small_input_size(name))
     x = torch.randn(3, model.in_chans, size, size)
-    with _count_fused_calls() as calls:
-        out, gx, grads = _run(model, x, fused=True)
-    assert len(calls) == sum(b.has_inner for b in model.blocks)
-    ref, ref_gx, ref_grads = _run(model, x, fused=False)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(gx, ref_gx, rtol=0, atol=1e-5 * ref_gx.abs().max().item())
-    _assert_grads_close(grads, ref_grads, rel=1e-5)
+    out = _assert_paths_agree(model, x, fused_calls=sum(b.has_inner for b in model.blocks))
     if overrides.get("qkv_bias"):  # the biases reach the op: zeroing them changes the numbers
         with torch.no_grad():
             for b in model.blocks:

@@ -8,6 +8,7 @@ bf16 GEMM path against the same formula with its GEMM operands rounded to bf16, 
 dispatch controls.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -311,6 +312,22 @@ def test_bf16_backward_is_the_fp32_backward_of_the_bf16_forward():
         )
 
 
+@contextlib.contextmanager
+def _recording_masks():
+    """The ``output_mask`` of every backward call of the op while the block runs, in call order."""
+    masks, real = [], kernels.output_mask
+
+    def spy(needs):
+        masks.append(real(needs))
+        return masks[-1]
+
+    kernels.output_mask = spy
+    try:
+        yield masks
+    finally:
+        kernels.output_mask = real
+
+
 @pytest.mark.parametrize("frozen", ["all", "fc1", "proj", "ln2", "attention", "x"])
 def test_backward_computes_only_the_gradients_asked_for(frozen):
     """Autograd's needs_input_grad reaches the op as ``output_mask`` (one flag for x and one per module's
@@ -329,19 +346,9 @@ def test_backward_computes_only_the_gradients_asked_for(frozen):
     }[frozen]
     xx = x.clone().requires_grad_("x" not in frozen_names)
     pp = {k: v.clone().requires_grad_(k not in frozen_names) for k, v in p.items() if v is not None}
-    masks = []
-    real = kernels.output_mask
-
-    def spy(needs):
-        masks.append(real(needs))
-        return masks[-1]
-
-    kernels.output_mask = spy
-    try:
+    with _recording_masks() as masks:
         y = op(xx, pp | {k: None for k in p if p[k] is None}, None, None, 4)
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(9)))  # as _grads
-    finally:
-        kernels.output_mask = real
     groups = ["x", "ln1", "qkv", "proj", "ln2", "fc1", "fc2"]
     asked = {name: [g for g in groups if g != name] for name in ("fc1", "proj", "ln2")}
     asked |= {"all": ["x"], "attention": ["x", "ln2", "fc1", "fc2"], "x": groups[1:]}
@@ -369,18 +376,8 @@ def test_a_frozen_backbone_asks_the_op_for_the_input_gradient_only():
 
     model = tntvision.create_model("tnt_mini_patch4_28").eval().requires_grad_(False)
     x = torch.randn(2, 1, 28, 28, requires_grad=True)
-    masks = []
-    real = kernels.output_mask
-
-    def spy(needs):
-        masks.append(real(needs))
-        return masks[-1]
-
-    kernels.output_mask = spy
-    try:
+    with _recording_masks() as masks:
         model(x).logsumexp(-1).sum().backward()
-    finally:
-        kernels.output_mask = real
     assert masks == [[True] + [False] * 6] * len(model.blocks)
     fused_grad = x.grad.clone()
     x.grad = None

@@ -49,6 +49,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.nn.modules import module as nn_module
+from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
 
@@ -308,8 +310,6 @@ DROPOUT = (torch.nn.Dropout, torch.nn.Identity)  # a dropout slot: either comput
 def global_hooks() -> bool:
     """Whether a global module hook is registered (``torch.nn.modules.module.register_module_*_hook``):
     forward, forward pre-, backward or backward pre-hooks, which must see every module call."""
-    from torch.nn.modules import module as nn_module
-
     return bool(
         nn_module._global_forward_hooks
         or nn_module._global_forward_pre_hooks
@@ -327,8 +327,6 @@ def _hooked(mod: torch.nn.Module) -> bool:
 def _computes_its_type(mod: torch.nn.Module) -> bool:
     """No hook, no parametrization, plain parameters, and the variant of its type the shortcuts compute:
     an affine LayerNorm with a bias, the exact (erf) GELU."""
-    from torch.nn.utils import parametrize
-
     if _hooked(mod) or parametrize.is_parametrized(mod):
         return False
     if isinstance(mod, torch.nn.GELU) and mod.approximate != "none":
