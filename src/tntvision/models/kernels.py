@@ -397,6 +397,41 @@ def output_mask(needs_input_grad: tuple[bool, ...]) -> list[bool]:
     return [any(needs[name] for name in group) for group in _GROUPS]
 
 
+def fake_gradients(x, tensors, mask) -> list[torch.Tensor]:
+    """What a backward op returns, as fake tensors: for ``x`` and each parameter (``tensors``, in the op's
+    order) a contiguous gradient of its shape and dtype; what ``mask`` does not ask for, or an absent bias,
+    an empty fp32 tensor, as from the real ops."""
+    asked = {name: mask[i] for i, group in enumerate(_GROUPS) for name in group}
+    return [
+        t.new_empty(t.shape) if t is not None and asked[name] else x.new_empty((0,), dtype=torch.float32)
+        for name, t in zip(("x", *_PARAMS), tensors, strict=True)
+    ]
+
+
+def register_autograd(op: str, backward_op) -> None:
+    """The autograd formula of an inner-transformer op (``op``, the forward's qualified name) whose
+    backward is ``backward_op(grad, x, *params, keep1, keep2, num_heads, eps, option, output_mask)``:
+    saves the inputs, recomputes in backward, asks only for the gradients autograd needs."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(t for t in inputs[:_TENSORS] if t is not None))
+        ctx.present = [t is not None for t in inputs[:_TENSORS]]
+        ctx.scalars = inputs[_TENSORS : _TENSORS + 3]  # num_heads, eps, and the op's precision option
+
+    def backward(ctx, grad):
+        saved = iter(ctx.saved_tensors)
+        inputs = [next(saved) if present else None for present in ctx.present]
+        grads = backward_op(grad, *inputs, *ctx.scalars, output_mask(ctx.needs_input_grad))
+        # no gradient for keep1, keep2, num_heads, eps and the precision option
+        out: list[torch.Tensor | None] = list(grads) + [None] * 5
+        for i, needed in enumerate(ctx.needs_input_grad[: 1 + len(_PARAMS)]):
+            if not needed or not ctx.present[i]:  # not asked for (came back empty), or an absent bias
+                out[i] = None
+        return tuple(out)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
 def _register_python_kernels() -> None:
     """Fake (meta) kernels for tracing and the autograd formula of the C++ ops."""
 
@@ -410,35 +445,9 @@ def _register_python_kernels() -> None:
         keep1, keep2, num_heads, eps, low_precision=False, output_mask=_ALL,
     ):  # fmt: skip
         tensors = (x, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b)
-        tensors += (ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b)
-        asked = {name: output_mask[i] for i, group in enumerate(_GROUPS) for name in group}
-        # contiguous gradients in each input's dtype; what is not asked for, or absent (a bias), comes
-        # back as an empty fp32 tensor, as from the real op
-        return [
-            t.new_empty(t.shape) if t is not None and asked[name] else x.new_empty((0,), dtype=torch.float32)
-            for name, t in zip(("x", *_PARAMS), tensors, strict=True)
-        ]
+        return fake_gradients(x, tensors + (ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b), output_mask)
 
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*(t for t in inputs[:_TENSORS] if t is not None))
-        ctx.present = [t is not None for t in inputs[:_TENSORS]]
-        ctx.num_heads, ctx.eps, ctx.low_precision = inputs[_TENSORS : _TENSORS + 3]
-
-    def backward(ctx, grad):
-        saved = iter(ctx.saved_tensors)
-        inputs = [next(saved) if present else None for present in ctx.present]
-        mask = output_mask(ctx.needs_input_grad)
-        grads = torch.ops.tntvision.inner_transformer_backward(
-            grad, *inputs, ctx.num_heads, ctx.eps, ctx.low_precision, mask
-        )
-        # no gradient for keep1, keep2, num_heads, eps, low_precision
-        out: list[torch.Tensor | None] = list(grads) + [None] * 5
-        for i, needed in enumerate(ctx.needs_input_grad[: 1 + len(_PARAMS)]):
-            if not needed or not ctx.present[i]:  # not asked for (came back empty), or an absent bias
-                out[i] = None
-        return tuple(out)
-
-    torch.library.register_autograd("tntvision::inner_transformer", backward, setup_context=setup_context)
+    register_autograd("tntvision::inner_transformer", torch.ops.tntvision.inner_transformer_backward)
 
 
 def inner_transformer(
