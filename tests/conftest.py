@@ -6,6 +6,15 @@ import torch
 
 import tntvision
 
+# The Triton op runs on CPU tensors only under Triton's interpreter, which must be on before Triton is
+# imported: without a GPU the suite tests the GPU kernel that way (docs/testing.md, "The Triton op").
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
+
 
 def pytest_report_header(config):
     """Which copy of the fused kernel this run exercises (its tests run whichever the CPU takes)."""

@@ -55,16 +55,23 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError
 
 __all__ = [
+    "BACKENDS",
     "build",
+    "compute_dtype",
     "exactly",
     "fused_available",
+    "fused_backend",
     "fused_kernels",
     "fused_kernels_enabled",
     "global_hooks",
     "inner_transformer",
+    "kernel_backend",
+    "kernel_backend_set",
+    "kernel_backend_setting",
     "kernel_dispatch",
     "plain_module",
     "set_fused_kernels",
+    "set_kernel_backend",
     "set_kernel_dispatch",
 ]
 
@@ -91,6 +98,12 @@ def _fused_from_environment() -> tuple[bool | None, str]:
 _ENVIRONMENT = _fused_from_environment()  # read once, at import
 _OVERRIDE: contextvars.ContextVar[bool | None] = contextvars.ContextVar("tntvision_fused", default=None)
 ISAS = ("auto", "avx512", "avx512-w8", "avx2", "baseline", "avx2-w16")
+# Which fused op runs: auto (the C++ op on CPU tensors, the Triton op on CUDA tensors), cpu (the C++ op on
+# CPU tensors, the reference path on others), triton (the Triton op on every device; on CPU tensors through
+# Triton's interpreter, which needs TRITON_INTERPRET=1: how the GPU kernel is tested without a GPU).
+BACKENDS = ("auto", "cpu", "triton")
+_BACKEND: list[str | None] = [None]  # set_kernel_backend's choice; None: TNTVISION_KERNEL_BACKEND decides
+_BACKEND_ENVIRONMENT = os.environ.get("TNTVISION_KERNEL_BACKEND", "auto")  # read once, at import
 BF16_MODES = ("auto", "fp32", "brgemm")
 
 
@@ -272,34 +285,106 @@ def fused_kernels(enabled: bool) -> Iterator[None]:
         _OVERRIDE.reset(token)
 
 
-def use_fused(x: torch.Tensor) -> bool:
-    """Whether the fused op may run on ``x`` now (static facts only; builds the kernel on first use)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
-        return False
+def kernel_backend_setting() -> str:
+    """The backend asked for: :func:`set_kernel_backend`'s, else ``TNTVISION_KERNEL_BACKEND`` (``auto``
+    when unset). A bad value raises on every call that needs it."""
+    name = _BACKEND[0] if _BACKEND[0] is not None else _BACKEND_ENVIRONMENT.strip().lower()
+    if name not in BACKENDS:
+        raise ConfigError(f"TNTVISION_KERNEL_BACKEND={name!r}: choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def set_kernel_backend(name: str) -> None:
+    """Choose the fused op's backend for this process (one of :data:`BACKENDS`; ``None`` goes back to
+    ``TNTVISION_KERNEL_BACKEND``)."""
+    if name is not None and name not in BACKENDS:
+        raise ConfigError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    _BACKEND[0] = name
+
+
+@contextlib.contextmanager
+def kernel_backend_set(name: str) -> Iterator[None]:
+    """Run the ``with`` block with another backend (see :func:`set_kernel_backend`), then restore it."""
+    before = _BACKEND[0]
+    set_kernel_backend(name)
+    try:
+        yield
+    finally:
+        _BACKEND[0] = before
+
+
+def kernel_backend(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+    """Which inner transformer runs on ``device`` for words of ``dtype``: ``cpu`` (the C++ op), ``triton``
+    (the Triton op) or ``reference`` (PyTorch modules), from static facts only: the device, the dtype, the
+    setting (:func:`kernel_backend_setting`), whether the fused path is on, whether the C++ op builds and
+    whether Triton imports (and, on CPU tensors, runs its interpreter). :class:`ConfigError` when the
+    ``triton`` backend is asked for where it cannot run."""
+    device = torch.device(device)
+    if not fused_kernels_enabled():
+        return "reference"
+    setting = kernel_backend_setting()
+    if setting == "triton" or (setting == "auto" and device.type == "cuda"):
+        from . import triton_op
+
+        ok, why = _triton_runs(device.type)
+        if not ok and setting == "triton":
+            raise ConfigError(f"TNTVISION_KERNEL_BACKEND=triton: {why}")
+        return "triton" if ok and dtype in triton_op.DTYPES else "reference"
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _load():
+        return "cpu"
+    return "reference"
+
+
+def _triton_runs(device_type: str) -> tuple[bool, str]:
+    """Whether the Triton op runs on tensors of this device type here (checked once per device type)."""
+    if device_type not in _TRITON:
+        from . import triton_op
+
+        _TRITON[device_type] = triton_op.runs_on(torch.device(device_type))
+    return _TRITON[device_type]
+
+
+_TRITON: dict[str, tuple[bool, str]] = {}
+
+
+def fused_backend(x: torch.Tensor) -> str | None:
+    """The fused op that may run on words ``x`` (S, m, c) now: ``cpu``, ``triton``, or None for the
+    reference path (static facts only; builds the C++ op on first use)."""
     if torch.onnx.is_in_onnx_export():
-        return False
+        return None
     if torch.compiler.is_compiling():  # dynamo runs these once at trace time and keeps the answers
-        enabled = fused_kernels_enabled() if _DYNAMO_TRACES_CONTEXTVARS else _enabled_for_trace()
-        return enabled and _loaded_for_trace()
-    return fused_kernels_enabled() and _load()
+        backend = _backend_for_trace(x.device.type, x.dtype)
+    else:
+        backend = kernel_backend(x.device, x.dtype)
+    if backend == "triton":
+        from . import triton_op
+
+        return "triton" if triton_op.supports(x.shape[1], x.shape[2]) else None
+    return None if backend == "reference" else backend
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    """Whether a fused op may run on words ``x`` now (see :func:`fused_backend`)."""
+    return fused_backend(x) is not None
+
+
+def _backend_for_trace(device_type: str, dtype: torch.dtype) -> str:
+    """:func:`kernel_backend` inside a trace: a constant of the graph, so a model compiled or exported
+    before any eager call still gets the fused op. torch 2.14's dynamo reads the on/off switch (a context
+    variable) and guards on it; 2.13's cannot, so there it is read once per trace."""
+    if _DYNAMO_TRACES_CONTEXTVARS and not fused_kernels_enabled():
+        return "reference"
+    return _constant_backend(device_type, dtype)
+
+
+@torch.compiler.assume_constant_result
+def _constant_backend(device_type: str, dtype: torch.dtype) -> str:
+    return kernel_backend(torch.device(device_type), dtype)
 
 
 # torch 2.14's dynamo traces ContextVar.get and guards on the value (switching the fused path recompiles);
 # 2.13's cannot trace it, so there the switch is read once per trace, a constant of the compiled graph.
 _DYNAMO_TRACES_CONTEXTVARS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
-
-
-@torch.compiler.assume_constant_result
-def _enabled_for_trace() -> bool:
-    """:func:`fused_kernels_enabled` for a trace where dynamo cannot read the context variable."""
-    return fused_kernels_enabled()
-
-
-@torch.compiler.assume_constant_result
-def _loaded_for_trace() -> bool:
-    """:func:`_load` for a trace (``torch.compile``, ``torch.export``): a constant of the graph, so a model
-    compiled or exported before any eager call still gets the fused op."""
-    return _load()
 
 
 # Exactly what the fused op computes; a subclass may override forward, so types must match exactly.
@@ -450,23 +535,32 @@ def _register_python_kernels() -> None:
     register_autograd("tntvision::inner_transformer", torch.ops.tntvision.inner_transformer_backward)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The precision of the fused op's products for words ``x``: bf16 / fp16 words, else the autocast
+    dtype of x's device when autocast is on there, else fp32."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return x.dtype
+    device = x.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return autocast if autocast in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def inner_transformer(
     x: torch.Tensor,
     block: torch.nn.Module,
     keep1: torch.Tensor | None,
     keep2: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Run ``block``'s inner transformer on words ``x`` (S, m, c) through the fused op.
+    """Run ``block``'s inner transformer on words ``x`` (S, m, c) through the fused op of
+    :func:`fused_backend` (the caller has checked that one may run).
 
     ``block`` is a :class:`~tntvision.models.tnt.TNTBlock` with an inner transformer; ``keep1`` / ``keep2``
-    are per-sentence drop-path scales (S,) for the attention and MLP branches, or None. Under bf16
-    autocast or for bf16 words the op is told it may compute its GEMMs in bf16 (``low_precision``), which
-    it does where the CPU has AMX (see :func:`kernel_dispatch`).
+    are per-sentence drop-path scales (S,) for the attention and MLP branches, or None. The products run in
+    :func:`compute_dtype`: the Triton op takes it as it is; the C++ op is told it may compute its GEMMs in
+    bf16 (``low_precision``), which it does where the CPU has AMX (see :func:`kernel_dispatch`).
     """
     attn, mlp = block.attn_in, block.mlp_in
-    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    low_precision = autocast_bf16 or x.dtype == torch.bfloat16
-    return torch.ops.tntvision.inner_transformer(
+    args = (
         x,
         block.norm_in.weight,
         block.norm_in.bias,
@@ -486,5 +580,7 @@ def inner_transformer(
         keep2,
         attn.num_heads,
         block.norm_in.eps,
-        low_precision,
     )
+    if fused_backend(x) == "triton":
+        return torch.ops.tntvision.inner_transformer_triton(*args, compute_dtype(x))
+    return torch.ops.tntvision.inner_transformer(*args, compute_dtype(x) == torch.bfloat16)

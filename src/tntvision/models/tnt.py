@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
-from . import kernels
+from . import kernels, triton_op  # noqa: F401  (triton_op registers tntvision::inner_transformer_triton)
 from .contract import FeatureInfo, TimmContract
 from .layers import (
     Attention,
@@ -237,7 +237,8 @@ class TNTBlock(nn.Module):
             keep = [None, None]
             p = self.drop_path.p
             if self.training and p > 0:  # drawn in the reference path's order and dtype: same stream
-                dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else words.dtype
+                device = words.device.type
+                dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else words.dtype
                 keep = [drop_path_scale(words.shape[0], p, dtype=dt, device=words.device) for _ in range(2)]
             return kernels.inner_transformer(words, self, *keep)
         words = words + self.drop_path(self.attn_in(self.norm_in(words)))

@@ -33,6 +33,7 @@ __all__ = ["TileConfig", "inner_transformer_triton", "supports", "tile_config", 
 
 TILE_ROWS = 64  # words per program: a tile of whole sentences, e.g. 4 of TNT's 16 words
 MAX_WORDS = 128  # one sentence's (words x words) scores must fit a program's registers
+MAX_DIM = 256  # nor may a tile's (rows x features) blocks outgrow them
 HIDDEN_CHUNK = 32  # the MLP's hidden features go through registers this many at a time
 
 
@@ -117,9 +118,13 @@ def tile_config(words: int, dim: int, head_dim: int, compute_dtype: torch.dtype)
     )
 
 
-def supports(words: int, dim: int, num_heads: int, dtype: torch.dtype) -> bool:
-    """Whether the op computes sentences of this shape and dtype (else the reference path runs)."""
-    return 1 <= words <= MAX_WORDS and dim % num_heads == 0 and dim <= 256 and dtype in _DOT
+DTYPES = tuple(_DOT)  # the dtypes of words the op takes
+
+
+def supports(words: int, dim: int) -> bool:
+    """Whether the op computes sentences of ``words`` x ``dim`` (else the reference path runs): a
+    sentence's (words x words) scores and a tile's words must fit a program's registers."""
+    return 1 <= words <= MAX_WORDS and 1 <= dim <= MAX_DIM
 
 
 def _check(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...], num_heads: int) -> None:
