@@ -171,7 +171,8 @@ def inner_forward_kernel(
     X, Y, LN1W, LN1B, QKW, QKB, VW, VB, PW, PB, LN2W, LN2B, W1, B1, W2, B2, K1, K2,
     S, M, C, H, HD, eps, scale,
     NH: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, CP: tl.constexpr, HDP: tl.constexpr,
-    CH: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, DOT: tl.constexpr,
+    CH: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, HAS_KEEP1: tl.constexpr, HAS_KEEP2: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     """y = x + keep1 * attn(LN1(x)); y += keep2 * mlp(LN2(y)) for the tile of sentences ``program_id``."""
     pid = tl.program_id(0)
@@ -185,9 +186,8 @@ def inner_forward_kernel(
 
     xn, _, _ = _layer_norm(x, _vector(LN1W, C, CP), _vector(LN1B, C, CP), colok, C, eps)
     a = _attention(xn, QKW, QKB, VW, VB, PW, PB, C, HD, same, scale, NH, HAS_QKV_BIAS, R, CP, HDP, DOT)
-    if HAS_KEEP:
-        keep1 = tl.load(K1 + sentence, mask=ok, other=0.0).to(tl.float32)
-        a = a * keep1[:, None]
+    if HAS_KEEP1:
+        a = a * tl.load(K1 + sentence, mask=ok, other=0.0).to(tl.float32)[:, None]
     x1 = x + a
 
     xn2, _, _ = _layer_norm(x1, _vector(LN2W, C, CP), _vector(LN2B, C, CP), colok, C, eps)
@@ -196,9 +196,8 @@ def inner_forward_kernel(
         g = _gelu(_mm(xn2, _fc1_weight_t(W1, h0, C, H, CP, CH), DOT) + _vector(B1 + h0, H - h0, CH)[None, :])
         m += _mm(g, _fc2_weight_t(W2, h0, C, H, CP, CH), DOT)
     m += _vector(B2, C, CP)[None, :]
-    if HAS_KEEP:
-        keep2 = tl.load(K2 + sentence, mask=ok, other=0.0).to(tl.float32)
-        m = m * keep2[:, None]
+    if HAS_KEEP2:
+        m = m * tl.load(K2 + sentence, mask=ok, other=0.0).to(tl.float32)[:, None]
     tl.store(Y + io, (x1 + m).to(Y.dtype.element_ty), mask=iomask)
 
 
@@ -215,7 +214,8 @@ def inner_backward_kernel(
     XN1, DQKV, O, DA, XN2, G, DH, LNP,
     S, M, C, H, HD, eps, scale,
     NH: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, CP: tl.constexpr, HDP: tl.constexpr,
-    CH: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, DOT: tl.constexpr,
+    CH: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, HAS_KEEP1: tl.constexpr, HAS_KEEP2: tl.constexpr,
+    DOT: tl.constexpr,
     NEED_X: tl.constexpr, NEED_LN1: tl.constexpr, NEED_QKV: tl.constexpr, NEED_PROJ: tl.constexpr,
     NEED_LN2: tl.constexpr, NEED_FC1: tl.constexpr, NEED_FC2: tl.constexpr,
 ):  # fmt: skip
@@ -239,8 +239,9 @@ def inner_backward_kernel(
     a = _attention(xn1, QKW, QKB, VW, VB, PW, PB, C, HD, same, scale, NH, HAS_QKV_BIAS, R, CP, HDP, DOT)
     keep1 = tl.full((R,), 1.0, tl.float32)
     keep2 = tl.full((R,), 1.0, tl.float32)
-    if HAS_KEEP:
+    if HAS_KEEP1:
         keep1 = tl.load(K1 + sentence, mask=ok, other=0.0).to(tl.float32)
+    if HAS_KEEP2:
         keep2 = tl.load(K2 + sentence, mask=ok, other=0.0).to(tl.float32)
     x1 = x + a * keep1[:, None]
     xn2, xhat2, rstd2 = _layer_norm(x1, ln2w, _vector(LN2B, C, CP), colok, C, eps)

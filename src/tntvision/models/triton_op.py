@@ -127,7 +127,13 @@ def supports(words: int, dim: int) -> bool:
     return 1 <= words <= MAX_WORDS and 1 <= dim <= MAX_DIM
 
 
-def _check(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...], num_heads: int) -> None:
+def _check(
+    x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...], num_heads: int, compute_dtype: torch.dtype
+) -> None:
+    torch._check(
+        x.dtype in DTYPES, lambda: f"inner_transformer_triton: x must be one of {DTYPES}, got {x.dtype}"
+    )
+    torch._check(compute_dtype in DTYPES, lambda: f"inner_transformer_triton: compute_dtype {compute_dtype}")
     torch._check(
         x.dim() == 3, lambda: f"inner_transformer_triton: x must be (sentences, words, dim), got {x.shape}"
     )
@@ -148,9 +154,18 @@ def _launch_args(
 ) -> list:
     """The 14 weights and the keep scales as contiguous tensors (``x`` stands in for an absent bias or
     keep scale: the kernel never reads it)."""
-    torch._check((keep1 is None) == (keep2 is None), lambda: "keep1 and keep2 come together or not at all")
-    keeps = (keep1, keep2) if keep1 is not None else (x, x)
-    return [(t if t is not None else x).contiguous() for t in (*weights, *keeps)]
+    return [(t if t is not None else x).contiguous() for t in (*weights, keep1, keep2)]
+
+
+def _constants(cfg: TileConfig, num_heads: int, qk_b, keep1, keep2) -> dict[str, object]:
+    """The compile-time arguments both kernels take."""
+    tile = {"BS": cfg.BS, "R": cfg.R, "CP": cfg.CP, "HDP": cfg.HDP, "CH": cfg.CH, "DOT": cfg.DOT}
+    present = {
+        "HAS_QKV_BIAS": qk_b is not None,
+        "HAS_KEEP1": keep1 is not None,
+        "HAS_KEEP2": keep2 is not None,
+    }
+    return {"NH": num_heads, **tile, **present}
 
 
 def _shapes(x: torch.Tensor, fc1_w: torch.Tensor, num_heads: int) -> tuple[int, int, int, int, int]:
@@ -182,7 +197,7 @@ def inner_transformer_triton(
     compute_dtype: torch.dtype,
 ) -> torch.Tensor:
     """words (S, m, c) -> (S, m, c): ``x + keep1 * attn(LN1(x))``, then ``+ keep2 * mlp(LN2(.))``."""
-    _check(x, (ln1_w, qk_w, v_w, proj_w, fc1_w, fc2_w, keep1, keep2), num_heads)
+    _check(x, (ln1_w, qk_w, v_w, proj_w, fc1_w, fc2_w, keep1, keep2), num_heads, compute_dtype)
     S, m, c, hidden, hd = _shapes(x, fc1_w, num_heads)
     x = x.contiguous()
     y = torch.empty_like(x)
@@ -195,8 +210,7 @@ def inner_transformer_triton(
     with _device(x):
         _kernels().inner_forward_kernel[grid](
             x, y, *args, S, m, c, hidden, hd, eps, hd**-0.5,
-            NH=num_heads, BS=cfg.BS, R=cfg.R, CP=cfg.CP, HDP=cfg.HDP, CH=cfg.CH,
-            HAS_QKV_BIAS=qk_b is not None, HAS_KEEP=keep1 is not None, DOT=cfg.DOT, num_warps=4,
+            **_constants(cfg, num_heads, qk_b, keep1, keep2), num_warps=4,
         )  # fmt: skip
     return y
 
@@ -236,7 +250,7 @@ def inner_transformer_triton_backward(
     """Gradients for x and each parameter (the op's input order), each in its input's dtype; what
     ``output_mask`` (x, ln1, qkv, proj, ln2, fc1, fc2) does not ask for comes back as an empty fp32
     tensor."""
-    _check(x, (grad, ln1_w, qk_w, v_w, proj_w, fc1_w, fc2_w, keep1, keep2), num_heads)
+    _check(x, (grad, ln1_w, qk_w, v_w, proj_w, fc1_w, fc2_w, keep1, keep2), num_heads, compute_dtype)
     torch._check(grad.shape == x.shape, lambda: f"grad has shape {grad.shape}, x has {x.shape}")
     S, m, c, hidden, hd = _shapes(x, fc1_w, num_heads)
     need = dict(zip(("x", "ln1", "qkv", "proj", "ln2", "fc1", "fc2"), output_mask, strict=True))
@@ -259,8 +273,7 @@ def inner_transformer_triton_backward(
         with _device(x):
             _kernels().inner_backward_kernel[(programs,)](
                 grad, x, dx, *args, xn1, dqkv, o, da, xn2, g, dh, ln_sums, S, m, c, hidden, hd, eps, hd**-0.5,
-                NH=num_heads, BS=cfg.BS, R=cfg.R, CP=cfg.CP, HDP=cfg.HDP, CH=cfg.CH,
-                HAS_QKV_BIAS=qk_b is not None, HAS_KEEP=keep1 is not None, DOT=cfg.DOT,
+                **_constants(cfg, num_heads, qk_b, keep1, keep2),
                 NEED_X=need["x"], NEED_LN1=need["ln1"], NEED_QKV=need["qkv"], NEED_PROJ=need["proj"],
                 NEED_LN2=need["ln2"], NEED_FC1=need["fc1"], NEED_FC2=need["fc2"], num_warps=4,
             )  # fmt: skip
