@@ -4,12 +4,13 @@ import sys
 import pytest
 import torch
 
-import tntvision
-
 # The Triton op runs on CPU tensors only under Triton's interpreter, which must be on before Triton is
-# imported: without a GPU the suite tests the GPU kernel that way (docs/testing.md, "The Triton op").
+# imported (torch._dynamo imports it, and tntvision imports that): without a GPU the suite tests the GPU
+# kernel that way (docs/testing.md, "The Triton op").
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+import tntvision  # noqa: E402
 
 
 def pytest_configure(config):

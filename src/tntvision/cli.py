@@ -260,12 +260,14 @@ def cmd_kernels(args: argparse.Namespace) -> None:
     if args.action == "build":
         where = kernels.build()
         log(f"fused CPU kernel built in {where}")
-    info = {**kernels.kernel_dispatch(), "build": str(kernels.build_directory())}
-    emit(
-        args,
-        info,
-        lambda: "\n".join(f"{k:<10}{','.join(v) if isinstance(v, list) else v}" for k, v in info.items()),
-    )
+    info = kernels.kernels_info()
+
+    def text(v) -> str:
+        if isinstance(v, dict):
+            return ", ".join(f"{k}={text(x)}" for k, x in v.items())
+        return ",".join(v) if isinstance(v, list) else str(v)
+
+    emit(args, info, lambda: "\n".join(f"{k:<17}{text(v)}" for k, v in info.items()))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -69,6 +69,7 @@ __all__ = [
     "kernel_backend_set",
     "kernel_backend_setting",
     "kernel_dispatch",
+    "kernels_info",
     "plain_module",
     "set_fused_kernels",
     "set_kernel_backend",
@@ -333,6 +334,28 @@ def kernel_backend(device: torch.device | str, dtype: torch.dtype = torch.float3
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _load():
         return "cpu"
     return "reference"
+
+
+def kernels_info() -> dict[str, object]:
+    """What ``tnt kernels info`` reports: the C++ op's copy, bf16 mode and build folder
+    (:func:`kernel_dispatch`), the backend setting, the backend each device's words get
+    (:func:`kernel_backend`, fp32) and Triton's version and mode."""
+    from . import triton_op
+
+    info: dict[str, object] = {**kernel_dispatch(), "build": str(build_directory())}
+    info["backend_setting"] = kernel_backend_setting()
+    backends = {}
+    for device in ("cpu", "cuda"):
+        try:
+            backends[device] = kernel_backend(device)
+        except ConfigError as e:
+            backends[device] = f"unavailable ({e})"
+    info["backends"] = backends
+    info["cuda_available"] = torch.cuda.is_available()
+    ok, why = triton_op.triton_status()
+    version = triton_op.triton_version() if ok else None
+    info["triton"] = {"version": version, "interpreted": ok and triton_op.interpreted(), "error": why or None}
+    return info
 
 
 def _triton_runs(device_type: str) -> tuple[bool, str]:

@@ -21,7 +21,8 @@ the kernel is bound by memory and latency, not by them). Head dims are padded to
 Precision: LayerNorms, softmax, GELU, residuals and accumulation in fp32; the operands of every product
 in the compute dtype (``DOT``: 0 fp32 with IEEE products, no TF32; 1 fp16; 2 bf16; 3 bf16-rounded
 operands multiplied in fp32, which is what tensor cores compute for bf16 and what runs under the
-interpreter, whose bf16 ``tl.dot`` is wrong in triton 3.8).
+interpreter, whose bf16 ``tl.dot`` is wrong in triton 3.8 and whose fp32 -> bf16 conversion truncates
+where a GPU rounds to nearest, so with DOT 3 every bf16 rounding goes through :func:`_bf16_nearest`).
 
 Backward recomputes the forward of its tile, writes the input gradient and, for the weight gradients, the
 per-word operands of the weight products (LN outputs, q/k/v and attention-output gradients, the GELU
@@ -34,6 +35,23 @@ import triton.language as tl
 
 
 @triton.jit
+def _bf16_nearest(v):
+    """fp32 v rounded to the nearest bf16 value (ties to even), still fp32. The interpreter's fp32 -> bf16
+    conversion truncates; a GPU's rounds to nearest: this makes the interpreter round as the GPU does."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _cast(v, ty: tl.constexpr, DOT: tl.constexpr):
+    """fp32 v as dtype ty, rounded to nearest (under the interpreter, DOT == 3, through _bf16_nearest)."""
+    if DOT == 3 and ty == tl.bfloat16:
+        v = _bf16_nearest(v)
+    return v.to(ty)
+
+
+@triton.jit
 def _mm(a, b, DOT: tl.constexpr):
     """a @ b in fp32, the operands rounded to the compute dtype first."""
     if DOT == 1:
@@ -41,9 +59,7 @@ def _mm(a, b, DOT: tl.constexpr):
     elif DOT == 2:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     elif DOT == 3:
-        return tl.dot(
-            a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee"
-        )
+        return tl.dot(_bf16_nearest(a), _bf16_nearest(b), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision="ieee")
 
@@ -198,14 +214,16 @@ def inner_forward_kernel(
     m += _vector(B2, C, CP)[None, :]
     if HAS_KEEP2:
         m = m * tl.load(K2 + sentence, mask=ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(Y + io, (x1 + m).to(Y.dtype.element_ty), mask=iomask)
+    tl.store(Y + io, _cast(x1 + m, Y.dtype.element_ty, DOT), mask=iomask)
 
 
 @triton.jit
-def _store_cols(ptr, word, ok, ld, col0, v, n, WIDTH: tl.constexpr):
+def _store_cols(ptr, word, ok, ld, col0, v, n, WIDTH: tl.constexpr, DOT: tl.constexpr):
     """ptr[word, col0 + j] = v[:, j] for j < n (rows of length ld), in ptr's dtype."""
     j = tl.arange(0, WIDTH)[None, :]
-    tl.store(ptr + word[:, None] * ld + col0 + j, v.to(ptr.dtype.element_ty), mask=ok[:, None] & (j < n))
+    tl.store(
+        ptr + word[:, None] * ld + col0 + j, _cast(v, ptr.dtype.element_ty, DOT), mask=ok[:, None] & (j < n)
+    )
 
 
 @triton.jit
@@ -255,11 +273,11 @@ def inner_backward_kernel(
         dh = _mm(dm, tl.trans(_fc2_weight_t(W2, h0, C, H, CP, CH)), DOT) * _gelu_grad(hpre)  # (R, CH)
         dxn2 += _mm(dh, tl.trans(w1t), DOT)
         if NEED_FC2:
-            _store_cols(G, word, ok, H, h0, _gelu(hpre), H - h0, CH)
+            _store_cols(G, word, ok, H, h0, _gelu(hpre), H - h0, CH, DOT)
         if NEED_FC1:
-            _store_cols(DH, word, ok, H, h0, dh, H - h0, CH)
+            _store_cols(DH, word, ok, H, h0, dh, H - h0, CH, DOT)
     if NEED_FC1:
-        _store_cols(XN2, word, ok, C, 0, xn2, C, CP)
+        _store_cols(XN2, word, ok, C, 0, xn2, C, CP, DOT)
     if NEED_LN2:
         tl.store(LNP + (pid * 4 + 2) * CP + cols, tl.sum(dxn2 * xhat2, axis=0))
         tl.store(LNP + (pid * 4 + 3) * CP + cols, tl.sum(dxn2, axis=0))
@@ -268,12 +286,12 @@ def inner_backward_kernel(
     # attention branch: da = keep1 * dx1, the gradient of the projection's output
     da = dx1 * keep1[:, None]
     if NEED_PROJ:
-        _store_cols(DA, word, ok, C, 0, da, C, CP)
+        _store_cols(DA, word, ok, C, 0, da, C, CP, DOT)
     dxn1 = tl.zeros((R, CP), dtype=tl.float32)
     for h in tl.static_range(NH):
         q, k, v, p = _head(xn1, QKW, QKB, VW, VB, h, C, HD, same, scale, HAS_QKV_BIAS, CP, HDP, DOT)
         if NEED_PROJ:
-            _store_cols(O, word, ok, C, h * HD, _mm(p, v, DOT), HD, HDP)
+            _store_cols(O, word, ok, C, h * HD, _mm(p, v, DOT), HD, HDP, DOT)
         do = _mm(da, tl.trans(_proj_weight_t(PW, h * HD, C, HD, CP, HDP)), DOT)  # (R, HDP)
         dv = _mm(tl.trans(p), do, DOT)
         dp = _mm(do, tl.trans(v), DOT)  # (R, R)
@@ -285,14 +303,14 @@ def inner_backward_kernel(
         wv = _head_weight_t(VW, h * HD, C, HD, CP, HDP)
         dxn1 += _mm(dq, tl.trans(wq), DOT) + _mm(dk, tl.trans(wk), DOT) + _mm(dv, tl.trans(wv), DOT)
         if NEED_QKV:
-            _store_cols(DQKV, word, ok, 3 * C, h * HD, dq, HD, HDP)
-            _store_cols(DQKV, word, ok, 3 * C, C + h * HD, dk, HD, HDP)
-            _store_cols(DQKV, word, ok, 3 * C, 2 * C + h * HD, dv, HD, HDP)
+            _store_cols(DQKV, word, ok, 3 * C, h * HD, dq, HD, HDP, DOT)
+            _store_cols(DQKV, word, ok, 3 * C, C + h * HD, dk, HD, HDP, DOT)
+            _store_cols(DQKV, word, ok, 3 * C, 2 * C + h * HD, dv, HD, HDP, DOT)
     if NEED_QKV:
-        _store_cols(XN1, word, ok, C, 0, xn1, C, CP)
+        _store_cols(XN1, word, ok, C, 0, xn1, C, CP, DOT)
     if NEED_LN1:
         tl.store(LNP + (pid * 4 + 0) * CP + cols, tl.sum(dxn1 * xhat1, axis=0))
         tl.store(LNP + (pid * 4 + 1) * CP + cols, tl.sum(dxn1, axis=0))
     if NEED_X:
         dx = dx1 + _layer_norm_backward(dxn1, xhat1, rstd1, ln1w, colok, C)
-        tl.store(DX + io, dx.to(DX.dtype.element_ty), mask=iomask)
+        tl.store(DX + io, _cast(dx, DX.dtype.element_ty, DOT), mask=iomask)

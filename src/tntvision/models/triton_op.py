@@ -29,7 +29,16 @@ import torch
 
 from . import kernels
 
-__all__ = ["TileConfig", "inner_transformer_triton", "supports", "tile_config", "triton_status"]
+__all__ = [
+    "TileConfig",
+    "inner_transformer_triton",
+    "interpreted",
+    "runs_on",
+    "supports",
+    "tile_config",
+    "triton_status",
+    "triton_version",
+]
 
 TILE_ROWS = 64  # words per program: a tile of whole sentences, e.g. 4 of TNT's 16 words
 MAX_WORDS = 128  # one sentence's (words x words) scores must fit a program's registers
@@ -44,6 +53,12 @@ def triton_status() -> tuple[bool, str]:
     except Exception as e:  # not installed (CPU-only torch wheels), or broken
         return False, f"{type(e).__name__}: {e}"
     return True, ""
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
 
 
 def interpreted() -> bool:
