@@ -556,3 +556,12 @@ def test_kernels_info_names_the_backend_of_each_device():
     info = json.loads(out.stdout)
     assert info["backends"]["cpu"] in ("cpu", "reference") and info["backends"]["cuda"] == "triton"
     assert info["triton"]["version"] and info["backend_setting"] == "auto"
+
+
+def test_the_reference_path_attends_with_sdpa_on_a_gpu():
+    """Short sequences (TNT's words) take the explicit transposed-softmax path on the CPU only; on CUDA
+    every length goes to scaled_dot_product_attention."""
+    from tntvision.models.layers import SMALL_ATTN_TOKENS, explicit_attention
+
+    assert explicit_attention(16, torch.device("cpu")) and not explicit_attention(16, torch.device("cuda"))
+    assert not explicit_attention(SMALL_ATTN_TOKENS + 1, torch.device("cpu"))

@@ -20,6 +20,7 @@ __all__ = [
     "check_images",
     "drop_path_scale",
     "dropout_p",
+    "explicit_attention",
     "fx_leaf",
     "init_linear_and_norm",
     "new_head",
@@ -27,11 +28,18 @@ __all__ = [
 ]
 
 
-# Attention over at most this many tokens runs as explicit batched matmuls with a transposed softmax
-# (TNT's inner attention on the reference path: 16 words, head dim 6). PyTorch's fused CPU kernel is built
-# for long sequences and loses to two small bmm calls there; from 65 tokens on (the outer 197) it runs in
-# every dtype: in bf16 it is 2-3x faster than the explicit path on CPUs with AMX and on par without.
+# On the CPU, attention over at most this many tokens runs as explicit batched matmuls with a transposed
+# softmax (TNT's inner attention on the reference path: 16 words, head dim 6). PyTorch's fused CPU kernel is
+# built for long sequences and loses to two small bmm calls there; from 65 tokens on (the outer 197) it runs
+# in every dtype: in bf16 it is 2-3x faster than the explicit path on CPUs with AMX and on par without.
 SMALL_ATTN_TOKENS = 64
+
+
+def explicit_attention(tokens: int, device: torch.device) -> bool:
+    """Whether attention over ``tokens`` runs as :meth:`Attention.explicit` (static facts only): short
+    sequences on the CPU. On a GPU every length goes to ``F.scaled_dot_product_attention``, which picks a
+    fused kernel where one fits (the transposed softmax and the per-tile recompute are CPU choices)."""
+    return tokens <= SMALL_ATTN_TOKENS and device.type == "cpu"
 
 
 def _small_attn_t(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -163,7 +171,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x)  # (B, N, 3*C)
         p = self.attn_drop if self.training else 0.0
-        if self.keep_attn or N <= SMALL_ATTN_TOKENS:
+        if self.keep_attn or explicit_attention(N, x.device):
             x = self.explicit(qkv, p)
         else:
             qkv = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, hd)
