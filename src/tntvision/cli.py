@@ -87,13 +87,20 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from .tools.checkpoints import load_checkpoint
     from .tools.predict import predict_images
-
-    model = load_checkpoint(args.checkpoint, runtime=args.runtime, merge_tokens=args.merge_tokens)
     from .utils.amp import weight_dtype
+    from .utils.devices import resolve_device
 
+    device = resolve_device(args.device)  # before the checkpoint is read
+    model = load_checkpoint(args.checkpoint, runtime=args.runtime, merge_tokens=args.merge_tokens)
     dtype = weight_dtype(args.dtype)
     report = predict_images(
-        model, args.images, topk=args.topk, batch_size=args.batch_size, dtype=dtype, warn=log
+        model,
+        args.images,
+        topk=args.topk,
+        batch_size=args.batch_size,
+        device=device,
+        dtype=dtype,
+        warn=log,
     )
 
     def text() -> str:
@@ -149,6 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         split=args.split,
         batch_size=args.batch_size,
         workers=args.workers,
+        device=args.device,
         amp=args.amp,
         dtype=args.dtype,
         out=args.out,
@@ -281,6 +289,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         checkpoint=args.checkpoint,
         runtime=args.runtime,
         dtype=args.dtype,
+        device=args.device,
         host=args.host,
         port=args.port,
         max_batch=args.max_batch,
@@ -307,6 +316,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ("pretrained", args.pretrained),
         ("seed", args.seed),
         ("workers", args.workers),
+        ("device", args.device),
     ):
         if value is not None:
             overrides[key] = value
@@ -402,6 +412,21 @@ def _verbose_flag(p: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) 
     )
 
 
+DEVICES = ("cpu", "cuda")
+DEVICE_HELP = "where the model runs: cpu (default) or cuda (the current GPU; CUDA_VISIBLE_DEVICES picks it)"
+
+
+def _device_arg(
+    p: argparse.ArgumentParser,
+    help: str = DEVICE_HELP,
+    *,
+    choices: Sequence[str] = DEVICES,
+    default: str | None = "cpu",
+) -> None:
+    """--device: every command that runs a model (tntvision.utils.devices.resolve_device checks it)."""
+    p.add_argument("--device", choices=choices, default=default, help=help)
+
+
 def _runtime_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default=None, help=RUNTIME_HELP)
 
@@ -442,6 +467,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     _dtype_arg(p)
+    _device_arg(p)
     _runtime_arg(p)
     _merge_arg(p)
     _json_flag(p)
@@ -475,6 +501,7 @@ def _add_eval(sub) -> None:
         "--amp", choices=("none", "bfloat16", "float16"), default="none", help="autocast (default: none)"
     )
     _dtype_arg(p)
+    _device_arg(p)
     _runtime_arg(p)
     _merge_arg(p)
     _json_flag(p)
@@ -513,6 +540,13 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, help="random seed (runs with the same seed are identical)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    _device_arg(
+        p,
+        "cpu or cuda (under torchrun: the GPU LOCAL_RANK, DDP over nccl); default: the config's device, "
+        "auto: cuda when there is a GPU",
+        choices=("auto", *DEVICES),
+        default=None,
+    )
     _json_flag(p, "print the summary as one JSON object")
     p.set_defaults(func=cmd_train)
 
@@ -552,7 +586,7 @@ def _add_bench(sub) -> None:
         help="lean_backward off: our PyTorch-run attention/MLP modules keep their activations for backward "
         "(with the fused op on, the outer blocks only: the fused op always recomputes)",
     )
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: cpu)")
+    _device_arg(p, "cpu (default) or cuda: timed with CUDA events, peak memory max_memory_allocated")
     _runtime_arg(p)
     _merge_arg(p)
     _json_flag(p)
@@ -570,6 +604,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     _runtime_arg(p)
     _dtype_arg(p)
+    _device_arg(p, "where batches run: cpu (default) or cuda (PyTorch checkpoints; /explain stays on cpu)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: a free one)")
     p.add_argument("--max-batch", type=int, default=32, help="images per forward pass, at most (default: 32)")

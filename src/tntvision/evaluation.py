@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import DataError
 from .utils.amp import autocast
+from .utils.devices import non_blocking
 
 __all__ = ["all_reduce_sum", "evaluate"]
 
@@ -51,8 +52,10 @@ def evaluate(
     dtype = param.dtype if param is not None and param.is_floating_point() else None
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, samples
     matrix: torch.Tensor | None = None
+    copy_async = non_blocking(device)
     for x, y in loader:
-        x, y = x.to(device=device, dtype=dtype, non_blocking=True), y.to(device, non_blocking=True)
+        x = x.to(device=device, dtype=dtype, non_blocking=copy_async)
+        y = y.to(device, non_blocking=copy_async)
         with autocast(device, amp_dtype):
             logits = model(x)
         logits = logits.float()  # (B, K)

@@ -35,6 +35,7 @@ from torch import nn
 from ..data import eval_transform, open_image
 from ..errors import ConfigError, DataError
 from ..tools.predict import Prediction, class_labels, prepare_model, top_k
+from ..utils.devices import non_blocking
 
 __all__ = ["DEFAULT_MAX_PIXELS", "Engine", "EngineConfig", "Unavailable", "attention_overlay"]
 
@@ -50,12 +51,14 @@ class EngineConfig:
         max_wait_ms: how long the first request of a batch waits for others (0: run what is queued).
         max_pixels: the largest image (width x height, from its header) that is decoded.
         dtype: the dtype weights and images are held in (``torch.bfloat16``: PyTorch checkpoints only).
+        device: where batches run (a GPU: PyTorch checkpoints only; explanations stay on the CPU).
     """
 
     max_batch: int = 32
     max_wait_ms: float = 5.0
     max_pixels: int = DEFAULT_MAX_PIXELS
     dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -108,15 +111,18 @@ class Engine:
         exported = next(model.parameters(), None) is None
         if exported and self.config.dtype != torch.float32:
             raise ConfigError("an exported .onnx / .pt2 file runs in float32: leave --dtype out")
+        if exported and self.config.device.type != "cpu":
+            raise ConfigError("an exported .onnx / .pt2 file runs on the CPU: leave --device out")
         self.labels = class_labels(model)
         self.meta = model.meta
         self.model_name = str(getattr(model, "model_name", None) or type(model).__name__)
         self.runtime = str(getattr(model, "runtime", "torch"))
         self.transform = eval_transform(model.meta)
-        # Attention is drawn from the model as loaded (float32); batches run in --dtype (a copy if it
-        # differs).
+        # Attention is drawn from the model as loaded (float32, on the CPU); batches run in --dtype on
+        # --device (a copy if either differs).
         self._source = model.eval()
-        self._model = prepare_model(model, dtype=self.config.dtype)
+        self._model = prepare_model(model, device=self.config.device, dtype=self.config.dtype)
+        self._copy_async = non_blocking(self.config.device)
         self.can_explain = not exported and hasattr(model, "blocks")  # isotropic TNT: a class token
         self.on_batch = on_batch
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -200,7 +206,7 @@ class Engine:
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
-        x = torch.zeros(1, *self.meta.input_size, dtype=self.config.dtype)
+        x = torch.zeros(1, *self.meta.input_size, dtype=self.config.dtype, device=self.config.device)
         with self._lock:
             self._model(x)
 
@@ -229,9 +235,10 @@ class Engine:
     def _run(self, jobs: list[_Job]) -> None:
         started = time.perf_counter()
         try:
-            x = torch.stack([job.image for job in jobs]).to(self.config.dtype)  # (b, C, H, W)
+            x = torch.stack([job.image for job in jobs])  # (b, C, H, W)
+            x = x.to(self.config.device, self.config.dtype, non_blocking=self._copy_async)
             with self._lock:
-                logits = self._model(x).float()  # (b, classes)
+                logits = self._model(x).float().cpu()  # (b, classes)
         except Exception as e:  # a bug or a runtime failure: every request of the batch gets it
             for job in jobs:
                 job.future.set_exception(e)

@@ -29,6 +29,7 @@ class ServeOptions:
     checkpoint: str | Path
     runtime: str | None = None
     dtype: str = "float32"
+    device: str = "cpu"
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch: int = 32
@@ -105,9 +106,11 @@ def serve(options: ServeOptions, *, log: Callable[[str], None], announce: Callab
 
     from ..tools.checkpoints import load_checkpoint
     from ..utils.amp import weight_dtype
+    from ..utils.devices import device_name, resolve_device
     from .app import create_app
     from .engine import Engine, EngineConfig
 
+    device = resolve_device(options.device)  # before the checkpoint is read
     if options.max_upload_mb <= 0 or options.topk < 1:
         raise ConfigError("--max-upload-mb and the default topk must be positive")
     if options.threads is not None:
@@ -119,6 +122,7 @@ def serve(options: ServeOptions, *, log: Callable[[str], None], announce: Callab
         max_wait_ms=options.max_wait_ms,
         max_pixels=options.max_pixels,
         dtype=weight_dtype(options.dtype),
+        device=device,
     )
     engine = Engine(load_checkpoint(options.checkpoint, runtime=options.runtime), config)
     sock = bind(options.host, options.port)
@@ -133,6 +137,10 @@ def serve(options: ServeOptions, *, log: Callable[[str], None], announce: Callab
         )
     )
 
+    where = (
+        f"{device} {device_name(device)}" if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    )
+
     def wait_and_announce() -> None:
         while not (engine.ready.wait(0.05) and server.started):
             if engine.failure is not None:
@@ -141,8 +149,8 @@ def serve(options: ServeOptions, *, log: Callable[[str], None], announce: Callab
             if server.should_exit:
                 return
         announce(
-            f"serving {engine.model_name} ({engine.runtime}, {options.dtype}, {torch.get_num_threads()} "
-            f"threads, batches of up to {config.max_batch} within {config.max_wait_ms:g} ms) at {_url(sock)}"
+            f"serving {engine.model_name} ({engine.runtime}, {options.dtype}, {where}, batches of up to "
+            f"{config.max_batch} within {config.max_wait_ms:g} ms) at {_url(sock)}"
         )
 
     threading.Thread(target=wait_and_announce, name="tnt-serve-announce", daemon=True).start()

@@ -6,7 +6,8 @@ process, interleaved round by round (A B, then B A, ...), and reports ratios of 
 cannot be told apart inside one process (the allocator keeps freed pages), so it is measured in a fresh
 child process per model: on CPU the RSS high-water mark (VmHWM) of that process, and the part of it
 added by the timed work (peak minus the RSS just before the first step); on CUDA
-``torch.cuda.max_memory_allocated``.
+``torch.cuda.max_memory_allocated``. Times on the CPU are wall time per call; on CUDA, where a call only
+queues the GPU's work, CUDA events around each call (:data:`TIMING`, recorded in the result's ``timing``).
 
 timm is a development dependency: it is imported lazily here, only when a comparison asks for it.
 """
@@ -33,6 +34,7 @@ from ..models import create_model
 from ..models.kernels import fused_kernels, set_fused_kernels
 from ..models.registry import get_model_entry
 from ..utils.amp import WEIGHT_DTYPES, amp_dtype, autocast, weight_dtype
+from ..utils.devices import device_name, resolve_device
 
 __all__ = ["Impl", "bench_model", "format_report"]
 
@@ -121,8 +123,43 @@ def _on_path(fn: Callable[[], None], fused: bool) -> Callable[[], None]:
 
 
 def _sync(device: str) -> None:
+    """Wait for the GPU's queued work (a no-op on the CPU, whose work is done when a call returns)."""
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+TIMING = {
+    "cpu": "time.perf_counter around each call (CPU work is done when the call returns)",
+    "cuda": "CUDA events recorded before and after each call on the current stream, GPU idle at the start "
+    "(the previous call synchronised), elapsed_time read after synchronising the end event",
+}
+
+
+def _timer(device: str) -> Callable[[Callable[[], None]], float]:
+    """Seconds one call of ``fn`` takes on ``device`` (see :data:`TIMING`).
+
+    On CUDA the workloads only queue kernels, so host wall time would miss the GPU's work: two CUDA
+    events bracket the call on the stream and the end event is waited for, so each call starts on an
+    idle GPU and its time includes any gaps where the GPU waited for the host to launch kernels.
+    """
+    if device != "cuda":
+
+        def wall(fn: Callable[[], None]) -> float:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+
+        return wall
+
+    def events(fn: Callable[[], None]) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3  # ms -> s
+
+    return events
 
 
 # ------------------------------------------------------------------------------------------ workloads
@@ -134,7 +171,6 @@ def _inference_fn(model: nn.Module, x: torch.Tensor, device: str, amp: str) -> C
     def run() -> None:
         with torch.inference_mode(), _autocast(device, amp):
             model(x)
-        _sync(device)
 
     return run
 
@@ -152,25 +188,25 @@ def _train_fn(model: nn.Module, x: torch.Tensor, device: str, amp: str) -> Calla
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        _sync(device)
 
     return run
 
 
 def _time_interleaved(
-    fns: dict[str, Callable[[], None]], *, warmup: int, rounds: int
+    fns: dict[str, Callable[[], None]], *, warmup: int, rounds: int, device: str = "cpu"
 ) -> dict[str, list[float]]:
-    """Seconds per call of each function, run round-robin with the order reversed every other round."""
+    """Seconds per call of each function, run round-robin with the order reversed every other round
+    (timed as :func:`_timer` does on ``device``)."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             fns[n]()
+    _sync(device)
+    timer = _timer(device)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for n in names if r % 2 == 0 else reversed(names):
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(timer(fns[n]))
     return times
 
 
@@ -200,10 +236,12 @@ def _memory_probe(
     x = torch.randn(batch, *_input_shape(model_name), device=device, dtype=weight_dtype(dtype))
     run = (_train_fn if train else _inference_fn)(model, x, device, amp)
     if device == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         for _ in range(steps):
             run()
+        torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
         return {"peak_mb": peak, "added_mb": peak - before / 2**20, "before_mb": before / 2**20}
     before = _rss_mb()
@@ -268,7 +306,12 @@ def _summarise(times: dict[str, list[float]], batch: int) -> dict[str, dict[str,
     out = {}
     for name, ts in times.items():
         med = statistics.median(ts)
-        out[name] = {"median_ms": 1e3 * med, "min_ms": 1e3 * min(ts), "img_per_s": batch / med}
+        out[name] = {
+            "median_ms": 1e3 * med,
+            "min_ms": 1e3 * min(ts),
+            "max_ms": 1e3 * max(ts),
+            "img_per_s": batch / med,
+        }
     return out
 
 
@@ -295,22 +338,26 @@ def _macs(model: nn.Module, shape: tuple[int, ...]) -> int:
     return forward_macs(model, torch.zeros(1, *shape))
 
 
-def profile_ops(fn: Callable[[], None], *, top: int = 15) -> list[dict[str, Any]]:
-    """The ``top`` operators of one call of ``fn`` by self CPU time (``torch.profiler``), as plain data."""
+def profile_ops(fn: Callable[[], None], *, top: int = 15, device: str = "cpu") -> list[dict[str, Any]]:
+    """The ``top`` operators of one call of ``fn`` by self time (``torch.profiler``), as plain data: CPU
+    time on the CPU, GPU (kernel) time on CUDA, where the host only launches the work."""
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+
+    def self_us(e) -> float:
+        return e.self_device_time_total if device == "cuda" else e.self_cpu_time_total
+
     fn()  # warm
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    _sync(device)
+    with profile(activities=activities) as prof:
         fn()
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1
+        _sync(device)
+    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    rows = sorted(events, key=self_us, reverse=True)[:top]
+    total = sum(self_us(e) for e in events) or 1
     return [
-        {
-            "op": e.key,
-            "self_ms": e.self_cpu_time_total / 1e3,
-            "share": e.self_cpu_time_total / total,
-            "calls": e.count,
-        }
+        {"op": e.key, "self_ms": self_us(e) / 1e3, "share": self_us(e) / total, "calls": e.count}
         for e in rows
     ]
 
@@ -337,8 +384,9 @@ def _check_bench_args(
         raise ConfigError("batch size and rounds must be positive, warmup not negative")
     if not set(workloads) <= {"inference", "latency"}:
         raise ConfigError(f"workloads are 'inference' and 'latency', got {list(workloads)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda asked for but CUDA is not available")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu or cuda, got {device!r}")
+    resolve_device(device)  # CUDA asked for where there is none: the message says why
 
 
 def _build_models(
@@ -379,7 +427,7 @@ def bench_model(
     warmup: int = 2,
     latency_rounds: int = 10,
     memory: bool = True,
-    compile: bool = False,
+    compile: bool | str = False,
     threads: int | None = None,
     device: str = "cpu",
     lean_backward: bool = True,
@@ -394,7 +442,8 @@ def bench_model(
     backward, AdamW) at ``batch_size``. ``dtype`` is the dtype the weights and inputs are held in
     (``"bfloat16"``: inference without autocast's per-call weight casts; training needs ``float32``);
     ``amp="bfloat16"`` runs every implementation under the same ``torch.autocast``. ``compile`` wraps every
-    model in ``torch.compile`` and reports the first (compiling) call's time separately. Peak memory
+    model in ``torch.compile`` (a string: that ``backend``, e.g. ``"eager"`` to trace without code
+    generation; True: inductor) and reports the first (compiling) call's time separately. Peak memory
     (``memory=True``) comes from one child process per implementation (module docstring).
     ``lean_backward=False`` times our model with its reference-path inner activations kept for backward.
     ``profile=N`` adds the top N operators of one call of our model per workload (``torch.profiler``).
@@ -413,6 +462,8 @@ def bench_model(
         "dtype": dtype,
         "amp": amp,
         "device": device,
+        "device_name": device_name(torch.device(device)),
+        "timing": TIMING[device],
         "torch": torch.__version__,
         "compile": compile,
         "lean_backward": lean_backward,
@@ -432,19 +483,24 @@ def bench_model(
         fused = {i.label: i.fused for i in impls}
         x = torch.randn(batch_size, *shape, device=device, dtype=wdtype)
         x1 = torch.randn(1, *shape, device=device, dtype=wdtype)
-        if compile:
+        if compile:  # the first call of the first workload compiles; its time is reported apart
             result["compile_s"] = {}
+            only_train = train and "inference" not in workloads
+            result["compiled_first"] = "train" if only_train else "inference"
+            first = _train_fn if only_train else _inference_fn
             for k, m in models.items():
-                models[k] = torch.compile(m)
+                models[k] = torch.compile(m, backend=compile if isinstance(compile, str) else "inductor")
                 t0 = time.perf_counter()
-                _on_path(_inference_fn(models[k], x, device, amp), fused[k])()
+                _on_path(first(models[k], x, device, amp), fused[k])()
+                _sync(device)
                 result["compile_s"][k] = time.perf_counter() - t0
 
         def timed(make: Callable, inp: torch.Tensor, n_rounds: int, batch: int) -> dict[str, Any]:
             fns = {k: _on_path(make(m, inp, device, amp), fused[k]) for k, m in models.items()}
-            out = _workload(_summarise(_time_interleaved(fns, warmup=warmup, rounds=n_rounds), batch))
+            times = _time_interleaved(fns, warmup=warmup, rounds=n_rounds, device=device)
+            out = _workload(_summarise(times, batch))
             if profile:
-                out["profile"] = profile_ops(fns["ours"], top=profile)
+                out["profile"] = profile_ops(fns["ours"], top=profile, device=device)
             return out
 
         if "inference" in workloads:
@@ -467,10 +523,12 @@ def format_report(result: dict[str, Any]) -> str:
     head = (
         f"{result['model']}  batch {result['batch_size']}  weights {result['dtype']}"
         + (f"  autocast {amp}" if amp != "none" else "")
-        + f"  {result['device']}  {result['threads']} threads  torch {result['torch']}"
+        + f"  {result['device']}"
+        + (f" ({result['device_name']})" if result["device"] == "cuda" else f"  {result['threads']} threads")
+        + f"  torch {result['torch']}"
         + ("  compiled" if result["compile"] else "")
     )
-    lines = [head]
+    lines = [head, f"timing: {result['timing']}; median of {result['rounds']} calls (min-max)"]
     for name, ratio in result.get("flop_ratio", {}).items():
         lines.append(f"MACs ours / {name}: {ratio:.3f}  (flop counter, one image)")
     for key, title in (("inference", "inference"), ("latency", "latency (batch 1)"), ("train", "train step")):
@@ -478,7 +536,8 @@ def format_report(result: dict[str, Any]) -> str:
             continue
         lines.append(f"{title}:")
         for name, s in result[key]["per_impl"].items():
-            lines.append(f"  {name:<34}{s['median_ms']:10.1f} ms  {s['img_per_s']:8.2f} img/s")
+            spread = f"({s['min_ms']:.1f}-{s['max_ms']:.1f})"
+            lines.append(f"  {name:<34}{s['median_ms']:10.1f} ms {spread:>17}  {s['img_per_s']:8.2f} img/s")
         for name, r in result[key]["time_ratio"].items():
             flops = result.get("flop_ratio", {}).get(name)
             extra = f"  (MAC ratio {flops:.3f})" if flops else ""
@@ -488,7 +547,7 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(f"    {ms:9.1f} ms {share:5.1f}% {row['calls']:6d}x  {row['op']}")
     if "compile_s" in result:
         took = ", ".join(f"{k} {v:.1f} s" for k, v in result["compile_s"].items())
-        lines.append(f"compile (first call): {took}")
+        lines.append(f"compile (first {result.get('compiled_first', 'inference')} call): {took}")
     if "memory" in result:
         mem = result["memory"]
         lines.append(f"peak memory ({mem['workload']}, {mem['measured_as']}):")

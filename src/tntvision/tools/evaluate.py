@@ -24,6 +24,7 @@ from ..data.splits import held_out_split
 from ..errors import DataError, InputError
 from ..evaluation import evaluate
 from ..utils.amp import amp_dtype, weight_dtype
+from ..utils.devices import pin_memory, resolve_device
 from ..utils.files import save_figure, write_json
 from .checkpoints import load_checkpoint
 
@@ -128,7 +129,7 @@ def evaluate_checkpoint(
     split: str = "test",
     batch_size: int = 256,
     workers: int = 0,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     amp: str = "none",
     dtype: str = "float32",
     out: str | Path | None = None,
@@ -145,6 +146,8 @@ def evaluate_checkpoint(
         data: ``"fashion-mnist"`` or an ImageFolder root (see :func:`tntvision.data.build_dataset`).
         split: ``"val"`` or ``"test"``. For data without a val split of its own (Fashion-MNIST), ``"val"``
             of a run folder is the validation its training held out (``val_split.json``).
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (see :func:`tntvision.utils.devices.resolve_device`;
+            an exported file runs on the CPU only).
         amp: ``"none"`` (float32), ``"bfloat16"`` or ``"float16"`` autocast, as training may evaluate.
         dtype: ``"float32"`` or ``"bfloat16"``: the dtype weights and images are held in (bf16 inference
             without autocast's per-call weight casts).
@@ -158,8 +161,9 @@ def evaluate_checkpoint(
     Raises:
         DataError: a data set whose classes do not fit the model, or an empty one.
         InputError: a bad batch size or ``amp`` value.
-        ConfigError: a ``runtime`` that cannot run ``checkpoint``.
+        ConfigError: a ``runtime`` that cannot run ``checkpoint``, or CUDA asked for where there is none.
     """
+    device = resolve_device(device)  # before anything is read
     autocast_dtype = amp_dtype(amp)
     weights = weight_dtype(dtype)
     if batch_size < 1 or workers < 0:
@@ -167,7 +171,7 @@ def evaluate_checkpoint(
     model = load_checkpoint(
         checkpoint, autocast=autocast_dtype is not None, runtime=runtime, merge_tokens=merge_tokens
     )
-    model = model.eval().to(weights)
+    model = model.eval().to(device, weights)
     record = report_folder(checkpoint) / "val_split.json"
     if split == "val" and not has_val_split(data) and record.is_file():  # the images its training held out
         dataset = held_out_split(data, record, transform=eval_transform(model.meta))
@@ -180,12 +184,14 @@ def evaluate_checkpoint(
     if has_image_tensor(dataset):  # held in memory (Fashion-MNIST): whole batches, same preprocessing
         loader = EvalBatches(dataset, meta=model.meta, batch_size=batch_size)
     else:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+        loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory(device)
+        )
     if progress:
         from tqdm import tqdm
 
         loader = tqdm(loader, desc=f"eval {split}", unit="batch", file=sys.stderr, leave=False)
-    metrics = evaluate(model, loader, device=torch.device(device), amp_dtype=autocast_dtype, confusion=True)
+    metrics = evaluate(model, loader, device=device, amp_dtype=autocast_dtype, confusion=True)
     confusion = np.asarray(torch.as_tensor(metrics["confusion"]).cpu(), dtype=np.int64)  # (true, predicted)
     result = EvalResult(
         top1=float(metrics["top1"]),

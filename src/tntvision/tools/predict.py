@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data import eval_transform, open_image
 from ..errors import CheckpointError, DataError, InputError
+from ..utils.devices import resolve_device
 
 __all__ = [
     "Prediction",
@@ -123,11 +124,16 @@ def class_labels(model: nn.Module, *, warn: Callable[[str], None] | None = None)
 def prepare_model(
     model: nn.Module, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> nn.Module:
-    """``model`` in eval mode on ``device`` with weights in ``dtype``: a converted copy when the dtype
-    changes, so the caller's model stays as it is. An exported model (no parameters) is returned as is:
-    it takes float32 images and converts what it is given."""
+    """``model`` in eval mode on ``device`` with weights in ``dtype``: a converted copy when the dtype or
+    the device changes, so the caller's model stays as it is. An exported model (no parameters) is
+    returned as is: it takes float32 images and converts what it is given (on the CPU only: another
+    device is an :class:`~tntvision.errors.InputError`)."""
     param = next(model.parameters(), None)  # None: an exported model (tools/exported.py), float32 only
-    if param is not None and param.dtype != dtype:
+    target = torch.device(device)
+    moved = param is not None and (
+        param.device.type != target.type or target.index not in (None, param.device.index)
+    )
+    if param is not None and (param.dtype != dtype or moved):
         model = copy.deepcopy(model)
     return model.eval().to(device, dtype)
 
@@ -185,15 +191,18 @@ def predict_images(
         inputs: image files and folders; see :func:`find_images`.
         topk: classes per image; capped at the number of classes.
         batch_size: images per forward pass.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (see :func:`tntvision.utils.devices.resolve_device`).
         dtype: the dtype weights and images are held in (``torch.bfloat16``: bf16 inference without
             autocast; probabilities are computed in fp32 from its logits).
         warn: called with notes for the user (missing class names, skipped files).
 
     Raises:
-        InputError: a missing path, or ``topk`` / ``batch_size`` below 1.
+        ConfigError: CUDA asked for where there is none.
+        InputError: a missing path, or ``topk`` / ``batch_size`` below 1; an exported file on a GPU.
         DataError: a file named explicitly that is not a readable image.
         CheckpointError: a model without a classifier head.
     """
+    device = resolve_device(device)
     if topk < 1 or batch_size < 1:
         raise InputError(f"topk and batch size must be at least 1 (got {topk}, {batch_size})")
     files = find_images(inputs)  # path errors first: they end the command, the class-name note does not
@@ -202,7 +211,7 @@ def predict_images(
     model = prepare_model(model, device=device, dtype=dtype)
     report = PredictReport()
     for paths, x in _batches(files, transform, batch_size, report):
-        logits = model(x.to(device, dtype))  # (b, classes)
+        logits = model(x.to(device, dtype)).cpu()  # (b, classes)
         report.predictions.extend(top_k(logits, labels, topk, paths))
     if warn is not None:
         for path, reason in report.skipped:

@@ -27,6 +27,8 @@ from ..errors import ConfigError
 from ..models import create_model
 from ..models.registry import ModelMeta
 from ..utils.amp import amp_dtype, resolve_amp
+from ..utils.devices import pin_memory
+from ..utils.devices import resolve_device as _resolve_device
 from .config import TrainConfig
 from .distributed import World
 from .engine import StepOptions
@@ -65,12 +67,9 @@ class RunParts:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA if there is one, else the CPU; :class:`ConfigError` for CUDA without CUDA."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name} asked for, but CUDA is not available")
-    return torch.device(name)
+    """The config's ``device``: ``auto`` -> CUDA if there is one, else the CPU; :class:`ConfigError` for
+    CUDA without CUDA (:func:`tntvision.utils.devices.resolve_device`)."""
+    return _resolve_device(name, what="device")
 
 
 def check_tensorboard(cfg: TrainConfig) -> None:
@@ -144,7 +143,7 @@ def _loaders(
             EvalBatches(ds, meta=meta, batch_size=eval_batch, rank=world.rank, world=world.size)
             for ds in (splits.val, splits.test)
         )
-    kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+    kw = dict(num_workers=cfg.workers, pin_memory=pin_memory(device), persistent_workers=cfg.workers > 0)
     train = DataLoader(SeededDataset(splits.train), batch_size=per_rank, sampler=sampler, **kw)
     return (train,) + tuple(
         DataLoader(ds, batch_size=eval_batch, sampler=range(world.rank, len(ds), world.size), **kw)
@@ -208,8 +207,8 @@ def build_run(
     elif cfg.pretrained:
         say(f"fine-tuning from {cfg.pretrained} ({len(classes)} classes, {model.meta.input_size[1]} px)")
     train_model: nn.Module = model
-    if world.distributed:
-        ids = [device.index] if device.type == "cuda" else None
+    if world.distributed:  # in a process group (torchrun), even of one process
+        ids = [device.index] if device.type == "cuda" else None  # cuda:LOCAL_RANK (train.local_device)
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     sampler = ShardedSampler(
         len(splits.train), global_batch=cfg.batch_size, seed=cfg.seed, rank=world.rank, world=world.size

@@ -22,6 +22,7 @@ from ..data.sampler import mix_seed
 from ..errors import UserError
 from ..evaluation import all_reduce_sum, evaluate
 from ..utils.amp import autocast
+from ..utils.devices import non_blocking
 
 __all__ = ["EpochControl", "NonFiniteLossError", "StepOptions", "evaluate", "train_one_epoch"]
 
@@ -108,10 +109,11 @@ def train_one_epoch(
     total, steps, images, stopped = 0.0, 0, 0, False
     step, elapsed = start_step, control.elapsed
     bar = _progress_bar(epoch, steps_per_epoch, start_step, enabled=progress)
+    copy_async = non_blocking(device)  # GPU: the copy from (pinned) host memory overlaps the host's work
     t0 = time.perf_counter()
     try:
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(device, non_blocking=copy_async), y.to(device, non_blocking=copy_async)
             torch.manual_seed(mix_seed(opts.seed, epoch, step, opts.rank, 2))  # mixing, drop path
             if opts.mixer is not None:
                 x, y = opts.mixer(x, y)  # y: (B, K) soft labels

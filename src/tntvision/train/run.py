@@ -16,11 +16,12 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, UserError
+from ..utils.devices import device_name
 from ..utils.messages import log_stderr
 from .builder import RunParts, build_run, resolve_device
 from .checkpoint import load_checkpoint
 from .config import TrainConfig, to_dict
-from .distributed import World, init_distributed, shutdown
+from .distributed import World, init_distributed, local_device, shutdown
 from .engine import EpochControl, evaluate, train_one_epoch
 from .run_folder import RunFolder
 from .signals import StopFlag, catch_signals
@@ -75,6 +76,7 @@ def train(
     device = resolve_device(cfg.device)
     world = init_distributed(device)
     try:
+        device = local_device(device, world.local_rank)  # cuda -> cuda:LOCAL_RANK, as the group set it
         return _train(cfg, resume=resume, device=device, world=world, log=log if world.is_main else None)
     finally:
         shutdown()
@@ -244,9 +246,16 @@ def _describe(parts: RunParts) -> str:
     return (
         f"training {cfg.model} on {cfg.data}: {len(s.train)} train / {len(s.val)} val "
         f"({s.record['val_source']}) / {len(s.test)} test images, {len(parts.classes)} classes, "
-        f"batch {cfg.batch_size} x {parts.steps_per_epoch} steps/epoch, {parts.world.size} process(es), "
+        f"batch {cfg.batch_size} x {parts.steps_per_epoch} steps/epoch, {parts.world.size} process(es)"
+        + (f" ({parts.world.backend})" if parts.world.backend else "")
+        + f" on {_device_text(parts.device)}, "
         f"lr {cfg.scaled_lr:.2e}, run folder {cfg.out}"
     )
+
+
+def _device_text(device: torch.device) -> str:
+    """``cpu``, or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+    return f"{device} ({device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def _state(parts: RunParts, progress: Progress, clock) -> dict[str, Any]:
@@ -296,6 +305,10 @@ def _summary(parts: RunParts, progress: Progress, clock, stopped_by: str) -> dic
         "train_images_per_s": round(progress.images_seen / max(progress.train_seconds, 1e-9), 1),
         "stopped_by": stopped_by,
         "processes": parts.world.size,
+        "backend": parts.world.backend,
+        "device": str(parts.device),
+        "device_name": device_name(parts.device),
+        "amp": "none" if parts.amp_dtype is None else str(parts.amp_dtype).removeprefix("torch."),
         "out": str(out),
         "model_dir": f"{out}/model",
         "curves": f"{out}/curves.png",

@@ -81,8 +81,9 @@ def _cpu_vendor() -> str:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matrix products on ``device`` are faster than fp32 ones, from static facts of the
-    hardware: CUDA GPUs that support bf16; x86 CPUs with AMX (``amx_bf16``); AMD CPUs with ``avx512_bf16``
-    (Zen 4 and later, measured 1.46x faster in bf16); Arm CPUs with the ``bf16`` extension.
+    hardware: CUDA GPUs with bf16 units (compute capability 8.0 and later; older ones only emulate bf16);
+    x86 CPUs with AMX (``amx_bf16``); AMD CPUs with ``avx512_bf16`` (Zen 4 and later, measured 1.46x
+    faster in bf16); Arm CPUs with the ``bf16`` extension.
 
     Not: x86 CPUs without bf16 instructions (an AVX2-only EPYC), where oneDNN emulates bf16 and a bf16 GEMM
     is several times slower than fp32, and Intel CPUs with ``avx512_bf16`` but no AMX (Cooper Lake, or a
@@ -90,7 +91,11 @@ def native_bf16(device: torch.device) -> bool:
     matmul ran at 66.5 GMAC/s against MKL's 122.6 in fp32 (2 threads, ``benchmarks/gemm_dtypes.py``), and
     bf16 autocast training was 1.25x slower than fp32 (docs/performance.md)."""
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        with torch.cuda.device(device):  # that GPU (a bare "cuda": the current one)
+            # bf16 tensor cores (Ampere and later); older GPUs only emulate bf16, slower than fp32
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
         return False
     flags = _cpu_flags()
