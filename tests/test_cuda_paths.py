@@ -234,6 +234,14 @@ def test_amp_auto_without_a_gpu_is_fp32(no_gpu):
     assert amp.resolve_amp("auto", torch.device("cuda")) == "none"
 
 
+def test_serve_refuses_an_exported_file_on_a_gpu():
+    """An exported file (a model without parameters) runs on the CPU only: refused before warm-up."""
+    from tntvision.serve.engine import Engine, EngineConfig
+
+    with pytest.raises(ConfigError, match="runs on the CPU: leave --device out"):
+        Engine(torch.nn.Module(), EngineConfig(device=torch.device("cuda")))
+
+
 # ------------------------------------------------------------------------------- process groups
 
 
