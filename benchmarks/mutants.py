@@ -45,6 +45,9 @@ BOUNDARY = ("tests/test_fused.py", "-k", "every_option")
 SLOT_TESTS = ("tests/test_fused.py", "-k", "bypasses or computes_what")
 HOOK_TESTS = ("tests/test_fused.py", "-k", "backward_hooks or plain_module")
 MASK_TESTS = ("tests/test_kernel_op.py", "-k", "asked or frozen_backbone")
+TRITON = ("tests/test_triton_op.py", "-k", "float64_formula")  # under Triton's interpreter (see conftest.py)
+TRITON_LOW = ("tests/test_triton_op.py", "-k", "low_precision")
+TRITON_DISPATCH = ("tests/test_triton_op.py", "-k", "static_facts or compute_dtype")
 
 MUTANTS = [
     Mutant(
@@ -285,6 +288,62 @@ MUTANTS = [
         "fc1_b, fc2_w, fc2_b, keep1, keep2, num_heads, eps, low_precision, true);",
         "fc1_b, fc2_w, fc2_b, keep1, keep2, num_heads, eps, false, true);",
         ("tests/test_kernel_op.py", "-k", "bf16_backward"),
+    ),
+    Mutant(
+        "triton kernel: softmax scale dropped",
+        "models/triton_kernels.py",
+        "_mm(q, tl.trans(k), DOT) * scale",
+        "_mm(q, tl.trans(k), DOT)",
+        TRITON,
+    ),
+    Mutant(
+        "triton kernel: GELU derivative without the density term",
+        "models/triton_kernels.py",
+        "tl.erf(h * 0.7071067811865476)) + h * tl.exp(-0.5 * h * h) * 0.3989422804014327",
+        "tl.erf(h * 0.7071067811865476))",
+        TRITON,
+    ),
+    Mutant(
+        "triton kernel: keep2 not applied to the MLP branch's gradient",
+        "models/triton_kernels.py",
+        "    dm = dy * keep2[:, None]\n",
+        "    dm = dy\n",
+        TRITON,
+    ),
+    Mutant(
+        "triton kernel: LN1 weight gradient from the LN output, not xhat",
+        "models/triton_kernels.py",
+        "tl.sum(dxn1 * xhat1, axis=0)",
+        "tl.sum(dxn1 * xn1, axis=0)",
+        TRITON,
+    ),
+    Mutant(
+        "triton op: qkv weight gradient against LN2's output",
+        "models/triton_op.py",
+        "w = dqkv.t() @ xn1",
+        "w = dqkv.t() @ xn2",
+        TRITON,
+    ),
+    Mutant(
+        "triton kernel: interpreter's bf16 rounding truncates",
+        "models/triton_kernels.py",
+        "bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000",
+        "bits = bits & 0xFFFF0000",
+        TRITON_LOW,
+    ),
+    Mutant(
+        "triton dispatch: the fused switch ignored on CUDA",
+        "models/kernels.py",
+        '        return "reference"\n    setting = kernel_backend_setting()',
+        "        pass\n    setting = kernel_backend_setting()",
+        TRITON_DISPATCH,
+    ),
+    Mutant(
+        "triton dispatch: autocast's dtype ignored",
+        "models/kernels.py",
+        "    return autocast if autocast in (torch.bfloat16, torch.float16) else torch.float32",
+        "    return torch.float32",
+        TRITON_DISPATCH,
     ),
     Mutant(
         "validation split: held-out images stay in training",

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -350,6 +351,10 @@ def test_tiles_hold_whole_sentences():
         assert cfg.BS * words <= cfg.R and cfg.R >= 16 and cfg.R & (cfg.R - 1) == 0
         assert cfg.HDP >= 16 and cfg.CP >= 24
     assert not triton_op.supports(129, 24) and triton_op.supports(128, 24)
+    # about 2048 padded features a tile: TNT-S 4 sentences (64 rows of 32), TNT-B 2 (32 rows of 64)
+    tnt_s, tnt_b = (triton_op.tile_config(16, c, 6, torch.bfloat16) for c in (24, 40))
+    assert (tnt_s.R, tnt_s.BS, tnt_s.forward_warps) == (64, 4, 4)
+    assert (tnt_b.R, tnt_b.BS, tnt_b.forward_warps) == (32, 2, 8)
 
 
 # ------------------------------------------------------------------------------- torch.library
@@ -565,3 +570,54 @@ def test_the_reference_path_attends_with_sdpa_on_a_gpu():
 
     assert explicit_attention(16, torch.device("cpu")) and not explicit_attention(16, torch.device("cuda"))
     assert not explicit_attention(SMALL_ATTN_TOKENS + 1, torch.device("cpu"))
+
+
+def test_the_kernels_compile_for_a_gpu(tmp_path):
+    """Triton lowers both kernels to a cubin for an H100 (sm_90) here, without a GPU (ptxas ships with
+    Triton): the compiled path, which the interpreter never takes, builds for TNT-S in bf16. The full
+    matrix (every registry shape, fp32/bf16/fp16, sm_80/89/90) is benchmarks/triton_compile.py's."""
+    out = tmp_path / "compile.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_compile.py"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run(
+        [sys.executable, str(script), "--quick", "--json", str(out)], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["kernel"] for r in rows] == ["forward", "backward"]
+    for r in rows:
+        assert 0 < r["registers"] <= 255 and r["warps_per_sm"] >= r["warps"], r
+
+
+def test_compute_dtype_from_the_words_or_autocast():
+    """The products' precision: bf16 / fp16 words keep theirs; fp32 words take their device's autocast
+    dtype when autocast is on there (not another device's), else fp32."""
+    x = torch.zeros(2, 4, 8)
+    assert kernels.compute_dtype(x) == torch.float32
+    assert (
+        kernels.compute_dtype(x.half()) == torch.float16
+        and kernels.compute_dtype(x.bfloat16()) == torch.bfloat16
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.compute_dtype(x) == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert kernels.compute_dtype(x) == torch.float16
+    with torch.autocast("cuda", dtype=torch.float16):  # another device's autocast
+        assert kernels.compute_dtype(x) == torch.float32
+
+
+def test_a_model_under_autocast_runs_the_triton_op_in_low_precision(device):
+    """The mini under bf16 autocast on the Triton backend: its logits follow the reference path's autocast
+    logits (mean difference well under the gap between the fp32 and the bf16 runs) and differ from the
+    fp32 run, so the op was told to compute its products in bf16."""
+    model = _model("tnt_mini_patch4_28", device).eval()
+    x = torch.randn(4, 1, 28, 28, device=device)
+    with torch.no_grad(), kernels.kernel_backend_set("triton"):
+        fp32 = model(x).float()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            triton_bf16 = model(x).float()
+        with kernels.fused_kernels(False), torch.autocast(device, dtype=torch.bfloat16):
+            reference_bf16 = model(x).float()
+    gap = (fp32 - reference_bf16).abs().mean().item()
+    assert (triton_bf16 - fp32).abs().mean().item() > 0.1 * gap > 0
+    assert (triton_bf16 - reference_bf16).abs().mean().item() < 1.5 * gap

@@ -176,7 +176,7 @@ def _attention(xn, QKW, QKB, VW, VB, PW, PB, C, HD, same, scale, NH: tl.constexp
                DOT: tl.constexpr):  # fmt: skip
     """proj(attention(xn)) with its bias: (R, CP)."""
     a = tl.zeros((R, CP), dtype=tl.float32)
-    for h in tl.static_range(NH):
+    for h in range(NH):
         q, k, v, p = _head(xn, QKW, QKB, VW, VB, h, C, HD, same, scale, HAS_QKV_BIAS, CP, HDP, DOT)
         a += _mm(_mm(p, v, DOT), _proj_weight_t(PW, h * HD, C, HD, CP, HDP), DOT)
     return a + _vector(PB, C, CP)[None, :]
@@ -288,7 +288,7 @@ def inner_backward_kernel(
     if NEED_PROJ:
         _store_cols(DA, word, ok, C, 0, da, C, CP, DOT)
     dxn1 = tl.zeros((R, CP), dtype=tl.float32)
-    for h in tl.static_range(NH):
+    for h in range(NH):
         q, k, v, p = _head(xn1, QKW, QKB, VW, VB, h, C, HD, same, scale, HAS_QKV_BIAS, CP, HDP, DOT)
         if NEED_PROJ:
             _store_cols(O, word, ok, C, h * HD, _mm(p, v, DOT), HD, HDP, DOT)

@@ -40,10 +40,16 @@ __all__ = [
     "triton_version",
 ]
 
-TILE_ROWS = 64  # words per program: a tile of whole sentences, e.g. 4 of TNT's 16 words
+# The tile of one program, chosen from the compiled kernels' resource usage (benchmarks/triton_compile.py:
+# registers and spills from ptxas's output, static facts, not timings; docs/performance.md): about 2048
+# word features (64 rows of TNT-S's 24 padded to 32, 32 rows of TNT-B's 40 padded to 64), 4 warps for the
+# forward up to 32 features and 8 above, 8 for the backward, which holds more tiles live.
+TILE_ROWS = 64  # at most, words per program: whole sentences, e.g. 4 of TNT's 16 words
+TILE_VALUES = 2048  # rows x padded features per program
 MAX_WORDS = 128  # one sentence's (words x words) scores must fit a program's registers
 MAX_DIM = 256  # nor may a tile's (rows x features) blocks outgrow them
 HIDDEN_CHUNK = 32  # the MLP's hidden features go through registers this many at a time
+BACKWARD_WARPS = 8
 
 
 def triton_status() -> tuple[bool, str]:
@@ -103,7 +109,8 @@ def _pow2(n: int, least: int = 16) -> int:
 @dataclass(frozen=True)
 class TileConfig:
     """The compile-time shape of one program: ``BS`` sentences in ``R`` rows, ``CP`` / ``HDP`` the padded
-    feature and head dims, ``CH`` the hidden chunk, ``DOT`` the products' operand precision."""
+    feature and head dims, ``CH`` the hidden chunk, ``DOT`` the products' operand precision; and the warps
+    of the forward and backward programs."""
 
     BS: int
     R: int
@@ -111,6 +118,8 @@ class TileConfig:
     HDP: int
     CH: int
     DOT: int
+    forward_warps: int
+    backward_warps: int
 
 
 _DOT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -119,17 +128,21 @@ _DOT_EMULATED_BF16 = 3  # bf16-rounded operands, fp32 products: the interpreter'
 
 def tile_config(words: int, dim: int, head_dim: int, compute_dtype: torch.dtype) -> TileConfig:
     """The program shape for sentences of ``words`` x ``dim`` (static facts only)."""
-    sentences = max(1, TILE_ROWS // words)
+    cp = _pow2(dim)
+    rows = max(16, min(TILE_ROWS, TILE_VALUES // cp))
+    sentences = max(1, rows // words)
     dot = _DOT[compute_dtype]
     if interpreted() and dot == _DOT[torch.bfloat16]:
         dot = _DOT_EMULATED_BF16
     return TileConfig(
         BS=sentences,
         R=_pow2(sentences * words),
-        CP=_pow2(dim),
+        CP=cp,
         HDP=_pow2(head_dim),
         CH=HIDDEN_CHUNK,
         DOT=dot,
+        forward_warps=4 if cp <= 32 else 8,
+        backward_warps=BACKWARD_WARPS,
     )
 
 
@@ -225,7 +238,7 @@ def inner_transformer_triton(
     with _device(x):
         _kernels().inner_forward_kernel[grid](
             x, y, *args, S, m, c, hidden, hd, eps, hd**-0.5,
-            **_constants(cfg, num_heads, qk_b, keep1, keep2), num_warps=4,
+            **_constants(cfg, num_heads, qk_b, keep1, keep2), num_warps=cfg.forward_warps,
         )  # fmt: skip
     return y
 
@@ -290,7 +303,8 @@ def inner_transformer_triton_backward(
                 grad, x, dx, *args, xn1, dqkv, o, da, xn2, g, dh, ln_sums, S, m, c, hidden, hd, eps, hd**-0.5,
                 **_constants(cfg, num_heads, qk_b, keep1, keep2),
                 NEED_X=need["x"], NEED_LN1=need["ln1"], NEED_QKV=need["qkv"], NEED_PROJ=need["proj"],
-                NEED_LN2=need["ln2"], NEED_FC1=need["fc1"], NEED_FC2=need["fc2"], num_warps=4,
+                NEED_LN2=need["ln2"], NEED_FC1=need["fc1"], NEED_FC2=need["fc2"],
+                num_warps=cfg.backward_warps,
             )  # fmt: skip
 
     def empty() -> torch.Tensor:
