@@ -28,10 +28,15 @@ what the fused one is tested against. A model compiled with ``torch.compile`` or
 ``torch.export`` before any eager call builds (or loads) the kernel during tracing and runs the fused op
 whenever eager would.
 
-Which path runs is decided from static facts only (device, dtype, dropout settings, whether attention maps
-are being recorded, whether an ONNX export is tracing, whether the inner modules are exactly the plain
-``nn.Linear`` / ``nn.LayerNorm`` / ``nn.GELU`` the op computes, with no hooks or parametrizations: see
-:func:`plain_module`); never from timing or tensor values.
+On CUDA tensors the same formula runs as a Triton op, ``torch.ops.tntvision.inner_transformer_triton``
+(:mod:`tntvision.models.triton_op`), with the same autograd formula (:func:`register_autograd`).
+:func:`kernel_backend` says which op a device's words get (``cpu``, ``triton`` or ``reference``);
+``TNTVISION_KERNEL_BACKEND`` (``auto``, ``cpu``, ``triton``) or :func:`set_kernel_backend` choose.
+
+Which path runs is decided from static facts only (device, dtype, shapes, dropout settings, whether
+attention maps are being recorded, whether an ONNX export is tracing, whether each slot of the inner
+transformer holds exactly the module the op computes, with no hooks or parametrizations: see
+:func:`exactly`); never from timing or tensor values.
 """
 
 from __future__ import annotations
