@@ -117,10 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = {"H100 (sm_90)": 90} if args.quick else TARGETS
     dtypes = {"bf16": torch.bfloat16} if args.quick else DTYPES
     print("$ TRITON_INTERPRET=0 python benchmarks/triton_compile.py " + " ".join(argv or sys.argv[1:]))
-    head = (
-        f"{'model':<20}{'dtype':<6}{'GPU':<18}{'kernel':<9}{'warps':>6}{'regs':>5}{'spill B':>8}{'smem B':>8}"
-    )
-    print(head + f"{'warps/SM':>9}")
+    head = f"{'model':<20}{'dtype':<6}{'GPU':<18}{'kernel':<9}{'rows':>5}{'warps':>6}{'regs':>5}"
+    print(head + f"{'spill B':>8}{'smem B':>8}{'warps/SM':>9}")
     rows = []
     for name, shape in shapes.items():
         for dname, dtype in dtypes.items():
@@ -132,11 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(
                         {"model": name, "dtype": dname, "gpu": gpu, "kernel": kind, "rows": cfg.R, **r}
                     )
-                    print(
-                        f"{name:<20}{dname:<6}{gpu:<18}{kind:<9}{cfg.R:>5}{r['warps']:>6}{r['registers']:>5}{r['spill']:>8}"
-                        f"{r['shared']:>8}{r['warps_per_sm']:>9}",
-                        flush=True,
+                    line = (
+                        f"{name:<20}{dname:<6}{gpu:<18}{kind:<9}{cfg.R:>5}{r['warps']:>6}{r['registers']:>5}"
                     )
+                    print(line + f"{r['spill']:>8}{r['shared']:>8}{r['warps_per_sm']:>9}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
