@@ -182,19 +182,16 @@ def _version(package: str) -> str | None:
 
 
 def kernel_backends(device: str) -> dict[str, str]:
-    """Which inner transformer the models run on ``device`` (``kernels.kernel_backend``, being written
-    for issue 31; "unknown" where it does not exist yet), for float32 and bfloat16 words."""
+    """Which inner transformer the models run on ``device`` (``kernels.kernel_backend``), for float32 and
+    bfloat16 words."""
     import torch
 
     from tntvision.models import kernels
 
-    backend = getattr(kernels, "kernel_backend", None)
-    if backend is None:
-        return {"float32": "unknown", "bfloat16": "unknown"}
     out = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         try:
-            out[name] = str(backend(torch.device(device), dtype))
+            out[name] = kernels.kernel_backend(torch.device(device), dtype)
         except Exception as e:
             out[name] = f"error: {type(e).__name__}: {e}"
     return out

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import tntvision
 from tntvision.cli import main
+from tntvision.models import kernels
 from tntvision.models.layers import SMALL_ATTN_TOKENS, Attention, Mlp
 from tntvision.tools.bench import bench_model
 
@@ -201,6 +202,7 @@ def test_bench_cli_compares_with_timm(capsys):
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["implementations"] == ["ours", "timm"]
+    assert result["inner_backend"] == kernels.kernel_backend("cpu")  # "cpu" where the C++ op builds
     assert set(result["inference"]["per_impl"]) == set(result["latency"]["per_impl"]) == {"ours", "timm"}
     per = result["inference"]["per_impl"]
     ratio = result["inference"]["speedup"]["timm"]

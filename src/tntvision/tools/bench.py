@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import create_model
-from ..models.kernels import fused_kernels, set_fused_kernels
+from ..models.kernels import fused_kernels, kernel_backend, set_fused_kernels
 from ..models.registry import get_model_entry
 from ..utils.amp import WEIGHT_DTYPES, amp_dtype, autocast, weight_dtype
 from ..utils.devices import device_name, resolve_device
@@ -464,6 +464,9 @@ def bench_model(
         "device": device,
         "device_name": device_name(torch.device(device)),
         "timing": TIMING[device],
+        # the inner transformer our model runs here (fused C++ or Triton op, or the reference path), for
+        # words in the weights' dtype; under --amp the Triton op takes the autocast dtype for its products
+        "inner_backend": kernel_backend(torch.device(device), weight_dtype(dtype)),
         "torch": torch.__version__,
         "compile": compile,
         "lean_backward": lean_backward,
