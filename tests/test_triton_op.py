@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -621,3 +622,19 @@ def test_a_model_under_autocast_runs_the_triton_op_in_low_precision(device):
     gap = (fp32 - reference_bf16).abs().mean().item()
     assert (triton_bf16 - fp32).abs().mean().item() > 0.1 * gap > 0
     assert (triton_bf16 - reference_bf16).abs().mean().item() < 1.5 * gap
+
+
+def test_gpus_too_old_for_the_products_take_the_reference_path(monkeypatch):
+    """bf16 products need Ampere (8.0), fp16 and fp32 Turing (7.5): below, CUDA words take the reference
+    path (the GPU's compute capability is a static fact; faked here, as there is no GPU)."""
+    assert triton_op.gpu_supports((9, 0), torch.bfloat16) and triton_op.gpu_supports(None, torch.bfloat16)
+    assert not triton_op.gpu_supports((7, 5), torch.bfloat16) and triton_op.gpu_supports(
+        (7, 5), torch.float16
+    )
+    assert not triton_op.gpu_supports((7, 0), torch.float32)
+    monkeypatch.setattr(kernels, "kernel_backend", lambda device, dtype: "triton")
+    for capability, dtype, want in [((8, 0), torch.bfloat16, "triton"), ((7, 5), torch.bfloat16, None)]:
+        # what fused_backend reads of CUDA words (there is no GPU here to hold real ones)
+        words = SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(2, 16, 24))
+        monkeypatch.setattr(kernels, "_capability", lambda index, c=capability: c)
+        assert kernels.fused_backend(words) == want

@@ -387,8 +387,18 @@ def fused_backend(x: torch.Tensor) -> str | None:
     if backend == "triton":
         from . import triton_op
 
-        return "triton" if triton_op.supports(x.shape[1], x.shape[2]) else None
+        capability = _capability(x.device.index) if x.device.type == "cuda" else None
+        ok = triton_op.supports(x.shape[1], x.shape[2]) and triton_op.gpu_supports(
+            capability, compute_dtype(x)
+        )
+        return "triton" if ok else None
     return None if backend == "reference" else backend
+
+
+@torch.compiler.assume_constant_result
+def _capability(index: int | None) -> tuple[int, int]:
+    """The compute capability of CUDA device ``index`` (the current one for None)."""
+    return torch.cuda.get_device_capability(index)
 
 
 def use_fused(x: torch.Tensor) -> bool:

@@ -83,6 +83,20 @@ def _kernels() -> ModuleType:
     return importlib.import_module(".triton_kernels", __package__)
 
 
+# Triton's oldest NVIDIA target with tensor cores for fp16 (Turing), and bf16's (Ampere): below them the
+# reference path runs (a static fact of the GPU)
+MIN_CAPABILITY = (7, 5)
+BF16_CAPABILITY = (8, 0)
+
+
+def gpu_supports(capability: tuple[int, int] | None, compute_dtype: torch.dtype) -> bool:
+    """Whether a GPU of this compute capability runs the op's products in ``compute_dtype`` (None: not a
+    GPU, the interpreter runs every dtype)."""
+    if capability is None:
+        return True
+    return tuple(capability) >= (BF16_CAPABILITY if compute_dtype == torch.bfloat16 else MIN_CAPABILITY)
+
+
 def runs_on(device: torch.device) -> tuple[bool, str]:
     """(whether the op can run on tensors of ``device`` here, why not)."""
     ok, why = triton_status()
