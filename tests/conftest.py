@@ -62,3 +62,15 @@ def small_input_size(name: str) -> int:
     if not hasattr(model_cfg, "patch_size"):  # PyramidTNT: 2x2 sentences in the last stage (one would
         return 128  # leave its relative table without a gradient: softmax over one key is constant)
     return model_cfg.img_size if model_cfg.img_size <= 32 else 2 * model_cfg.patch_size
+
+
+def fewer_blocks(name: str) -> dict:
+    """Constructor overrides for the per-model tests of structure and contracts (shapes, gradients,
+    heads, features, torch.fx, pretrained_cfg, saving): the full-size models with fewer of their identical
+    blocks, 2 for the 12-block TNTs, and PyramidTNT's four stages with 2, 1, 1, 1 (stage 0 keeps a block
+    without an inner transformer). The registered depths stay tested where they matter: parameter counts
+    and MACs, timm parity and checkpoints at 224 px, ``feature_info``'s levels."""
+    model_cfg = tntvision.models.registry.get_model_entry(name).config
+    if hasattr(model_cfg, "depths"):
+        return {"depths": (2, 1, 1, 1)}
+    return {"depth": 2} if model_cfg.depth > 4 else {}

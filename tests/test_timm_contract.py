@@ -21,7 +21,7 @@ from tntvision.errors import ConfigError, InputError
 from tntvision.models.registry import get_model_entry
 from tntvision.tools.predict import predict_images
 
-from .conftest import ALL_MODELS, PYRAMID_MODELS, small_input_size
+from .conftest import ALL_MODELS, PYRAMID_MODELS, fewer_blocks, small_input_size
 
 
 def _config(name):
@@ -45,7 +45,7 @@ def _images(name: str, size: int, batch: int = 2) -> torch.Tensor:
 def test_pretrained_cfg_describes_the_model(name):
     entry = get_model_entry(name)
     size = small_input_size(name)
-    model = tntvision.create_model(name, img_size=size).eval()
+    model = tntvision.create_model(name, img_size=size, **fewer_blocks(name)).eval()
     cfg = model.pretrained_cfg
     assert model.default_cfg == cfg
     c = entry.config.in_chans
@@ -81,7 +81,9 @@ def test_pretrained_cfg_follows_overrides_reset_and_loading(name, tmp_path):
     entry = get_model_entry(name)
     size = small_input_size(name)
     other_chans = 1 if entry.config.in_chans == 3 else 3
-    model = tntvision.create_model(name, img_size=size, in_chans=other_chans, num_classes=3)
+    model = tntvision.create_model(
+        name, img_size=size, in_chans=other_chans, num_classes=3, **fewer_blocks(name)
+    )
     cfg = model.pretrained_cfg
     assert cfg["input_size"] == (other_chans, size, size)
     grey_or_rgb = sum(entry.meta.mean) / len(entry.meta.mean)  # per-channel statistics averaged
@@ -184,8 +186,9 @@ def test_feature_maps_come_from_the_modules_feature_info_names(name):
     size = small_input_size(name)
     h, w = size, 2 * size
     x = torch.randn(1, _config(name).in_chans, h, w)
-    nchw = tntvision.create_model(name, img_size=size, features_only=True).eval()
-    nlc = tntvision.create_model(name, img_size=size, features_only=True, output_fmt="NLC").eval()
+    fewer = fewer_blocks(name)
+    nchw = tntvision.create_model(name, img_size=size, features_only=True, **fewer).eval()
+    nlc = tntvision.create_model(name, img_size=size, features_only=True, output_fmt="NLC", **fewer).eval()
     nlc.load_state_dict(nchw.state_dict())
     assert nlc.output_fmt == "NLC" and nchw.output_fmt == "NCHW"
     seen = {}
@@ -221,9 +224,9 @@ def test_unsupported_feature_options_name_the_supported_ones():
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_fx_trace_forward_and_feature_extractor_round_trip(name):
     size = _fx_size(name)
-    model = tntvision.create_model(name, img_size=size).eval()
+    model = tntvision.create_model(name, img_size=size, **fewer_blocks(name)).eval()
     x = _images(name, size)
-    level = len(_levels(name)) // 2
+    level = len(model.feature_info) // 2
     block = f"stages.{level}" if name in PYRAMID_MODELS else f"blocks.{level}"
     extractor = create_feature_extractor(
         model, return_nodes={block: "block", "norm": "tokens", "head": "logits"}
@@ -247,7 +250,7 @@ def test_fx_trace_forward_and_feature_extractor_round_trip(name):
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_fx_trace_backward_matches_eager(name):
     size = _fx_size(name)
-    model = tntvision.create_model(name, img_size=size, num_classes=7).train()
+    model = tntvision.create_model(name, img_size=size, num_classes=7, **fewer_blocks(name)).train()
     extractor = create_feature_extractor(model, train_return_nodes=["head"], eval_return_nodes=["head"])
     x = _images(name, size)
     extractor(x)["head"].square().mean().backward()
@@ -295,8 +298,8 @@ def test_register_puts_every_model_in_timms_registry(tmp_path):
     assert set(names) <= set(timm.list_models("tntvision_*"))
     for name in ALL_MODELS:
         size = small_input_size(name)
-        ours = tntvision.create_model(name, img_size=size, num_classes=3)
-        theirs = timm.create_model("tntvision_" + name, img_size=size, num_classes=3)
+        ours = tntvision.create_model(name, img_size=size, num_classes=3, **fewer_blocks(name))
+        theirs = timm.create_model("tntvision_" + name, img_size=size, num_classes=3, **fewer_blocks(name))
         assert type(theirs) is type(ours) and theirs.pretrained_cfg == ours.pretrained_cfg
         # timm's registry (what its scripts and tests look sizes up in) has the variant as registered
         registered = get_model_entry(name).meta.input_size
