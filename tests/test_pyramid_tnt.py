@@ -11,6 +11,7 @@ from tntvision.models.pyramid_tnt import PyramidTNT, resample_relative_pos, stag
 from tntvision.models.saving import model_from_weights
 from tntvision.tools.info import count_macs
 
+from .conftest import fewer_blocks
 from .pyramid_reference import reference_logits
 
 PYRAMIDS = list_models("ptnt_*")
@@ -51,7 +52,7 @@ def test_parameters_and_macs_match_the_paper(name):
 @pytest.mark.parametrize("name", PYRAMIDS)
 def test_forward_backward_every_variant(name):
     torch.manual_seed(0)
-    model = create_model(name, num_classes=7).train()
+    model = create_model(name, num_classes=7, **fewer_blocks(name)).train()  # every stage, fewer blocks
     y = model(torch.randn(2, 3, 64, 96))
     assert y.shape == (2, 7) and torch.isfinite(y).all()
     y.square().mean().backward()
@@ -212,7 +213,7 @@ def test_relative_table_resampling_is_separable_bicubic():
 
 @pytest.mark.parametrize("name", ["ptnt_ti_patch16_192", "ptnt_s_patch16_256"])
 def test_features_only_stages(name):
-    model = create_model(name, features_only=True)
+    model = create_model(name, features_only=True, **fewer_blocks(name))
     maps = model(torch.randn(1, 3, 200, 136))
     assert [m.shape[1] for m in maps] == [f["num_chs"] for f in model.feature_info]
     assert [f["reduction"] for f in model.feature_info] == [8, 16, 32, 64]
