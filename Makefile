@@ -59,8 +59,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two pytest-xdist workers of one OpenMP thread each: on 2 cores the suite takes ~10 minutes this way
+# against ~16 in one process, which keeps only ~1.1 cores busy (docs/testing.md, "Time"). TEST_WORKERS=0
+# runs it in one process.
+TEST_WORKERS ?= 2
 test: setup lint
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The lowest versions pyproject.toml allows (constraints-lowest.txt: torch 2.13.0, torchvision 0.28.0, numpy
 # 1.26.0, ...) in a second virtual env, and the tests of the fused kernel, the models and timm parity against
@@ -69,7 +73,8 @@ test: setup lint
 # more pytest options (e.g. --durations=30).
 LOWEST_VENV ?= .venv-lowest
 LOWEST_BIN  := $(LOWEST_VENV)/bin
-LOWEST_TESTS := tests/test_kernel_op.py tests/test_fused.py tests/test_models.py tests/test_timm_parity.py
+LOWEST_TESTS := tests/test_kernel_op.py tests/test_fused.py tests/test_models.py tests/test_timm_parity.py \
+	tests/test_triton_op.py
 # Left out there for time only (every one runs in `make test`):
 # - the full-size models (patch16: 224-256 px, 10-45 s a test here); the 28-px minis run the same blocks,
 #   fused op, heads and features code;
@@ -108,7 +113,8 @@ setup-lowest: $(LOWEST_VENV)/.installed
 $(LOWEST_VENV)/.installed: pyproject.toml constraints-lowest.txt
 	$(PYTHON) -m venv $(LOWEST_VENV)
 	$(LOWEST_BIN)/pip install --quiet --upgrade pip
-	$(LOWEST_BIN)/pip install --quiet --no-compile -c constraints-lowest.txt -e . pytest pytest-randomly timm
+	$(LOWEST_BIN)/pip install --quiet --no-compile -c constraints-lowest.txt -e . pytest pytest-randomly \
+	  pytest-xdist timm
 	touch $@
 
 # First the versions and the kernel this job runs (built here, ~1 minute), then the tests.
@@ -116,8 +122,8 @@ test-lowest: setup-lowest
 	TNTVISION_CACHE=$(abspath $(LOWEST_VENV))/kernels $(LOWEST_BIN)/python -c "import torch, torchvision; \
 	  from tntvision.models import kernels; print('torch', torch.__version__, 'torchvision', \
 	  torchvision.__version__, 'fused kernel:', kernels.kernel_dispatch())"
-	TNTVISION_CACHE=$(abspath $(LOWEST_VENV))/kernels TNTVISION_REQUIRE_KERNEL=1 \
-	  $(LOWEST_BIN)/python -m pytest -q --durations=5 $(LOWEST_TESTS) $(PYTEST_ARGS) \
+	TNTVISION_CACHE=$(abspath $(LOWEST_VENV))/kernels TNTVISION_REQUIRE_KERNEL=1 OMP_NUM_THREADS=1 \
+	  $(LOWEST_BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=5 $(LOWEST_TESTS) $(PYTEST_ARGS) \
 	  -k "$(LOWEST_K)" $(LOWEST_DESELECT)
 
 clean:
