@@ -32,9 +32,7 @@ from tntvision.models import kernels, triton_op
 from tntvision.models.tnt import TNTBlock
 
 from .conftest import TNT_MODELS, small_input_size
-
-NAMES = ["ln1_w", "ln1_b", "qk_w", "qk_b", "v_w", "v_b", "proj_w", "proj_b"]
-NAMES += ["ln2_w", "ln2_b", "fc1_w", "fc1_b", "fc2_w", "fc2_b"]
+from .test_kernel_op import NAMES, params  # the op's parameter names; random weights scaled like trained ones
 
 
 def _device_param(kind: str):
@@ -57,31 +55,6 @@ def device(request) -> str:
     elif not triton_op.interpreted():
         pytest.skip("Triton's interpreter is off (a GPU is present): the CPU case runs without a GPU")
     return request.param
-
-
-def params(c: int, H: int, *, bias: bool, seed: int = 0) -> dict[str, torch.Tensor | None]:
-    """Random weights of one inner transformer, scaled like trained ones (away from any init)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, scale=1.0, base=0.0):
-        return base + scale * torch.randn(*shape, generator=g)
-
-    return {
-        "ln1_w": r(c, scale=0.2, base=1.0),
-        "ln1_b": r(c, scale=0.1),
-        "qk_w": r(2 * c, c, scale=c**-0.5),
-        "qk_b": r(2 * c, scale=0.1) if bias else None,
-        "v_w": r(c, c, scale=c**-0.5),
-        "v_b": r(c, scale=0.1) if bias else None,
-        "proj_w": r(c, c, scale=c**-0.5),
-        "proj_b": r(c, scale=0.1),
-        "ln2_w": r(c, scale=0.2, base=1.0),
-        "ln2_b": r(c, scale=0.1),
-        "fc1_w": r(H, c, scale=c**-0.5),
-        "fc1_b": r(H, scale=0.1),
-        "fc2_w": r(c, H, scale=H**-0.5),
-        "fc2_b": r(c, scale=0.1),
-    }
 
 
 def op(x, p, keep1, keep2, heads, compute_dtype=torch.float32, eps=1e-5):

@@ -31,6 +31,7 @@ from . import kernels
 
 __all__ = [
     "TileConfig",
+    "gpu_supports",
     "inner_transformer_triton",
     "interpreted",
     "runs_on",
