@@ -165,15 +165,15 @@ MUTANTS = [
     Mutant(
         "evaluation: images not cast to the weights' dtype (bf16)",
         "evaluation.py",
-        "        x, y = x.to(device=device, dtype=dtype, non_blocking=True), y.to(device, non_blocking=True)",
-        "        x, y = x.to(device=device, non_blocking=True), y.to(device, non_blocking=True)",
+        "        x = x.to(device=device, dtype=dtype, non_blocking=copy_async)",
+        "        x = x.to(device=device, non_blocking=copy_async)",
         ("tests/test_eval.py", "-k", "bf16_weights"),
     ),
     Mutant(
         "fused op: never told to compute in low precision",
         "models/kernels.py",
-        "    low_precision = autocast_bf16 or x.dtype == torch.bfloat16",
-        "    low_precision = False",
+        "    return torch.ops.tntvision.inner_transformer(*args, compute_dtype(x) == torch.bfloat16)",
+        "    return torch.ops.tntvision.inner_transformer(*args, False)",
         ("tests/test_fused.py", "tests/test_kernel_op.py", "-k", "bf16 or low_precision"),
     ),
     Mutant(
@@ -271,8 +271,8 @@ MUTANTS = [
     Mutant(
         "backward: every gradient computed whatever autograd needs",
         "models/kernels.py",
-        "        mask = output_mask(ctx.needs_input_grad)\n",
-        "        mask = [True] * len(_GROUPS)\n",
+        "*ctx.scalars, output_mask(ctx.needs_input_grad))",
+        "*ctx.scalars, [True] * len(_GROUPS))",
         MASK_TESTS,
     ),
     Mutant(
