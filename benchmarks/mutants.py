@@ -74,8 +74,8 @@ MUTANTS = [
     Mutant(
         "fused op: keep scales of the two branches swapped",
         "models/tnt.py",
-        "            return kernels.inner_transformer(words, self, *keep)",
-        "            return kernels.inner_transformer(words, self, *keep[::-1])",
+        "            return kernels.inner_transformer(words, self, *keep, backend=backend)",
+        "            return kernels.inner_transformer(words, self, *keep[::-1], backend=backend)",
         ("tests/test_fused.py", "-k", "drop_path and fp32"),
     ),
     Mutant(
@@ -215,8 +215,8 @@ MUTANTS = [
     Mutant(
         "op boundary: the MLP branch's drop-path scale dropped",
         "models/tnt.py",
-        "            return kernels.inner_transformer(words, self, *keep)",
-        "            return kernels.inner_transformer(words, self, keep[0], None)",
+        "            return kernels.inner_transformer(words, self, *keep, backend=backend)",
+        "            return kernels.inner_transformer(words, self, keep[0], None, backend=backend)",
         BOUNDARY,
     ),
     Mutant(

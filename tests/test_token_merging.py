@@ -233,9 +233,9 @@ def test_fused_and_reference_paths_agree_with_merging_outputs_and_gradients(monk
     sentences = []
     real = kernels.inner_transformer
 
-    def spy(words, *args):
+    def spy(words, *args, **kwargs):
         sentences.append(words.shape[0])
-        return real(words, *args)
+        return real(words, *args, **kwargs)
 
     monkeypatch.setattr(kernels, "inner_transformer", spy)
     grads = {}

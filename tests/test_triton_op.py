@@ -166,7 +166,7 @@ def test_no_sentences(device):
     y = op(x, p, None, None, 2)
     assert y.shape == (0, 4, 8)
     y.sum().backward()
-    assert x.grad.shape == (0, 4, 8) and p["qk_w"].shape == (16, 8)
+    assert x.grad.shape == (0, 4, 8)
 
 
 @pytest.mark.parametrize(

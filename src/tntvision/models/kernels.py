@@ -401,11 +401,6 @@ def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def use_fused(x: torch.Tensor) -> bool:
-    """Whether a fused op may run on words ``x`` now (see :func:`fused_backend`)."""
-    return fused_backend(x) is not None
-
-
 def _backend_for_trace(device_type: str, dtype: torch.dtype) -> str:
     """:func:`kernel_backend` inside a trace: a constant of the graph, so a model compiled or exported
     before any eager call still gets the fused op. torch 2.14's dynamo reads the on/off switch (a context
@@ -588,9 +583,11 @@ def inner_transformer(
     block: torch.nn.Module,
     keep1: torch.Tensor | None,
     keep2: torch.Tensor | None,
+    *,
+    backend: str = "cpu",
 ) -> torch.Tensor:
-    """Run ``block``'s inner transformer on words ``x`` (S, m, c) through the fused op of
-    :func:`fused_backend` (the caller has checked that one may run).
+    """Run ``block``'s inner transformer on words ``x`` (S, m, c) through the fused op ``backend``
+    (``cpu`` or ``triton``: what :func:`fused_backend` said may run; the caller has checked).
 
     ``block`` is a :class:`~tntvision.models.tnt.TNTBlock` with an inner transformer; ``keep1`` / ``keep2``
     are per-sentence drop-path scales (S,) for the attention and MLP branches, or None. The products run in
@@ -619,6 +616,6 @@ def inner_transformer(
         attn.num_heads,
         block.norm_in.eps,
     )
-    if fused_backend(x) == "triton":
+    if backend == "triton":
         return torch.ops.tntvision.inner_transformer_triton(*args, compute_dtype(x))
     return torch.ops.tntvision.inner_transformer(*args, compute_dtype(x) == torch.bfloat16)

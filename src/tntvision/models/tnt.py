@@ -203,8 +203,9 @@ class TNTBlock(nn.Module):
         flat = words.reshape(batch, -1, self.proj.in_features)  # (B, N, m*c), word-major
         return self.norm2_proj(self.proj(self.norm1_proj(flat)))
 
-    def fused_inner_ok(self, words: torch.Tensor) -> bool:
-        """Whether the inner transformer may run as the fused op (static facts only, see ``kernels``).
+    def fused_inner_backend(self, words: torch.Tensor) -> str | None:
+        """The fused op the inner transformer may run as: ``cpu``, ``triton`` or None for the reference
+        path (static facts only, see ``kernels.fused_backend``).
 
         Only when each slot holds exactly what the op computes: LayerNorms, our ``Attention`` and ``Mlp``
         of plain ``nn.Linear``, the exact ``nn.GELU`` and dropout, our ``DropPath``, with no hook of any
@@ -217,7 +218,7 @@ class TNTBlock(nn.Module):
         def dropout() -> bool:  # any dropout in the inner transformer (the op has none)
             return attn.attn_drop > 0 or dropout_p(attn.proj_drop) > 0 or dropout_p(mlp.drop) > 0
 
-        return (
+        plain = (
             kernels.exactly(self.norm_in, nn.LayerNorm)
             and kernels.exactly(self.norm_mlp_in, nn.LayerNorm)
             and kernels.exactly(attn, Attention, Attention.SLOTS)
@@ -228,19 +229,20 @@ class TNTBlock(nn.Module):
             and not attn.keep_attn
             and not (self.training and dropout())
             and self.norm_in.eps == self.norm_mlp_in.eps
-            and kernels.use_fused(words)
         )
+        return kernels.fused_backend(words) if plain else None
 
     def inner(self, words: torch.Tensor) -> torch.Tensor:
         """The inner transformer over the words (B*N, m, c) of every patch: fused op or reference."""
-        if self.fused_inner_ok(words):
+        backend = self.fused_inner_backend(words)
+        if backend is not None:
             keep = [None, None]
             p = self.drop_path.p
             if self.training and p > 0:  # drawn in the reference path's order and dtype: same stream
                 device = words.device.type
                 dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else words.dtype
                 keep = [drop_path_scale(words.shape[0], p, dtype=dt, device=words.device) for _ in range(2)]
-            return kernels.inner_transformer(words, self, *keep)
+            return kernels.inner_transformer(words, self, *keep, backend=backend)
         words = words + self.drop_path(self.attn_in(self.norm_in(words)))
         return words + self.drop_path(self.mlp_in(self.norm_mlp_in(words)))
 

@@ -136,14 +136,20 @@ def _fc2_weight_t(ptr, h0, C, H, CP: tl.constexpr, CH: tl.constexpr):
 
 
 @triton.jit
-def _tile(pid, S, M, BS: tl.constexpr, R: tl.constexpr):
-    """The tile's rows: (global word index (int64), valid row, sentence index, sentence-of-row in tile)."""
+def _tile(pid, S, M, C, BS: tl.constexpr, R: tl.constexpr, CP: tl.constexpr):
+    """The tile of program ``pid``: its rows' global word indices (int64), which rows are words, each
+    row's sentence, the feature columns and which are real, the (R, CP) offsets and mask of the words'
+    features, and the (R, R) mask of the scores each row may see (:func:`_same_sentence`)."""
     r = tl.arange(0, R)
     local = r // M  # sentence within the tile
     sentence = pid * BS + local
     ok = (r < BS * M) & (sentence < S)
     word = pid.to(tl.int64) * BS * M + r  # sentences are contiguous: word index = sentence * M + w
-    return word, ok, sentence, local
+    cols = tl.arange(0, CP)
+    colok = cols < C
+    io = word[:, None] * C + cols[None, :]
+    iomask = ok[:, None] & colok[None, :]
+    return word, ok, sentence, cols, colok, io, iomask, _same_sentence(local, ok)
 
 
 @triton.jit
@@ -192,12 +198,7 @@ def inner_forward_kernel(
 ):  # fmt: skip
     """y = x + keep1 * attn(LN1(x)); y += keep2 * mlp(LN2(y)) for the tile of sentences ``program_id``."""
     pid = tl.program_id(0)
-    word, ok, sentence, local = _tile(pid, S, M, BS, R)
-    cols = tl.arange(0, CP)
-    colok = cols < C
-    io = word[:, None] * C + cols[None, :]
-    iomask = ok[:, None] & colok[None, :]
-    same = _same_sentence(local, ok)
+    word, ok, sentence, cols, colok, io, iomask, same = _tile(pid, S, M, C, BS, R, CP)
     x = tl.load(X + io, mask=iomask, other=0.0).to(tl.float32)
 
     xn, _, _ = _layer_norm(x, _vector(LN1W, C, CP), _vector(LN1B, C, CP), colok, C, eps)
@@ -241,12 +242,7 @@ def inner_backward_kernel(
     DH: rows = words) and the tile's LayerNorm sums (LNP[pid] = d ln1_w, d ln1_b, d ln2_w, d ln2_b).
     Only what ``NEED_*`` asks for is computed and stored."""
     pid = tl.program_id(0)
-    word, ok, sentence, local = _tile(pid, S, M, BS, R)
-    cols = tl.arange(0, CP)
-    colok = cols < C
-    io = word[:, None] * C + cols[None, :]
-    iomask = ok[:, None] & colok[None, :]
-    same = _same_sentence(local, ok)
+    word, ok, sentence, cols, colok, io, iomask, same = _tile(pid, S, M, C, BS, R, CP)
     x = tl.load(X + io, mask=iomask, other=0.0).to(tl.float32)
     dy = tl.load(DY + io, mask=iomask, other=0.0).to(tl.float32)
     ln1w = _vector(LN1W, C, CP)

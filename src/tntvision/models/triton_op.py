@@ -329,7 +329,7 @@ def inner_transformer_triton_backward(
         """A fresh contiguous gradient in ``like``'s dtype (outputs never alias), or empty."""
         if not needed or like is None:
             return empty()
-        return t.to(like.dtype).contiguous().clone().view(like.shape)
+        return t.to(dtype=like.dtype, memory_format=torch.contiguous_format, copy=True).view(like.shape)
 
     sums = ln_sums.sum(0)[:, :c]  # (4, c): d ln1_w, d ln1_b, d ln2_w, d ln2_b
     out = [as_(dx, x, need["x"]), as_(sums[0], ln1_w, need["ln1"]), as_(sums[1], ln1_b, need["ln1"])]
