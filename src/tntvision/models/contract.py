@@ -87,7 +87,8 @@ class TimmContract:
 
     The class sets ``first_conv`` (the stem's first conv, whose weights change with ``in_chans``) and
     ``paper_ids``, and implements :meth:`min_input_size_of` and :meth:`pool_size_of` from a config; the
-    model instance has ``cfg``, ``meta``, ``model_name`` and ``class_names``. The dict is rebuilt from
+    model instance has ``cfg``, ``meta``, ``model_name``, ``class_names`` and ``pretrained_tag`` (the
+    source, reported top-1 and license of the tag's weights join the dict). The dict is rebuilt from
     those on every access, so it follows ``reset_classifier``, config overrides and loaded metadata;
     writing to it changes nothing (change ``model.meta`` instead).
     """
@@ -136,9 +137,13 @@ class TimmContract:
     def pretrained_cfg(self) -> dict[str, Any]:
         """Input size, normalisation, eval crop, stem, head and license, as timm's ``pretrained_cfg``."""
         meta = resolved_meta(self)
-        return self.pretrained_cfg_of(
+        out = self.pretrained_cfg_of(
             self.cfg, meta, architecture=self.model_name, class_names=self.class_names
         )
+        tag = getattr(self, "pretrained_tag", None)
+        if tag is not None:  # where the tag's weights come from and what their publisher reports
+            out.update(tag.cfg())
+        return out
 
     @property
     def default_cfg(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@ extractor. It sits above the registry, the model modules and the weight mapping,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,16 +12,19 @@ from torch import nn
 from ..errors import ConfigError
 from . import pyramid_tnt, tnt  # noqa: F401  (register the variants)
 from .features import FeatureExtractor, check_feature_options
+from .hub import fetch_pretrained
+from .pretrained import class_names_for, get_pretrained_tag, split_name
 from .registry import get_model_entry, resolve_config
-from .weights import load_pretrained
+from .weights import load_pretrained, load_state_dict_into
 
 __all__ = ["apply_token_merging", "create_model"]
 
 
 def create_model(
     name: str,
-    pretrained: str | None = None,
+    pretrained: bool | str | os.PathLike | None = None,
     *,
+    revision: str | None = None,
     features_only: bool = False,
     out_indices: tuple[int, ...] | list[int] | int | None = None,
     feature_cls: str | None = None,
@@ -28,13 +32,21 @@ def create_model(
     merge_tokens: int | Sequence[int] = 0,
     **overrides: Any,
 ) -> nn.Module:
-    """Build a registered model.
+    """Build a registered model, optionally with weights.
 
     Args:
-        name: a name from :func:`list_models`.
-        pretrained: path to weights in any supported layout (ours, timm's or the authors', either
-            structure); position tables are resampled, a head of another size is replaced by a fresh one,
-            and weights of another structure or width are refused with a message.
+        name: a name from :func:`list_models`, optionally with a pretrained tag as in timm
+            (``"tnt_s_patch16_224.in1k"``, see :func:`list_pretrained`); a bare name means the
+            architecture's default tag. The tag sets the model's preprocessing (``pretrained_cfg``).
+        pretrained: ``False`` / ``None``: random weights. ``True``: the tag's published weights, from
+            the cache or downloaded into it (:mod:`tntvision.models.hub`: huggingface_hub or torch.hub),
+            loaded strictly. A path: weights in any supported layout (ours, timm's, the authors',
+            mmpretrain's; either structure). Either way, position tables are resampled for another
+            ``img_size``, a head of another size is replaced by a fresh one, and weights of another
+            structure or width are refused with a message. Weights of a tag with ImageNet labels give the
+            model torchvision's 1000 class names (``model.class_names``) when its head is kept.
+        revision: with ``pretrained=True``, the hub revision (branch, tag or commit) to take; default
+            ``main``.
         features_only: return a wrapper whose forward gives a list of NCHW feature maps.
         out_indices: with ``features_only``, which blocks to return (default: the last four, or all
             if fewer). An int ``n`` means the last ``n`` blocks.
@@ -46,8 +58,26 @@ def create_model(
             ``TNT.set_token_merging``.
         **overrides: config fields to change (``num_classes``, ``img_size``, ``in_chans``,
             ``drop_path_rate``, ...). Unknown names raise :class:`ConfigError`.
+
+    Raises:
+        UnknownModelError: an unknown name or tag (the message lists the close names or the tags).
+        ConfigError: bad overrides or options, ``pretrained=True`` for an architecture without published
+            weights, ``revision`` without ``pretrained=True``.
+        CheckpointError: weights that cannot be fetched, read or fitted (the message says why and what to
+            do: the offline setting, a mirror, ``pretrained=PATH``).
     """
-    entry = get_model_entry(name)
+    arch, _ = split_name(name)
+    entry = get_model_entry(arch)
+    tag = get_pretrained_tag(name)
+    if pretrained is not None and not isinstance(pretrained, bool | str | os.PathLike):
+        raise ConfigError(f"pretrained must be True, False, None or a path, got {type(pretrained).__name__}")
+    if pretrained is True and tag is None:
+        raise ConfigError(
+            f"{arch} has no published weights (see `tnt models --pretrained`); "
+            "pass pretrained=PATH for a file"
+        )
+    if revision is not None and pretrained is not True:
+        raise ConfigError("revision applies with pretrained=True (the hub weights of a tag)")
     if features_only:
         output_fmt = output_fmt or "NCHW"
         check_feature_options(feature_cls=feature_cls, output_fmt=output_fmt)
@@ -59,12 +89,23 @@ def create_model(
         ]
         if unused:
             raise ConfigError(f"{', '.join(unused)} only apply with features_only=True")
-    cfg = resolve_config(name, **overrides)
+    cfg = resolve_config(arch, **overrides)
+    if pretrained is True:  # fetch (or find in the cache) before building: a bad tag costs no model
+        sd, wrapper, path = fetch_pretrained(tag, revision=revision)
     model = entry.factory(cfg)
-    model.model_name = name
-    model.meta = entry.meta.resolved(in_chans=cfg.in_chans, img_size=cfg.img_size)
-    if pretrained is not None:
+    model.model_name = arch
+    model.pretrained_tag = tag
+    model.meta = (tag.meta if tag is not None else entry.meta).resolved(
+        in_chans=cfg.in_chans, img_size=cfg.img_size
+    )
+    if pretrained is True:
+        load_state_dict_into(model, sd, source=f"{tag.name} ({path})", wrapper=wrapper)
+    elif pretrained:  # a path (pretrained=False / None / "" mean random weights)
         load_pretrained(model, pretrained)
+    labelled = pretrained is True or (bool(pretrained) and "." in name)  # the tag says what the file is
+    if labelled and tag is not None and cfg.num_classes == tag.num_classes:
+        names = class_names_for(tag)
+        model.class_names = list(names) if names is not None else None
     apply_token_merging(model, merge_tokens)
     if features_only:
         model = FeatureExtractor(model, out_indices=out_indices, output_fmt=output_fmt)

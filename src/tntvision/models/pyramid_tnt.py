@@ -31,7 +31,8 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import ConfigError, InputError
 from .contract import FeatureInfo, TimmContract
 from .layers import DropPath, Mlp, check_images, fx_leaf, init_linear_and_norm, new_head, resample_pos_embed
-from .registry import ModelMeta, register_model
+from .pretrained import PretrainedTag, register_pretrained
+from .registry import ModelMeta, get_model_entry, register_model
 from .tnt import feature_take_indices
 
 __all__ = ["PyramidTNT", "PyramidTNTConfig", "resample_relative_pos", "stage_grids"]
@@ -425,6 +426,7 @@ class PyramidTNT(TimmContract, nn.Module):
         self.model_name: str | None = None
         self.meta: ModelMeta | None = None
         self.class_names: list[str] | None = None
+        self.pretrained_tag = None  # the PretrainedTag create_model resolved (tntvision.models.pretrained)
         self.load_report = None
 
         self.num_classes = cfg.num_classes
@@ -651,3 +653,29 @@ VARIANTS: dict[str, PyramidTNTConfig] = {
 
 for _name, _cfg in VARIANTS.items():
     register_model(_name, PyramidTNT, _cfg, ModelMeta(input_size=(3, _cfg.img_size, _cfg.img_size)))
+
+# The authors publish PyramidTNT's ImageNet-1k weights on BaiduDisk only (tnt_pytorch/readme.md): a page
+# behind a password, with no address a program can download from. The tags say where and how; a file
+# fetched by hand loads with pretrained=PATH (docs/pretrained.md).
+_BAIDU = {  # name: (reported top-1, BaiduDisk share, password)
+    "ptnt_ti_patch16_192": (75.2, "https://pan.baidu.com/s/1xm3DSGcAJbvFQm4jmDAlnQ", "0r5t"),
+    "ptnt_s_patch16_256": (82.0, "https://pan.baidu.com/s/1xha8x3DTlPq9-KeC6EPPow", "v5w5"),
+    "ptnt_m_patch16_256": (83.5, "https://pan.baidu.com/s/1B9zkWkrUAETuiyr08ClY-w", "jqm3"),
+    "ptnt_b_patch16_256": (84.1, "https://pan.baidu.com/s/1tT0mxRrZQx6facYsdPBt0g", "ns4t"),
+}
+for _name, (_top1, _page, _password) in _BAIDU.items():
+    register_pretrained(
+        PretrainedTag(
+            _name,
+            "in1k",
+            source="manual",
+            location=_page,
+            top1=_top1,
+            top1_by="the authors (tnt_pytorch/readme.md)",
+            license="apache-2.0",
+            layout="authors",
+            meta=get_model_entry(_name).meta,
+            origin_url="https://github.com/huawei-noah/Efficient-AI-Backbones/tree/master/tnt_pytorch",
+            notes=f"the authors share them on BaiduDisk only: {_page} (password {_password})",
+        )
+    )

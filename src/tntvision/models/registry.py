@@ -90,8 +90,16 @@ def register_model(name: str, factory: Callable[..., nn.Module], config: Any, me
     _REGISTRY[name] = _Entry(name=name, factory=factory, config=config, meta=meta)
 
 
-def list_models(pattern: str | None = None) -> list[str]:
-    """Registered model names, sorted; ``pattern`` is a shell-style wildcard (``"tnt_s*"``)."""
+def list_models(pattern: str | None = None, *, pretrained: bool = False) -> list[str]:
+    """Registered model names, sorted; ``pattern`` is a shell-style wildcard (``"tnt_s*"``).
+
+    ``pretrained=True``: the names with tags of published weights instead (``tnt_s_patch16_224.in1k``),
+    as timm's ``list_models(pretrained=True)`` gives them.
+    """
+    if pretrained:
+        from .pretrained import list_pretrained  # (it imports this module)
+
+        return list_pretrained(pattern)
     names = sorted(_REGISTRY)
     if pattern:
         names = [n for n in names if fnmatch.fnmatch(n, pattern)]

@@ -40,6 +40,7 @@ from .layers import (
     resample_pos_embed,
 )
 from .merging import Merge, bipartite_soft_matching, merge_schedule, merge_weighted
+from .pretrained import PretrainedTag, register_pretrained
 from .registry import ModelMeta, register_model
 
 __all__ = ["TNT", "TNTBlock", "TNTConfig", "WordEmbed", "record_attention"]
@@ -325,6 +326,7 @@ class TNT(TimmContract, nn.Module):
         self.model_name: str | None = None
         self.meta: ModelMeta | None = None
         self.class_names: list[str] | None = None
+        self.pretrained_tag = None  # the PretrainedTag create_model resolved (tntvision.models.pretrained)
         self.load_report = None  # what load_pretrained adapted (tntvision.models.weights.LoadReport)
 
         img_size, patch_size, in_chans = cfg.img_size, cfg.patch_size, cfg.in_chans
@@ -749,3 +751,39 @@ VARIANTS: dict[str, tuple[TNTConfig, ModelMeta]] = {
 
 for _name, (_cfg, _meta) in VARIANTS.items():
     register_model(_name, TNT, _cfg, _meta)
+
+# Published ImageNet-1k weights, each architecture's default first (docs/pretrained.md). top-1 is what the
+# publisher reports, not measured here. timm's hub copies come first: a direct, versioned download in the
+# layout timm and we share.
+_TIMM_RESULTS = "timm (results/results-imagenet.csv)"
+_AUTHORS = "https://github.com/huawei-noah/Efficient-AI-Backbones/tree/master/tnt_pytorch"
+_AUTHORS_RELEASE = "https://github.com/huawei-noah/Efficient-AI-Backbones/releases/download/tnt/"
+PRETRAINED = [
+    PretrainedTag("tnt_s_patch16_224", "in1k", source="hf-hub", location="timm/tnt_s_patch16_224.in1k",
+                  top1=81.506, top1_by=_TIMM_RESULTS, license="apache-2.0", layout="timm", meta=_IMAGENET,
+                  origin_url=_AUTHORS),
+    PretrainedTag("tnt_s_patch16_224", "authors_in1k", source="url",
+                  location=_AUTHORS_RELEASE + "tnt_s_81.5.pth.tar",
+                  top1=81.5, top1_by="the authors (tnt_pytorch/readme.md)", license="apache-2.0",
+                  layout="authors", meta=_IMAGENET, origin_url=_AUTHORS),
+    PretrainedTag("tnt_b_patch16_224", "in1k", source="hf-hub", location="timm/tnt_b_patch16_224.in1k",
+                  top1=82.864, top1_by=_TIMM_RESULTS, license="apache-2.0", layout="timm", meta=_IMAGENET,
+                  origin_url=_AUTHORS),
+    PretrainedTag("tnt_b_patch16_224", "authors_in1k", source="url",
+                  location=_AUTHORS_RELEASE + "tnt_b_82.9.pth.tar",
+                  top1=82.9, top1_by="the authors (tnt_pytorch/readme.md)", license="apache-2.0",
+                  layout="authors", meta=_IMAGENET, origin_url=_AUTHORS),
+    PretrainedTag("tnt_s_legacy_patch16_224", "in1k", source="hf-hub",
+                  location="timm/tnt_s_legacy_patch16_224.in1k", top1=81.512, top1_by=_TIMM_RESULTS,
+                  license="apache-2.0", layout="timm", meta=_IMAGENET,
+                  origin_url="https://github.com/huggingface/pytorch-image-models"),
+    PretrainedTag("tnt_s_legacy_patch16_224", "mm_in1k", source="url",
+                  location="https://download.openmmlab.com/mmclassification/v0/tnt/"
+                  "tnt-small-p16_3rdparty_in1k_20210903-c56ee7df.pth",
+                  hash_prefix="c56ee7df", top1=81.52, top1_by="mmpretrain (configs/tnt/README.md)",
+                  license="apache-2.0", layout="mmpretrain", meta=_IMAGENET,
+                  origin_url="https://github.com/open-mmlab/mmpretrain/tree/main/configs/tnt"),
+]  # fmt: skip
+
+for _tag in PRETRAINED:
+    register_pretrained(_tag)

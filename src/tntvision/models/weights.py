@@ -10,6 +10,7 @@ the checkpoint is and what was expected.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -33,6 +34,7 @@ __all__ = [
     "describe_state_dict",
     "is_pyramid_state_dict",
     "load_pretrained",
+    "load_state_dict_into",
     "read_state_dict",
     "to_tntvision_keys",
 ]
@@ -187,6 +189,19 @@ def refuse_exported(path: str | Path | None, *, why: str, option: str = "--check
         )
 
 
+def _is_safetensors(path: Path) -> bool:
+    """Whether the file starts as safetensors does (an 8-byte header length, then a JSON object), whatever
+    its name (release files named ``.pth`` / ``.bin`` may hold safetensors)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False  # torch.load below reports it
+    return (
+        len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+    )
+
+
 def read_state_dict(path: str | Path, *, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str | None]:
     """Read tensors from a weights file (or a model/run folder) without unpickling arbitrary objects.
 
@@ -195,12 +210,14 @@ def read_state_dict(path: str | Path, *, use_ema: bool = True) -> tuple[dict[str
     path = _resolve_weights_file(Path(path))
     refuse_exported(path, why="it holds no trainable weights", option="")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" or _is_safetensors(path):
             from safetensors.torch import load_file
 
             obj = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # argparse.Namespace: the training arguments timm-style scripts save beside the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - OSError, a damaged file, a pickle weights-only loading refuses
         raise CheckpointError(read_failure(path, "a weights file", e)) from e
     if not isinstance(obj, dict):
@@ -493,7 +510,15 @@ def load_pretrained(model: nn.Module, path: str | Path, *, use_ema: bool = True)
     never silently ignored.
     """
     sd, wrapper = read_state_dict(path, use_ema=use_ema)
-    report = LoadReport(source=str(path), wrapper=wrapper)
+    return load_state_dict_into(model, sd, source=str(path), wrapper=wrapper)
+
+
+def load_state_dict_into(
+    model: nn.Module, sd: dict[str, torch.Tensor], *, source: str, wrapper: str | None = None
+) -> LoadReport:
+    """:func:`load_pretrained` for a state dict already read (``source`` names it in messages)."""
+    path = source
+    report = LoadReport(source=source, wrapper=wrapper)
     sd = adapt_state_dict(sd, model, report)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if report.head_reset or (not isinstance(model.head, nn.Linear)):
