@@ -193,7 +193,9 @@ def test_health_metadata_and_metrics(client):
 def test_page_is_served_and_self_contained(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert 'type="file"' in page.text and "/explain" in page.text
+    assert 'type="file"' in page.text and '"explain"' in page.text
+    # every URL the script asks for is relative to the page, so it works behind a path prefix
+    assert re.findall(r"""(?:fetch|post)\(\s*["'`]([^"'`]*)""", page.text) == ["metadata", "predict", "explain"]
     # nothing fetched from elsewhere: no absolute URLs in src/href, no CSS imports or fonts
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", page.text)
     assert "@import" not in page.text and "url(" not in page.text

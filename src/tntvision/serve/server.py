@@ -1,13 +1,17 @@
 """`tnt serve`: load a checkpoint, bind the socket, run uvicorn until SIGTERM / SIGINT.
 
 The checkpoint is read and the socket bound before the server starts, so a bad checkpoint, an unknown
-runtime or a port in use is a user error (one line, exit 2), not a server log. On SIGTERM or SIGINT
-uvicorn stops accepting connections, lets the requests in flight finish (``graceful_s`` at most), and
-the app's lifespan then stops the engine after the batches still queued; :func:`serve` returns normally.
+runtime or a port in use is a user error (one line, exit 2), not a server log. A model that fails its
+warm-up stops the server: :func:`serve` returns 1. On SIGTERM or SIGINT readiness turns 503 at once; the
+server goes on serving for ``stop_delay_s`` (so that load balancers take it out of rotation), then uvicorn
+stops accepting connections, lets the requests in flight finish (``drain_s`` at most), and the app's
+lifespan stops the engine after the batches still queued; :func:`serve` returns 0. A second signal skips
+the delay.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import threading
@@ -15,11 +19,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 from ..errors import ConfigError
 from .engine import DEFAULT_MAX_PIXELS
 
 __all__ = ["ServeOptions", "bind", "serve"]
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # a model name that needs no escaping in a URL path
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,11 @@ class ServeOptions:
     max_upload_mb: float = 10.0
     max_pixels: int = DEFAULT_MAX_PIXELS
     topk: int = 5
-    graceful_s: float = 30.0
+    max_queue: int = 256
+    timeout_s: float | None = 30.0
+    name: str | None = None
+    drain_s: float = 30.0
+    stop_delay_s: float = 0.0
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -91,8 +102,30 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
-def serve(options: ServeOptions, *, log: Callable[[str], None], announce: Callable[[str], None]) -> None:
-    """Serve ``options.checkpoint`` until SIGTERM / SIGINT.
+def _server_class(on_stop: Callable[[], None], delay_s: float) -> type:
+    """uvicorn's Server, told to call ``on_stop`` at the first SIGTERM / SIGINT and to begin its graceful
+    shutdown ``delay_s`` later (at once on a second signal)."""
+    import uvicorn
+
+    class DelayedStop(uvicorn.Server):
+        stopping = False
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if not self.stopping:
+                self.stopping = True
+                on_stop()
+                if delay_s > 0:
+                    timer = threading.Timer(delay_s, uvicorn.Server.handle_exit, (self, sig, frame))
+                    timer.daemon = True
+                    timer.start()
+                    return
+            super().handle_exit(sig, frame)
+
+    return DelayedStop
+
+
+def serve(options: ServeOptions, *, log: Callable[[str], None], announce: Callable[[str], None]) -> int:
+    """Serve ``options.checkpoint`` until SIGTERM / SIGINT; 0 then, 1 if the model failed to warm up.
 
     ``announce`` gets one line with the URL once the socket listens and the model has warmed up (the
     CLI prints it on stdout); ``log`` gets notes for the user.
@@ -107,12 +140,18 @@ def serve(options: ServeOptions, *, log: Callable[[str], None], announce: Callab
     from ..tools.checkpoints import load_checkpoint
     from ..utils.amp import weight_dtype
     from ..utils.devices import device_name, resolve_device
-    from .app import create_app
+    from .app import create_app, set_draining
     from .engine import Engine, EngineConfig
 
     device = resolve_device(options.device)  # before the checkpoint is read
-    if options.max_upload_mb <= 0 or options.topk < 1:
-        raise ConfigError("--max-upload-mb and the default topk must be positive")
+    if options.max_upload_mb <= 0:
+        raise ConfigError(f"--max-upload-mb must be positive, got {options.max_upload_mb}")
+    if options.topk < 1:
+        raise ConfigError(f"--topk must be at least 1, got {options.topk}")
+    if options.drain_s < 0 or options.stop_delay_s < 0:
+        raise ConfigError("--drain-s and --stop-delay-s must not be negative")
+    if options.name is not None and not _NAME.fullmatch(options.name):
+        raise ConfigError(f"--name must be letters, digits, '_', '-' or '.', got {options.name!r}")
     if options.threads is not None:
         if options.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {options.threads}")
@@ -120,18 +159,21 @@ def serve(options: ServeOptions, *, log: Callable[[str], None], announce: Callab
     config = EngineConfig(
         max_batch=options.max_batch,
         max_wait_ms=options.max_wait_ms,
+        max_queue=options.max_queue,
+        timeout_s=options.timeout_s,
         max_pixels=options.max_pixels,
         dtype=weight_dtype(options.dtype),
         device=device,
     )
     engine = Engine(load_checkpoint(options.checkpoint, runtime=options.runtime), config)
     sock = bind(options.host, options.port)
-    app = create_app(engine, max_upload_mb=options.max_upload_mb, topk=options.topk)
-    server = uvicorn.Server(
+    app = create_app(engine, max_upload_mb=options.max_upload_mb, topk=options.topk, name=options.name)
+    server_class = _server_class(lambda: set_draining(app), options.stop_delay_s)
+    server = server_class(
         uvicorn.Config(
             app,
             log_level="warning",
-            timeout_graceful_shutdown=options.graceful_s,
+            timeout_graceful_shutdown=options.drain_s,
             lifespan="on",
             access_log=False,
         )
@@ -140,19 +182,23 @@ def serve(options: ServeOptions, *, log: Callable[[str], None], announce: Callab
     where = (
         f"{device} {device_name(device)}" if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     )
+    timeout = "no timeout" if config.timeout_s is None else f"timeout {config.timeout_s:g} s"
 
     def wait_and_announce() -> None:
         while not (engine.ready.wait(0.05) and server.started):
             if engine.failure is not None:
-                log(f"tnt serve: the model failed to warm up ({engine.failure}); /health answers 503")
+                log(f"tnt serve: error: the model failed to warm up ({engine.failure}); stopping")
+                server.should_exit = True
                 return
             if server.should_exit:
                 return
         announce(
             f"serving {engine.model_name} ({engine.runtime}, {options.dtype}, {where}, batches of up to "
-            f"{config.max_batch} within {config.max_wait_ms:g} ms) at {_url(sock)}"
+            f"{config.max_batch} within {config.max_wait_ms:g} ms, queue {config.max_queue}, {timeout}) "
+            f"at {_url(sock)}"
         )
 
     threading.Thread(target=wait_and_announce, name="tnt-serve-announce", daemon=True).start()
     with _signals_end_quietly():
         server.run(sockets=[sock])
+    return 1 if engine.failure is not None else 0
