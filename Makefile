@@ -68,13 +68,14 @@ test: setup lint
 
 # The lowest versions pyproject.toml allows (constraints-lowest.txt: torch 2.13.0, torchvision 0.28.0, numpy
 # 1.26.0, ...) in a second virtual env, and the tests of the fused kernel, the models and timm parity against
-# them: the kernel must build and run under the oldest torch allowed (docs/testing.md, "Lowest versions").
+# them, and the pretrained-weights tests against the oldest huggingface_hub allowed: the kernel must build
+# and run under the oldest torch allowed (docs/testing.md, "Lowest versions").
 # The kernel is built into its own cache inside that env. 3.5-5 minutes on 2 shared cores. PYTEST_ARGS:
 # more pytest options (e.g. --durations=30).
 LOWEST_VENV ?= .venv-lowest
 LOWEST_BIN  := $(LOWEST_VENV)/bin
 LOWEST_TESTS := tests/test_kernel_op.py tests/test_fused.py tests/test_models.py tests/test_timm_parity.py \
-	tests/test_triton_op.py
+	tests/test_triton_op.py tests/test_pretrained.py
 # Left out there for time only (every one runs in `make test`):
 # - the full-size models (patch16: 224-256 px, 10-45 s a test here); the 28-px minis run the same blocks,
 #   fused op, heads and features code;

@@ -432,3 +432,178 @@ def test_hub_downloads_through_hf_endpoint_and_then_works_offline(tmp_path):
         assert again == {"ok": True, "diff": 0.0}
         assert server.gets("/tests/ok/resolve/main/model.safetensors") == gets
         assert "HF_HUB_OFFLINE=1 allows the cache only" in missing["msg"]
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
+    from tntvision.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_tnt_models_pretrained_lists_every_tag(capsys):
+    code, out, _ = run_cli(capsys, ["models", "--pretrained"])
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == 1 + len(list_pretrained())
+    row = next(line for line in lines if line.startswith("tnt_s_patch16_224.in1k "))
+    assert (
+        "81.506" in row and "timm" in row and "apache-2.0" in row and "hf-hub: timm/tnt_s_patch16_224" in row
+    )
+    assert "by hand: the authors share them on BaiduDisk" in next(x for x in lines if x.startswith("ptnt_s"))
+    code, out, _ = run_cli(capsys, ["models", "tnt_b*", "--pretrained", "--json"])
+    tags = json.loads(out)["pretrained"]
+    assert [t["name"] for t in tags] == ["tnt_b_patch16_224.authors_in1k", "tnt_b_patch16_224.in1k"]
+    assert tags[1]["hf_hub_id"] == "timm/tnt_b_patch16_224.in1k" and tags[1]["input_size"] == [3, 224, 224]
+    assert tags[0]["url"].endswith("/tnt_b_82.9.pth.tar") and tags[0]["top1"] == 82.9
+
+
+def test_predict_with_hub_weights_by_name_gives_imagenet_names(caches, monkeypatch, capsys, tmp_path):
+    from huggingface_hub import constants
+    from PIL import Image
+
+    sd = perturbed_state_dict(tntvision.create_model("tnt_s_patch16_224"), seed=7)
+    lay_out_hub_cache(Path(constants.HF_HUB_CACHE), "timm/tnt_s_patch16_224.in1k",
+                      {"model.safetensors": safetensors.torch.save(sd)}, commit="e" * 40)  # fmt: skip
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    image = tmp_path / "photo.png"
+    Image.fromarray((torch.rand(200, 300, 3) * 255).to(torch.uint8).numpy()).save(image)
+    argv = [
+        "predict",
+        "--model",
+        "tnt_s_patch16_224.in1k",
+        "--pretrained",
+        str(image),
+        "--topk",
+        "3",
+        "--json",
+    ]
+    code, out, err = run_cli(capsys, argv)
+    assert code == 0, err
+    (pred,) = json.loads(out)["predictions"]
+    names = pretrained.imagenet_class_names()
+    model = tntvision.create_model("tnt_s_patch16_224.in1k", pretrained=True).eval()
+    from tntvision.data import eval_transform
+
+    x = eval_transform(model.meta)(Image.open(image).convert("RGB"))[None]
+    with torch.no_grad():
+        top = model(x).softmax(-1)[0].topk(3)
+    assert [p["label"] for p in pred["top"]] == [names[i] for i in top.indices]
+    # nothing cached for TNT-B: one line, exit 2
+    code, out, err = run_cli(capsys, ["predict", "--model", "tnt_b_patch16_224", "--pretrained", str(image)])
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "timm/tnt_b_patch16_224.in1k" in err and "HF_HUB_OFFLINE" in err and "pretrained=PATH" in err
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["predict", "--model", MINI, "x.png"], "has random weights: add --pretrained"),
+        (["predict", "--pretrained", "x.png"], "--pretrained takes the published weights of --model"),
+        (["predict", "x.png"], "name a model"),
+        (["eval", "--model", "tnt_s_patch16_224.nope", "--pretrained", "--data", "d"], "has: tnt_s_patch16_"),
+        (["predict", "--model", MINI, "--pretrained", "x.png"], "has no published weights"),
+        (["bench", "--checkpoint", "m.onnx", "--pretrained"], "--pretrained takes the published weights"),
+        (["serve", "--model", MINI, "--pretrained", "--checkpoint", "w.pth"], "not both"),
+    ],
+)
+def test_bad_model_options_are_one_line(capsys, argv, said):
+    code, out, err = run_cli(capsys, argv)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and said in err, err
+
+
+def test_eval_visualize_bench_and_export_take_a_model_by_name(caches, monkeypatch, capsys, tmp_path):
+    from .data_helpers import make_image_folder
+
+    with FileServer() as server:
+        path, sd = mini_weights_file(caches / "mini_cli.pth")
+        server.routes["/mini_cli.pth"] = Reply(path.read_bytes())
+        register(monkeypatch, mini_tag("cli", "url", server.url("/mini_cli.pth")))
+        name = f"{MINI}.cli"
+        data = make_image_folder(tmp_path / "data", classes=tuple("0123456789"), per_class=2, size=28,
+                                 splits=("val",), mode="L")  # fmt: skip
+        monkeypatch.chdir(tmp_path)
+        code, out, err = run_cli(capsys, ["eval", "--model", name, "--pretrained", "--data", str(data),
+                                          "--split", "val", "--json"])  # fmt: skip
+        assert code == 0, err
+        assert json.loads(out)["n"] == 20 and (tmp_path / name / "confusion_val.png").is_file()
+        image = str(next(data.rglob("*.png")))
+        code, out, err = run_cli(
+            capsys, ["visualize", "--model", name, "--pretrained", image, "--out", "fig"]
+        )
+        assert code == 0 and "random weights" not in err, err
+        argv = [
+            "bench",
+            "--model",
+            name,
+            "--pretrained",
+            "--batch-size",
+            "2",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+        ]
+        code, out, err = run_cli(capsys, [*argv, "--no-memory", "--json"])
+        assert code == 0 and json.loads(out)["model"] == name, err
+        # a file fetched by hand, into the model its tag names: the same weights
+        code, out, err = run_cli(capsys, ["export", "--model", name, "--checkpoint", str(path), "--format",
+                                          "pt2", "--out", "mini.pt2", "--json"])  # fmt: skip
+        assert code == 0, err
+        assert json.loads(out)["max_abs_diff"] < 1e-4
+        assert server.gets("/mini_cli.pth") == 1  # eval downloaded it; the rest read the cache
+    exported = torch.export.load(tmp_path / "mini.pt2").module()
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(exported(x), logits_of(sd, x), rtol=1e-4, atol=1e-4)
+
+
+def test_train_fine_tunes_from_published_weights_by_name(caches, monkeypatch, capsys, tmp_path):
+    from .data_helpers import make_image_folder
+
+    with FileServer() as server:
+        path, sd = mini_weights_file(caches / "mini_ft.pth")
+        server.routes["/mini_ft.pth"] = Reply(path.read_bytes())
+        register(monkeypatch, mini_tag("ft", "url", server.url("/mini_ft.pth")))
+        data = make_image_folder(tmp_path / "data", per_class=4, size=28, mode="L")  # 3 classes, not 10
+        argv = ["train", "--pretrained", f"{MINI}.ft", "--data", str(data), "--out", str(tmp_path / "run")]
+        code, out, err = run_cli(capsys, [*argv, "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                                          "--set", "ema_decay=0", "--json"])  # fmt: skip
+    assert code == 0, err[-2000:]
+    assert f"fine-tuning from {MINI}.ft (3 classes" in err
+    assert json.loads(out)["model"] == MINI
+    tuned = tntvision.load_model(tmp_path / "run")
+    assert tuned.num_classes == 3 and tuned.class_names == ["cat", "dog", "fox"]
+    # the body started from the published weights: the word embedding moved little from them
+    start = sd["pixel_embed.proj.weight"]
+    assert (tuned.state_dict()["pixel_embed.proj.weight"] - start).abs().max() < 0.5 * start.abs().max()
+    with pytest.raises(ConfigError, match="holds weights of tnt_mini_patch4_28, not of --model"):
+        from tntvision.train import resolve_train_config
+
+        resolve_train_config(overrides={"model": "vit_mini_patch4_28", "pretrained": f"{MINI}.ft",
+                                        "data": "d", "out": str(tmp_path / "other")})  # fmt: skip
+
+
+def test_imagenet_val_folders_of_wordnet_ids_are_taken_in_sorted_order():
+    from tntvision.tools.evaluate import _check_classes
+
+    notes: list[str] = []
+    model = tntvision.create_model("tnt_s_patch16_224.in1k", img_size=32)
+    model.class_names = list(pretrained.imagenet_class_names())
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    _check_classes(model, wnids, notes.append)
+    assert "WordNet ids" in notes[0]
+    from tntvision.errors import DataError
+
+    with pytest.raises(DataError, match="differ"):  # other names are still refused
+        _check_classes(model, [f"c{i:04d}" for i in range(1000)], notes.append)
+    model.pretrained_tag = None
+    with pytest.raises(DataError, match="differ"):  # without ImageNet weights, ids are not names
+        _check_classes(model, wnids, notes.append)

@@ -43,8 +43,23 @@ RUNTIME_HELP = (
 def cmd_models(args: argparse.Namespace) -> None:
     from . import list_models
 
-    names = list_models(args.pattern)
-    emit(args, {"models": names}, "\n".join(names))
+    if not args.pretrained:
+        names = list_models(args.pattern)
+        emit(args, {"models": names}, "\n".join(names))
+        return
+    from .models import get_pretrained_tag, list_pretrained
+
+    tags = [get_pretrained_tag(n) for n in list_pretrained(args.pattern)]
+
+    def text() -> str:
+        rows = [f"{'name':<34}{'top-1':>7}  {'by':<9}{'license':<12}{'input':<9}source"]
+        for t in tags:
+            where = t.location if t.downloadable else f"by hand: {t.notes}"
+            rows.append(f"{t.name:<34}{t.top1:>7.3f}  {t.top1_by.split()[0]:<9}{t.license:<12}"
+                        f"{t.meta.input_size[1]:<9}{t.source}: {where}")  # fmt: skip
+        return "\n".join(rows)
+
+    emit(args, {"pretrained": [t.to_dict() for t in tags]}, text)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -91,7 +106,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .utils.devices import resolve_device
 
     device = resolve_device(args.device)  # before the checkpoint is read
-    model = load_checkpoint(args.checkpoint, runtime=args.runtime, merge_tokens=args.merge_tokens)
+    model = load_checkpoint(_source(args), runtime=args.runtime, merge_tokens=args.merge_tokens)
     dtype = weight_dtype(args.dtype)
     report = predict_images(
         model,
@@ -126,12 +141,13 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
-    from .models import create_model, load_model
     from .tools.checkpoints import refuse_exported
     from .tools.visualize import visualize
 
     refuse_exported(args.checkpoint, why="it has no attention maps or block outputs to draw")
-    model = load_model(args.checkpoint) if args.checkpoint is not None else create_model(args.model)
+    source = _source(args)
+    source.check(random_ok=True)
+    model = source.load_pytorch()
     report = visualize(
         model,
         args.image,
@@ -142,7 +158,7 @@ def cmd_visualize(args: argparse.Namespace) -> None:
         img_size=args.img_size,
         warn=log,
     )
-    if args.checkpoint is None:
+    if args.checkpoint is None and not args.pretrained:
         log(f"note: {args.model} has random weights; the figures show structure, not learned attention")
     emit(args, report.to_dict(), lambda: "\n".join(f"wrote {p}" for p in report.figures.values()))
 
@@ -151,7 +167,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .tools.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(
-        args.checkpoint,
+        _source(args),
         args.data,
         split=args.split,
         batch_size=args.batch_size,
@@ -183,7 +199,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .tools.export import export_model
 
     result = export_model(
-        args.checkpoint,
+        _source(args),
         format=args.format,
         out=args.out,
         img_size=args.img_size,
@@ -208,6 +224,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from .tools.bench import bench_model, format_report
 
+    if (args.pretrained or args.revision) and args.model is None:
+        from .errors import ConfigError
+
+        raise ConfigError("--pretrained takes the published weights of --model NAME[.TAG]")
     if args.checkpoint is not None:
         from .tools.exported import bench_exported, format_bench
 
@@ -258,6 +278,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         lean_backward=not args.keep_activations,
         profile=args.profile,
         merge_tokens=args.merge_tokens,
+        pretrained=args.pretrained,
+        revision=args.revision,
     )
     emit(args, result, lambda: format_report(result))
 
@@ -286,7 +308,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .serve import ServeOptions, serve
 
     options = ServeOptions(
-        checkpoint=args.checkpoint,
+        checkpoint=_source(args),
         runtime=args.runtime,
         dtype=args.dtype,
         device=args.device,
@@ -369,6 +391,36 @@ CHECKPOINT_HELP = "run folder, model/ folder, weights file or exported .onnx/.pt
 DTYPE_HELP = "dtype of weights and images (bfloat16: inference without autocast's weight casts)"
 
 
+def _model_args(
+    p: argparse.ArgumentParser, *, checkpoint_help: str = CHECKPOINT_HELP, random: bool = False
+) -> None:
+    """--checkpoint, or --model NAME[.TAG] with --pretrained (published weights) or --checkpoint FILE (a
+    weights file for it), as timm's scripts take them (tntvision.tools.checkpoints.ModelSource)."""
+    p.add_argument("--checkpoint", help=checkpoint_help + "; with --model: a weights file for that model")
+    p.add_argument(
+        "--model",
+        metavar="NAME[.TAG]",
+        help="a registered model by name (tags: `tnt models --pretrained`)"
+        + (", random weights unless --pretrained or --checkpoint" if random else ""),
+    )
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="with --model: the tag's published weights (downloaded once, then cached; "
+        "HF_HUB_OFFLINE=1: the cache only)",
+    )
+    p.add_argument("--revision", help="with --pretrained: the hub revision to take (default: main)")
+
+
+def _source(args: argparse.Namespace):
+    """The model the options name (a tntvision.tools.checkpoints.ModelSource)."""
+    from .tools.checkpoints import ModelSource
+
+    return ModelSource(
+        checkpoint=args.checkpoint, model=args.model, pretrained=args.pretrained, revision=args.revision
+    )
+
+
 def _json_flag(p: argparse.ArgumentParser, help: str = "print one JSON object") -> None:
     p.add_argument("--json", action="store_true", help=help)
 
@@ -432,8 +484,13 @@ def _runtime_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_models(sub) -> None:
-    p = sub.add_parser("models", help="list registered model names")
+    p = sub.add_parser("models", help="list registered model names, or the published weights' tags")
     p.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'tnt_s*'")
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="list NAME.TAG of published weights: source, reported top-1, license, input size",
+    )
     _json_flag(p)
     p.set_defaults(func=cmd_models)
 
@@ -460,7 +517,7 @@ def _add_convert(sub) -> None:
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="top-k classes of image files and folders")
-    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    _model_args(p)
     p.add_argument(
         "images", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders (walked for image files)"
     )
@@ -476,9 +533,7 @@ def _add_predict(sub) -> None:
 
 def _add_visualize(sub) -> None:
     p = sub.add_parser("visualize", help="PNG figures of attention, word embeddings and feature maps")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="run folder, model/ folder or weights file")
-    src.add_argument("--model", help="a registered model name (random weights)")
+    _model_args(p, checkpoint_help="run folder, model/ folder or weights file", random=True)
     p.add_argument("image", help="any image file Pillow reads")
     p.add_argument("--out", required=True, help="folder for the PNG figures")
     p.add_argument("--blocks", help="1-based blocks to show, e.g. 1,6,12 (default: first, middle, last)")
@@ -491,10 +546,14 @@ def _add_visualize(sub) -> None:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="top-1/top-5, loss, per-class accuracy and confusion matrix")
-    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    _model_args(p)
     p.add_argument("--data", required=True, help="'fashion-mnist' or an ImageFolder root")
     p.add_argument("--split", choices=("val", "test"), default="test", help="split (default: test)")
-    p.add_argument("--out", default=None, help="folder for the confusion matrix (default: the run folder)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for the confusion matrix (default: the run folder; with --model: ./NAME[.TAG])",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
     p.add_argument(
@@ -535,7 +594,11 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, help="global batch per optimizer step (all processes)")
     p.add_argument("--img-size", type=int, help="input size (position tables are resampled)")
     p.add_argument(
-        "--pretrained", metavar="PATH", help="start from these weights (new head if classes differ)"
+        "--pretrained",
+        metavar="PATH|NAME.TAG",
+        help="start from these weights: a file or folder, or published weights by name (NAME.TAG, see "
+        "`tnt models --pretrained`; --model defaults to its architecture); a head for other classes is "
+        "fresh, position tables are resampled to --img-size",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, help="random seed (runs with the same seed are identical)")
@@ -554,12 +617,18 @@ def _add_train(sub) -> None:
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="throughput, latency, training-step speed and peak memory")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="a registered model name (random weights)")
+    which.add_argument(
+        "--model",
+        metavar="NAME[.TAG]",
+        help="a registered model by name (random weights unless --pretrained)",
+    )
     which.add_argument(
         "--checkpoint",
         metavar="FILE.onnx|.pt2",
         help="an exported file: its runtime against eager PyTorch on the same architecture",
     )
+    p.add_argument("--pretrained", action="store_true", help="with --model: time it with the tag's weights")
+    p.add_argument("--revision", help="with --pretrained: the hub revision to take (default: main)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
     _dtype_arg(p)
     p.add_argument("--amp", choices=("none", "bfloat16"), default="none", help="autocast (default: none)")
@@ -601,7 +670,7 @@ def _add_serve(sub) -> None:
         "/metadata, /metrics (Prometheus) and a web page at /. Requests that arrive within --max-wait-ms "
         "run as one batch. SIGTERM / SIGINT: finish the requests in flight and exit 0.",
     )
-    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    _model_args(p)
     _runtime_arg(p)
     _dtype_arg(p)
     _device_arg(p, "where batches run: cpu (default) or cuda (PyTorch checkpoints; /explain stays on cpu)")
@@ -628,7 +697,7 @@ def _add_export(sub) -> None:
         description="Export a saved model with a dynamic batch dimension; model name, class names and "
         "preprocessing travel inside the file, which `tnt eval` and `tnt predict` take as --checkpoint.",
     )
-    p.add_argument("--checkpoint", required=True, help="run folder, model/ folder or weights file")
+    _model_args(p, checkpoint_help="run folder, model/ folder or weights file")
     p.add_argument("--format", required=True, choices=("onnx", "pt2"), help="file format")
     p.add_argument("--out", required=True, help="file to write (ending in .onnx or .pt2)")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")

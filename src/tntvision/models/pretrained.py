@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import os
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -184,6 +186,21 @@ def list_pretrained(pattern: str | None = None) -> list[str]:
     ``pattern`` is a shell-style wildcard matched against the full name."""
     names = sorted(t.name for t in all_tags())
     return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+
+
+def tag_named_by(value: str | os.PathLike) -> PretrainedTag | None:
+    """The tag an option that takes a path or a name (``tnt train --pretrained``) names, or None for a path.
+
+    An existing file or folder is a path; otherwise a registered architecture with a tag (or a bare one
+    with a default tag) names published weights, and anything else is a path (reported missing when read).
+
+    Raises:
+        UnknownModelError: a registered architecture with a tag it does not have.
+    """
+    if Path(value).exists():
+        return None
+    arch, _ = split_name(str(value)) if str(value).count(".") <= 1 else (str(value), None)
+    return get_pretrained_tag(str(value)) if arch in list_models() else None
 
 
 def pretrained_architectures() -> list[str]:

@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import create_model
 from ..models.kernels import fused_kernels, kernel_backend, set_fused_kernels
+from ..models.pretrained import get_pretrained_tag, split_name
 from ..models.registry import get_model_entry
 from ..utils.amp import WEIGHT_DTYPES, amp_dtype, autocast, weight_dtype
 from ..utils.devices import device_name, resolve_device
@@ -65,19 +66,24 @@ class Impl:
         weights_from: nn.Module | None = None,
         lean_backward: bool = True,
         merge_tokens: int | Sequence[int] = 0,
+        pretrained: bool = False,
+        revision: str | None = None,
     ) -> nn.Module:
         """A fresh model; timm's model of our name gets ``weights_from``'s weights (same layout).
 
         ``lean_backward`` is our model's :meth:`~tntvision.models.tnt.TNT.set_lean_backward` setting;
-        ``merge_tokens`` its token merging (our models only: timm's have none).
+        ``merge_tokens`` its token merging (our models only: timm's have none); ``pretrained`` gives our
+        model (``ours``) the published weights of ``model_name``'s tag (``revision``: the hub revision).
         """
         if self.spec in ("ours", "ours:reference") or self.spec.startswith("tntvision:"):
             name = model_name if self.spec.startswith("ours") else self.spec.split(":", 1)[1]
-            model = create_model(name, merge_tokens=merge_tokens)
+            weights = pretrained and self.spec == "ours"
+            model = create_model(name, merge_tokens=merge_tokens, pretrained=weights,
+                                 revision=revision if weights else None)  # fmt: skip
             model.set_lean_backward(lean_backward)
             return model
         timm = _import_timm()
-        name = model_name if self.spec == "timm" else self.spec.split(":", 1)[1]
+        name = split_name(model_name)[0] if self.spec == "timm" else self.spec.split(":", 1)[1]
         if name not in timm.list_models():
             raise ConfigError(f"timm has no model {name!r} to compare with")
         model = timm.create_model(name)
@@ -284,7 +290,7 @@ def _peak_memory(args: tuple) -> dict[str, float]:
 
 
 def _input_shape(model_name: str) -> tuple[int, int, int]:
-    cfg = get_model_entry(model_name).config
+    cfg = get_model_entry(split_name(model_name)[0]).config
     return (cfg.in_chans, cfg.img_size, cfg.img_size)
 
 
@@ -390,11 +396,19 @@ def _check_bench_args(
 
 
 def _build_models(
-    model_name: str, impls: Sequence[Impl], *, lean_backward: bool, merge_tokens: int | Sequence[int]
+    model_name: str,
+    impls: Sequence[Impl],
+    *,
+    lean_backward: bool,
+    merge_tokens: int | Sequence[int],
+    pretrained: bool = False,
+    revision: str | None = None,
 ) -> dict[str, nn.Module]:
-    """One fresh model per implementation, ours first; timm's of our name gets our weights."""
+    """One fresh model per implementation, ours first (with the tag's published weights if
+    ``pretrained``); timm's of our name gets our weights."""
     torch.manual_seed(0)
-    ours = Impl("ours").build(model_name, lean_backward=lean_backward, merge_tokens=merge_tokens)
+    ours = Impl("ours").build(model_name, lean_backward=lean_backward, merge_tokens=merge_tokens,
+                              pretrained=pretrained, revision=revision)  # fmt: skip
     return {
         i.label: ours
         if i.spec == "ours"
@@ -434,6 +448,8 @@ def bench_model(
     profile: int = 0,
     workloads: Sequence[str] = ("inference", "latency"),
     merge_tokens: int | Sequence[int] = 0,
+    pretrained: bool = False,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Measure one model (and the implementations in ``compare``) on random inputs.
 
@@ -448,13 +464,15 @@ def bench_model(
     ``lean_backward=False`` times our model with its reference-path inner activations kept for backward.
     ``profile=N`` adds the top N operators of one call of our model per workload (``torch.profiler``).
     ``merge_tokens`` turns on token merging in our models (the ``ours`` and ``tntvision:`` rows).
+    ``model_name`` may carry a tag (``tnt_s_patch16_224.in1k``); ``pretrained=True`` times our model with
+    that tag's published weights (the same speed as random ones; the memory children build random ones).
 
     Returns plain data: per workload, per implementation ``median_ms`` / ``min_ms`` / ``img_per_s``,
     ``speedup`` = other's median time / ours and ``time_ratio`` = ours / other's; ``macs`` per
     implementation (one image, ``torch.utils.flop_counter``) and ``flop_ratio`` = ours / other's.
     """
     _check_bench_args(dtype, amp, train, batch_size, rounds, latency_rounds, warmup, workloads, device)
-    get_model_entry(model_name)  # unknown names fail here, with suggestions
+    get_pretrained_tag(model_name)  # unknown names and tags fail here, with suggestions
     impls = _parse_impls(compare)
     result: dict[str, Any] = {
         "model": model_name,
@@ -477,7 +495,8 @@ def bench_model(
     wdtype = weight_dtype(dtype)
     with _threads(threads) as n_threads:
         result["threads"] = n_threads
-        models = _build_models(model_name, impls, lean_backward=lean_backward, merge_tokens=merge_tokens)
+        models = _build_models(model_name, impls, lean_backward=lean_backward, merge_tokens=merge_tokens,
+                               pretrained=pretrained, revision=revision)  # fmt: skip
         shape = _input_shape(model_name)
         result["macs"] = {k: _macs(m, shape) for k, m in models.items()}
         macs = result["macs"]

@@ -8,6 +8,7 @@ training report the same thing for the same weights.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,10 +27,11 @@ from ..evaluation import evaluate
 from ..utils.amp import amp_dtype, weight_dtype
 from ..utils.devices import pin_memory, resolve_device
 from ..utils.files import save_figure, write_json
-from .checkpoints import load_checkpoint
+from .checkpoints import ModelSource, as_source, load_checkpoint
 
 __all__ = ["EvalResult", "evaluate_checkpoint", "plot_confusion", "report_folder"]
 
+_WNID = re.compile(r"n\d{8}")
 _RUN_FOLDER_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl", "checkpoints")
 
 
@@ -69,17 +71,26 @@ class EvalResult:
         }
 
 
-def report_folder(checkpoint: str | Path) -> Path:
-    """Where evaluation figures of ``checkpoint`` go: its training run folder, else the model's folder.
+def report_folder(checkpoint: str | Path | ModelSource) -> Path:
+    """Where evaluation figures of ``checkpoint`` go: its training run folder, else the model's folder;
+    for a model given by name (``--model NAME[.TAG]``), a folder of that name in the working directory.
 
     A run folder holds ``model/`` beside ``config.yaml`` / ``summary.json`` / ``checkpoints/``; given the
     ``model/`` folder or a weights file inside it, the run folder above is used when there is one.
     """
-    path = Path(checkpoint)
+    source = as_source(checkpoint)
+    if source.named:
+        return Path(source.model)
+    path = Path(source.checkpoint)
     folder = path if path.is_dir() else path.parent
     if folder.name == "model" and any((folder.parent / m).exists() for m in _RUN_FOLDER_MARKERS):
         return folder.parent
     return folder
+
+
+def _wordnet_ids(classes: list[str]) -> bool:
+    """Whether ``classes`` are ImageNet-1k's 1000 WordNet ids (``n01440764``, ...), sorted."""
+    return len(classes) == 1000 and classes == sorted(classes) and all(_WNID.fullmatch(c) for c in classes)
 
 
 def _check_classes(model: nn.Module, classes: list[str], warn: Callable[[str], None] | None) -> None:
@@ -87,6 +98,11 @@ def _check_classes(model: nn.Module, classes: list[str], warn: Callable[[str], N
     if len(classes) != model.num_classes:
         raise DataError(f"the data set has {len(classes)} classes, the model predicts {model.num_classes}")
     names = getattr(model, "class_names", None)
+    tag = getattr(model, "pretrained_tag", None)
+    if names is not None and tag is not None and tag.labels == "imagenet-1k" and _wordnet_ids(classes):
+        if warn is not None:  # ImageNet's val folder layout: one folder per WordNet id, sorted = class order
+            warn("note: the folders are ImageNet's WordNet ids; their sorted order is the classes' order")
+        return
     if names is None:
         if warn is not None:
             warn("note: the checkpoint has no class names; assuming the data set's class order")
@@ -123,7 +139,7 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], *, title: str, pat
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path,
+    checkpoint: str | Path | ModelSource,
     data: str,
     *,
     split: str = "test",
@@ -142,7 +158,8 @@ def evaluate_checkpoint(
 
     Args:
         checkpoint: a run folder, ``model/`` folder or weights file (see :func:`tntvision.load_model`), or
-            an exported ``.onnx`` / ``.pt2`` file (see :mod:`tntvision.tools.exported`).
+            an exported ``.onnx`` / ``.pt2`` file (see :mod:`tntvision.tools.exported`); or a
+            :class:`~tntvision.tools.checkpoints.ModelSource` (a model by name, e.g. with published weights).
         data: ``"fashion-mnist"`` or an ImageFolder root (see :func:`tntvision.data.build_dataset`).
         split: ``"val"`` or ``"test"``. For data without a val split of its own (Fashion-MNIST), ``"val"``
             of a run folder is the validation its training held out (``val_split.json``).
@@ -172,8 +189,9 @@ def evaluate_checkpoint(
         checkpoint, autocast=autocast_dtype is not None, runtime=runtime, merge_tokens=merge_tokens
     )
     model = model.eval().to(device, weights)
-    record = report_folder(checkpoint) / "val_split.json"
-    if split == "val" and not has_val_split(data) and record.is_file():  # the images its training held out
+    record = report_folder(checkpoint) / "val_split.json"  # of a run folder: the images training held out
+    held_out = split == "val" and not has_val_split(data) and not as_source(checkpoint).named
+    if held_out and record.is_file():  # the images its training held out
         dataset = held_out_split(data, record, transform=eval_transform(model.meta))
     else:
         dataset = build_dataset(data, split, transform=eval_transform(model.meta))

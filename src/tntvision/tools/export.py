@@ -58,6 +58,7 @@ from ..errors import ConfigError
 from ..models import kernels
 from ..utils.deps import require
 from ..utils.files import atomic_write
+from .checkpoints import ModelSource
 from .exported import METADATA_FORMAT, METADATA_KEY, is_exported_file, load_onnx_file, load_pt2_file
 
 __all__ = [
@@ -123,19 +124,20 @@ def export_metadata(model: nn.Module, *, quantize: str | None, exporter: str) ->
 
 
 def _model_for_export(
-    checkpoint: str | Path, img_size: int | None, merge_tokens: int | Sequence[int] = 0
+    checkpoint: str | Path | ModelSource, img_size: int | None, merge_tokens: int | Sequence[int] = 0
 ) -> nn.Module:
-    """The saved model in eval mode and fp32, rebuilt at ``img_size`` (position tables resampled), with
-    token merging ``merge_tokens`` (fixed in the exported graph)."""
-    from ..models import load_model
-    from .checkpoints import apply_token_merging
+    """The saved (or named) model in eval mode and fp32, rebuilt at ``img_size`` (position tables
+    resampled), with token merging ``merge_tokens`` (fixed in the exported graph)."""
+    from .checkpoints import apply_token_merging, as_source
 
-    if is_exported_file(checkpoint):
+    source = as_source(checkpoint)
+    if not source.named and is_exported_file(source.checkpoint):
         raise ConfigError(f"{checkpoint}: already exported; --checkpoint takes a PyTorch checkpoint here")
+    source.check()
     if img_size is None:
-        model = load_model(checkpoint)
+        model = source.load_pytorch()
     else:
-        model = load_model(checkpoint, img_size=img_size)
+        model = source.load_pytorch(img_size=img_size)
         model.meta = model.meta.resolved(img_size=img_size)
     return apply_token_merging(model, merge_tokens).eval().float()
 
@@ -331,7 +333,7 @@ def _check_args(
 
 
 def export_model(
-    checkpoint: str | Path,
+    checkpoint: str | Path | ModelSource,
     *,
     format: str,
     out: str | Path,
@@ -346,7 +348,8 @@ def export_model(
     """Export a saved model to ``out`` as ONNX or pt2 (module docstring), and check the file.
 
     Args:
-        checkpoint: a run folder, ``model/`` folder or weights file (see :func:`tntvision.load_model`).
+        checkpoint: a run folder, ``model/`` folder or weights file (see :func:`tntvision.load_model`), or
+            a :class:`~tntvision.tools.checkpoints.ModelSource` (a model by name, with published weights).
         format: ``"onnx"`` or ``"pt2"``; ``out`` must carry that suffix (the suffix is how
             ``--checkpoint`` recognises an exported file).
         img_size: export at this input size (default: the model's).

@@ -25,6 +25,7 @@ from ..data import (
 from ..data.sampler import mix_seed
 from ..errors import ConfigError
 from ..models import create_model
+from ..models.pretrained import tag_named_by
 from ..models.registry import ModelMeta
 from ..utils.amp import amp_dtype, resolve_amp
 from ..utils.devices import pin_memory
@@ -110,7 +111,11 @@ def _build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn
     if cfg.img_size is not None:
         overrides["img_size"] = cfg.img_size
     torch.manual_seed(mix_seed(cfg.seed, 0xC0FFEE))  # same initial weights on every rank
-    model = create_model(cfg.model, pretrained=cfg.pretrained, **overrides).to(device)
+    tag = tag_named_by(cfg.pretrained) if cfg.pretrained else None
+    if tag is not None:  # published weights by name (NAME.TAG): every process fetches or reads the cache
+        model = create_model(tag.name, pretrained=True, **overrides).to(device)
+    else:
+        model = create_model(cfg.model, pretrained=cfg.pretrained, **overrides).to(device)
     model.set_lean_backward(cfg.lean_backward)
     return model
 

@@ -140,6 +140,12 @@ class TrainConfig:
             from ..models.weights import refuse_exported  # local: the models load torch
 
             refuse_exported(self.pretrained, why="it holds no trainable weights", option="--pretrained")
+            tag = _pretrained_tag(self.pretrained)
+            need(
+                tag is None or self.model.partition(".")[0] == tag.architecture,
+                f"--pretrained {self.pretrained} holds weights of {tag and tag.architecture}, not of "
+                f"--model {self.model}",
+            )
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.time_budget >= 0, f"time_budget must be >= 0 minutes, got {self.time_budget}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -398,6 +404,15 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _pretrained_tag(value: str | None):
+    """The published weights ``pretrained`` names (``NAME.TAG``), or None for a path or no value."""
+    if not value:
+        return None
+    from ..models.pretrained import tag_named_by  # local: the model registry is not needed to parse
+
+    return tag_named_by(value)
+
+
 def _recipe_for(overrides: dict[str, Any]) -> dict[str, Any]:
     """The base recipe of a new run: :data:`SMALL_IMAGE_RECIPE` for inputs of 64 px or less, else none."""
     from ..models.registry import get_model_entry  # local: the model registry is not needed to parse
@@ -445,6 +460,9 @@ def resolve_train_config(
     else:
         if ckpt.exists() or (Path(out) / "summary.json").exists():
             raise ConfigError(f"{out} already holds a training run; add --resume or choose another --out")
+        tag = _pretrained_tag(overrides.get("pretrained"))
+        if tag is not None and not overrides.get("model"):  # --pretrained NAME.TAG: its architecture
+            overrides = {**overrides, "model": tag.architecture}
         base = load_yaml(config_file) if config_file is not None else _recipe_for(overrides)
         cfg = from_dict(apply_overrides(base, overrides))
     cfg.validate()
