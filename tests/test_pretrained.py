@@ -512,7 +512,21 @@ def test_predict_with_hub_weights_by_name_gives_imagenet_names(caches, monkeypat
         (["eval", "--model", "tnt_s_patch16_224.nope", "--pretrained", "--data", "d"], "has: tnt_s_patch16_"),
         (["predict", "--model", MINI, "--pretrained", "x.png"], "has no published weights"),
         (["bench", "--checkpoint", "m.onnx", "--pretrained"], "--pretrained takes the published weights"),
-        (["serve", "--model", MINI, "--pretrained", "--checkpoint", "w.pth"], "not both"),
+        (
+            [
+                "export",
+                "--model",
+                MINI,
+                "--pretrained",
+                "--checkpoint",
+                "w.pth",
+                "--format",
+                "pt2",
+                "--out",
+                "m.pt2",
+            ],
+            "not both",
+        ),
     ],
 )
 def test_bad_model_options_are_one_line(capsys, argv, said):
