@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
@@ -114,6 +114,10 @@ def add_routes(
         _check(name, model_name, model_version)
         return await _infer(request, engine, name, preprocess, started)
 
+    # the schema lists the one name and version (so that clients and fuzzers find them); any other
+    # value is answered 404, as the protocol asks
+    name_param = Path(description="the model's name", json_schema_extra={"enum": [name]})
+    version_param = Path(description="the model's version", json_schema_extra={"enum": [VERSION]})
     ready_doc = {503: {"model": schemas.Readiness, "description": "not ready"}}
     meta_doc = {404: _ERRORS[404]}
     infer_doc = {200: {"content": {"application/octet-stream": {}}}, **_ERRORS}
@@ -147,7 +151,7 @@ def add_routes(
         return JSONResponse({"ready": ok, "status": status}, status_code=200 if ok else 503)
 
     @app.get("/v2/models/{model_name}", response_model=schemas.ModelMetadata, responses=meta_doc)
-    async def metadata(model_name: str) -> JSONResponse:
+    async def metadata(model_name: str = name_param) -> JSONResponse:
         return model_metadata(model_name, None)
 
     @app.get(
@@ -155,13 +159,15 @@ def add_routes(
         response_model=schemas.ModelMetadata,
         responses=meta_doc,
     )
-    async def metadata_versioned(model_name: str, model_version: str) -> JSONResponse:
+    async def metadata_versioned(
+        model_name: str = name_param, model_version: str = version_param
+    ) -> JSONResponse:
         return model_metadata(model_name, model_version)
 
     @app.get(
         "/v2/models/{model_name}/ready", response_model=schemas.Readiness, responses={**ready_doc, **meta_doc}
     )
-    async def ready_model(model_name: str) -> JSONResponse:
+    async def ready_model(model_name: str = name_param) -> JSONResponse:
         return model_ready(model_name, None)
 
     @app.get(
@@ -169,7 +175,9 @@ def add_routes(
         response_model=schemas.Readiness,
         responses={**ready_doc, **meta_doc},
     )
-    async def ready_versioned(model_name: str, model_version: str) -> JSONResponse:
+    async def ready_versioned(
+        model_name: str = name_param, model_version: str = version_param
+    ) -> JSONResponse:
         return model_ready(model_name, model_version)
 
     @app.post(
@@ -179,7 +187,7 @@ def add_routes(
         openapi_extra=_INFER_BODY,
         summary="inference: an FP32 tensor or BYTES image files in; logits and probabilities out",
     )
-    async def infer_model(request: Request, model_name: str) -> Response:
+    async def infer_model(request: Request, model_name: str = name_param) -> Response:
         return await infer(request, model_name, None)
 
     @app.post(
@@ -188,7 +196,9 @@ def add_routes(
         responses=infer_doc,
         openapi_extra=_INFER_BODY,
     )
-    async def infer_versioned(request: Request, model_name: str, model_version: str) -> Response:
+    async def infer_versioned(
+        request: Request, model_name: str = name_param, model_version: str = version_param
+    ) -> Response:
         return await infer(request, model_name, model_version)
 
 
