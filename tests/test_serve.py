@@ -195,7 +195,11 @@ def test_page_is_served_and_self_contained(client):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'type="file"' in page.text and '"explain"' in page.text
     # every URL the script asks for is relative to the page, so it works behind a path prefix
-    assert re.findall(r"""(?:fetch|post)\(\s*["'`]([^"'`]*)""", page.text) == ["metadata", "predict", "explain"]
+    assert re.findall(r"""(?:fetch|post)\(\s*["'`]([^"'`]*)""", page.text) == [
+        "metadata",
+        "predict",
+        "explain",
+    ]
     # nothing fetched from elsewhere: no absolute URLs in src/href, no CSS imports or fonts
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", page.text)
     assert "@import" not in page.text and "url(" not in page.text
@@ -344,6 +348,11 @@ BAD_INPUTS = {  # name -> (request arguments, status, words the error has)
     "topk negative": (dict(files={"file": ("a.png", b"x", RAW)}, params={"topk": "-3"}), 422, "topk"),
     "topk not a number": (dict(files={"file": ("a.png", b"x", RAW)}, params={"topk": "five"}), 422, "topk"),
     "topk fraction": (dict(files={"file": ("a.png", b"x", RAW)}, params={"topk": "1.5"}), 422, "topk"),
+    "topk a digit that is no number": (
+        dict(files={"file": ("a.png", b"x", RAW)}, params={"topk": "²"}),
+        422,
+        "topk",
+    ),
 }
 
 
@@ -450,6 +459,12 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(model_dir):
         (["--max-wait-ms", "-1"], "--max-wait-ms"),
         (["--runtime", "onnxruntime"], "--runtime onnxruntime"),
         (["--port", "70000"], "--port"),
+        (["--max-queue", "0"], "--max-queue"),
+        (["--timeout", "-1"], "--timeout"),
+        (["--max-pixels", "0"], "--max-pixels"),
+        (["--topk", "0"], "--topk"),
+        (["--drain-s", "-1"], "--drain-s"),
+        (["--name", "a/b"], "--name"),
     ],
 )
 def test_serve_user_errors_exit_2_with_one_line(model_dir, capsys, args, words):
@@ -475,20 +490,18 @@ def test_port_in_use_is_a_user_error(model_dir, capsys):
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-
-
-@pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
     reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
 )
-def test_the_page_in_headless_chromium(process_client, tmp_path):
-    """Load /, upload docs/examples/bag_18.png through the file input, see the class and the overlay."""
+
+
+@contextlib.contextmanager
+def chrome(profile: Path):
+    """A headless Chromium (selenium), with nothing reaching out to the network; quit afterwards."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    expected = _post_file(process_client, "/predict", EXAMPLE.read_bytes()).json()["top"][0]["label"]
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (
@@ -499,13 +512,26 @@ def test_the_page_in_headless_chromium(process_client, tmp_path):
         "--disable-component-update",
         "--disable-sync",
         "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--user-data-dir={profile}",
         "--window-size=900,700",
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         driver.set_page_load_timeout(60)
+        yield driver
+    finally:
+        driver.quit()
+
+
+@needs_chromium
+def test_the_page_in_headless_chromium(process_client, tmp_path):
+    """Load /, upload docs/examples/bag_18.png through the file input, see the class and the overlay."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    expected = _post_file(process_client, "/predict", EXAMPLE.read_bytes()).json()["top"][0]["label"]
+    with chrome(tmp_path / "profile") as driver:
         driver.get(str(process_client.base_url))
         driver.find_element(By.ID, "file").send_keys(str(EXAMPLE))
         wait = WebDriverWait(driver, 60)
@@ -522,8 +548,6 @@ def test_the_page_in_headless_chromium(process_client, tmp_path):
         out = os.environ.get("TNT_SERVE_SCREENSHOT")
         if out:  # how docs/figures/serve_page.png is made (with a trained model)
             driver.save_screenshot(out)
-    finally:
-        driver.quit()
 
 
 def test_the_socket_sends_small_answers_at_once():

@@ -11,6 +11,7 @@ or as a `tnt serve` process. Every wait is bounded; no test measures time.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import io
 import os
@@ -35,10 +36,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import tntvision
+from tntvision.data import eval_transform, open_image
 from tntvision.serve import Engine, EngineConfig, create_app
 from tntvision.serve.server import bind
 
-from .test_serve import CLASSES, EXAMPLE, Served
+from .test_serve import CLASSES, EXAMPLE, Served, chrome, needs_chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 SECOND = ROOT / "docs" / "examples" / "ankle_boot_0.png"
@@ -438,3 +440,234 @@ def test_a_model_that_fails_to_warm_up_exits_1(model_dir):
     )
     assert proc.returncode == 1, proc.stderr
     assert "failed to warm up (the kernel would not build)" in proc.stderr and "http://" not in proc.stdout
+
+
+# --------------------------------------------------------------------------------- schema and page
+
+
+def test_the_openapi_schema_declares_every_endpoint_and_docs_are_served(model_dir):
+    engine = Engine(tntvision.load_model(model_dir))
+    with TestClient(create_app(engine)) as client:
+        schema = client.get("/openapi.json").json()
+        docs = client.get("/docs")
+    paths = schema["paths"]
+    for path in ("/predict", "/predict/batch", "/explain", "/health", "/metadata", "/metrics", "/v2"):
+        assert path in paths
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/{model_name}/infer"):
+        assert path in paths
+    predict = paths["/predict"]["post"]
+    assert set(predict["requestBody"]["content"]) == {"multipart/form-data", "image/*"}
+    (topk,) = predict["parameters"]
+    assert topk["name"] == "topk" and topk["schema"]["anyOf"][0] == {"type": "integer", "minimum": 1}
+    assert {"200", "400", "413", "415", "422", "503", "504"} <= set(predict["responses"])
+    answer = predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert answer.endswith("/PredictAnswer") and "InferenceResponse" in schema["components"]["schemas"]
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+
+
+HOLD_FIRST_EXPLAIN = """
+const realFetch = window.fetch;
+let explains = 0;
+window.fetch = async (url, options) => {
+  const response = await realFetch(url, options);
+  if (String(url).includes("explain") && explains++ === 0) {
+    await new Promise((resolve) => { window.releaseFirst = resolve; });
+    setTimeout(() => { window.firstDone = true; }, 0);
+  }
+  return response;
+};
+"""
+
+
+@needs_chromium
+def test_the_page_behind_a_path_prefix_by_keyboard_without_stale_answers(model_dir, tmp_path):
+    """The app mounted under /models/tnt/ (as behind a proxy that strips the prefix): the page finds its
+    endpoints, Tab reaches the file picker, and the answer for a first image, arriving after a second
+    image was picked, does not replace what the page shows for the second."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    engine = Engine(tntvision.load_model(model_dir), EngineConfig(max_wait_ms=0))
+    proxy = Starlette(routes=[Mount("/models/tnt", app=create_app(engine))])
+    engine.start()  # the mounted app's lifespan does not run
+    try:
+        with live(proxy) as url, chrome(tmp_path / "profile") as driver:
+            page = url + "/models/tnt/"
+            png = {"content-type": "image/png"}
+            second = httpx.post(
+                page + "explain?topk=5", content=SECOND.read_bytes(), headers=png, timeout=WAIT
+            )
+            driver.get(page)
+            wait = WebDriverWait(driver, WAIT)
+            wait.until(
+                lambda d: "10 classes" in d.find_element(By.ID, "meta").text
+            )  # metadata, via the prefix
+            ActionChains(driver).send_keys(Keys.TAB).perform()
+            assert driver.switch_to.active_element.get_attribute("id") == "file"
+            driver.execute_script(HOLD_FIRST_EXPLAIN)
+            picker = driver.find_element(By.ID, "file")
+            picker.send_keys(str(EXAMPLE))
+            wait.until(lambda d: d.execute_script("return window.releaseFirst !== undefined"))
+            picker.send_keys(str(SECOND))
+            overlay = second.json()["overlay"]
+            wait.until(lambda d: d.find_element(By.ID, "overlay").get_attribute("src") == overlay)
+            driver.execute_script("window.releaseFirst()")
+            wait.until(lambda d: d.execute_script("return window.firstDone === true"))
+            driver.execute_async_script("setTimeout(arguments[0], 500)")  # the first image's handlers run
+            assert driver.find_element(By.ID, "overlay").get_attribute("src") == overlay
+            labels = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#top .label")]
+            assert labels == [t["label"] for t in second.json()["top"]]
+    finally:
+        engine.stop()
+
+
+# ------------------------------------------------------------------ the Open Inference Protocol (v2)
+
+NAME = "tnt_mini_patch4_28"
+
+
+@pytest.fixture(scope="module")
+def v2_url(model_dir) -> Iterator[str]:
+    """A server (in-process, real socket) for the /v2 clients and the fuzzer."""
+    engine = Engine(tntvision.load_model(model_dir), EngineConfig(max_wait_ms=2))
+    with live(create_app(engine, max_upload_mb=1)) as url:
+        with httpx.Client(base_url=url, timeout=WAIT) as client:
+            _ready(client)
+        yield url
+
+
+def _triton(url: str):
+    import tritonclient.http as triton
+
+    return triton.InferenceServerClient(url.removeprefix("http://"), network_timeout=WAIT)
+
+
+def _inputs(model_dir: Path) -> tuple[torch.nn.Module, np.ndarray]:
+    """The model and the two example images preprocessed as the server does, (2, 1, 28, 28)."""
+    model = tntvision.load_model(model_dir).eval()
+    transform = eval_transform(model.meta)
+    return model, torch.stack([transform(open_image(p)) for p in (EXAMPLE, SECOND)]).numpy()
+
+
+def test_tritonclient_health_and_metadata(v2_url):
+    from tritonclient.utils import InferenceServerException
+
+    client = _triton(v2_url)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(NAME)
+    assert not client.is_model_ready("resnet50")
+    server = client.get_server_metadata()
+    assert server["name"] == "tntvision" and "binary_tensor_data" in server["extensions"]
+    meta = client.get_model_metadata(NAME)
+    assert meta["name"] == NAME and meta["versions"] == ["1"]
+    assert {(t["name"], t["datatype"]) for t in meta["inputs"]} == {("input", "FP32"), ("image", "BYTES")}
+    assert meta["inputs"][0]["shape"] == [-1, 1, 28, 28] and meta["outputs"][0]["shape"] == [-1, 10]
+    assert client.get_model_metadata(NAME, model_version="1")["name"] == NAME
+    with pytest.raises(InferenceServerException) as unknown:
+        client.get_model_metadata("resnet50")
+    assert unknown.value.status() == "404" and NAME in unknown.value.message()
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_tritonclient_infers_a_tensor(v2_url, model_dir, binary):
+    import tritonclient.http as triton
+
+    model, x = _inputs(model_dir)
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in ("logits", "probabilities")]
+    result = _triton(v2_url).infer(NAME, [tensor], outputs=outputs, request_id="r-1")
+    with torch.inference_mode():
+        want = model(torch.from_numpy(x))
+    assert np.allclose(result.as_numpy("logits"), want.numpy(), atol=1e-5)
+    assert np.allclose(result.as_numpy("probabilities"), want.softmax(-1).numpy(), atol=1e-6)
+    assert result.get_response()["id"] == "r-1" and result.get_response()["model_name"] == NAME
+
+
+def test_tritonclient_sends_image_files_and_reads_classes(v2_url):
+    import tritonclient.http as triton
+
+    files = np.array([EXAMPLE.read_bytes(), SECOND.read_bytes()], dtype=np.object_)
+    images = triton.InferInput("image", [2], "BYTES")
+    images.set_data_from_numpy(files)  # binary tensor data extension
+    client = _triton(v2_url)
+    classes = client.infer(
+        NAME, [images], outputs=[triton.InferRequestedOutput("probabilities", class_count=3)]
+    )
+    everything = client.infer(NAME, [images])  # no outputs named: all of them, binary
+    for row, path in zip(classes.as_numpy("probabilities"), (EXAMPLE, SECOND), strict=True):
+        top = _post(v2_url, path.read_bytes(), params={"topk": 3}).json()["top"]
+        got = [s.decode().split(":") for s in row]
+        assert [int(i) for _, i, _ in got] == [t["index"] for t in top]
+        assert [label for _, _, label in got] == [t["label"] for t in top]
+        assert [float(p) for p, _, _ in got] == pytest.approx([t["prob"] for t in top], abs=1e-5)
+    assert everything.as_numpy("logits").shape == (2, 10)
+    assert np.allclose(everything.as_numpy("probabilities").sum(-1), 1, atol=1e-5)
+
+
+def _infer(url: str, body: dict, path: str = f"/v2/models/{NAME}/infer") -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=WAIT)
+
+
+def _image_input(*files: bytes) -> dict:
+    data = [base64.b64encode(f).decode() for f in files]
+    return {"name": "image", "datatype": "BYTES", "shape": [len(files)], "data": data}
+
+
+def test_v2_json_with_base64_images_and_its_refusals(v2_url):
+    r = _infer(v2_url, {"id": "7", "inputs": [_image_input(EXAMPLE.read_bytes())]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == "7" and [o["name"] for o in body["outputs"]] == ["logits", "probabilities"]
+    assert body["outputs"][1]["shape"] == [1, 10] and sum(body["outputs"][1]["data"]) == pytest.approx(1)
+    pixels = {"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28]}
+    refused = {
+        "wrong shape": (
+            {"inputs": [{**pixels, "shape": [1, 3, 28, 28], "data": [0.0] * 2352}]},
+            400,
+            "shape",
+        ),
+        "too few values": ({"inputs": [{**pixels, "data": [0.0] * 10}]}, 400, "FP32 values"),
+        "strings for pixels": ({"inputs": [{**pixels, "data": ["a"] * 784}]}, 400, "FP32"),
+        "datatype": ({"inputs": [{**pixels, "datatype": "INT8", "data": [0] * 784}]}, 400, "datatype"),
+        "two inputs": ({"inputs": [_image_input(WHITE), _image_input(BLACK)]}, 400, "one input"),
+        "no input": ({"inputs": []}, 400, "one input"),
+        "not base64": ({"inputs": [{**_image_input(WHITE), "data": ["%%%"]}]}, 400, "base64"),
+        "not an image": ({"inputs": [_image_input(b"hello")]}, 400, "input 'image'[0]: "),
+        "unknown output": (
+            {"inputs": [_image_input(WHITE)], "outputs": [{"name": "x"}]},
+            400,
+            "unknown output",
+        ),
+        "bad classification": (
+            {
+                "inputs": [_image_input(WHITE)],
+                "outputs": [{"name": "logits", "parameters": {"classification": "3"}}],
+            },
+            400,
+            "classification",
+        ),
+        "too many images": ({"inputs": [_image_input(*[WHITE] * 65)]}, 413, "at most 64"),
+        "not a request": ({"inputs": "all"}, 400, "not an inference request"),
+    }
+    for case, (body, status, words) in refused.items():
+        r = _infer(v2_url, body)
+        assert r.status_code == status and words in r.json()["error"], (case, r.text)
+    assert _infer(v2_url, {"inputs": []}, f"/v2/models/{NAME}/versions/2/infer").status_code == 404
+    assert httpx.post(v2_url + f"/v2/models/{NAME}/infer", content=b"{", timeout=WAIT).status_code == 400
+    assert _infer(v2_url, {"inputs": [_image_input(WHITE)]}).status_code == 200  # serving goes on
+
+
+def test_a_fuzzer_over_the_whole_schema_finds_no_server_error_and_no_hang(v2_url, tmp_path):
+    """schemathesis over every operation of /openapi.json (valid and invalid requests, then sequences of
+    them): no 5xx, every status and body as declared, no request slower than its timeout (a hang)."""
+    checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+    command = [str(Path(sys.executable).with_name("st")), "run", v2_url + "/openapi.json", "--checks", checks]
+    command += ["--max-examples", "5", "--seed", "1", "--workers", "1", "--request-timeout", "30"]
+    command += ["--no-shrink", "--generation-database", "none", "--suppress-health-check", "all"]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert "16 selected" in run.stdout and " passed" in run.stdout
