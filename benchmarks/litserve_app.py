@@ -85,7 +85,9 @@ def main() -> None:
         batch_timeout=args.max_wait_ms / 1000,
     )
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=120)
-    server.run(host="127.0.0.1", port=args.port, generate_client_file=False)
+    # uvicorn[standard]'s parser and event loop, as `tnt serve` picks them (uvicorn's "auto"): the comparison
+    # is of the serving cores, not of h11 against httptools
+    server.run(host="127.0.0.1", port=args.port, generate_client_file=False, http="httptools", loop="uvloop")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ that it costs the two cores little next to the server. Prints a markdown table.
 it is not a dependency of tntvision): the comparison docs/serving.md reports. LitServe decodes JSON or
 forms only, so ``--body multipart`` (the image as the form field ``file``, which `tnt serve` takes too)
 is what both servers should get in that comparison; its mean batch size comes from a log its worker writes.
+Both servers run on uvicorn[standard] (httptools and uvloop): the script checks that each interpreter has
+them and records their versions; LitServe is told to use them, `tnt serve` picks them (uvicorn's "auto").
 """
 
 from __future__ import annotations
@@ -52,6 +54,17 @@ def start_server(checkpoint: Path, *, max_batch: int, max_wait_ms: float, thread
         proc.kill()
         raise SystemExit(f"tnt serve did not start: {line!r}")
     return proc, match.group(1), int(match.group(2))
+
+
+def uvicorn_standard(python: str) -> str:
+    """The versions of uvicorn, httptools and uvloop in ``python``'s environment; exits if one is missing
+    (both servers of a comparison must run on uvicorn[standard])."""
+    code = "import uvicorn, httptools, uvloop\nfor m in (uvicorn, httptools, uvloop): print(m.__version__)"
+    found = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    if found.returncode != 0:
+        raise SystemExit(f"{python} lacks uvicorn[standard] (httptools, uvloop): {found.stderr.strip()}")
+    uvicorn, httptools, uvloop = found.stdout.split()
+    return f"uvicorn {uvicorn}, httptools {httptools}, uvloop {uvloop}"
 
 
 def _free_port() -> int:
@@ -223,6 +236,7 @@ def main() -> None:
     if args.server == "litserve" and args.body != "multipart":
         parser.error("LitServe reads forms, not raw bodies: use --body multipart")
     command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
+    stack = uvicorn_standard(args.litserve_python if args.server == "litserve" else sys.executable)
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else Path(tmp) / "model"
@@ -285,6 +299,7 @@ def main() -> None:
         "max_wait_ms": args.max_wait_ms,
         "threads": args.threads,
         "cpu": _cpu(),
+        "http": stack,
         "rows": rows,
     }
     if args.json:
@@ -292,7 +307,7 @@ def main() -> None:
         return
     print(
         f"{result['checkpoint']}, server {args.server}, body {args.body}, "
-        f"--max-wait-ms {args.max_wait_ms:g}, {result['cpu']}"
+        f"--max-wait-ms {args.max_wait_ms:g}, {result['cpu']}, {stack}"
     )
     extra = " offline img/s | served / offline | p99 bound ms |" if args.offline else ""
     head = "| --max-batch | clients | requests/s | p50 ms | p95 ms | p99 ms | mean batch | requests | errors"
