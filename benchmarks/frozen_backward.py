@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import tntvision
-from tntvision.models import kernels
+from tntvision import kernels
 from tntvision.tools.bench import _time_interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers

@@ -186,7 +186,7 @@ def kernel_backends(device: str) -> dict[str, str]:
     bfloat16 words."""
     import torch
 
-    from tntvision.models import kernels
+    from tntvision import kernels
 
     out = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
@@ -510,7 +510,7 @@ def dry_run_or_built(args: argparse.Namespace) -> bool:
     builds it in the tests), or a kernel already in its cache folder."""
     if args.dry_run:
         return True
-    from tntvision.models import kernels
+    from tntvision import kernels
 
     return any(kernels.build_directory().glob("*.so"))
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import tntvision
-from tntvision.models.kernels import _SOURCE, _cflags, _import_cpp_extension
+from tntvision.kernels import _SOURCE, _cflags, _import_cpp_extension
 
 FORWARD = ["ln1", "qkv", "attention", "proj+residual+ln2", "fc1", "gelu", "fc2", "residual"]
 BACKWARD = ["mlp", "ln2", "proj", "attention", "qkv", "ln1"]

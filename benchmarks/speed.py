@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from tntvision.models.kernels import kernel_dispatch
+from tntvision.kernels import kernel_dispatch
 from tntvision.tools.bench import bench_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1119,7 +1119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"  {x.label}: {x.model} {x.variant_dict or ''} seed {x.seed} key {x.key()}", file=sys.stderr
             )
         return 0
-    from tntvision.models.kernels import fused_available
+    from tntvision.kernels import fused_available
 
     fused_available()  # build the fused CPU kernel now, not inside the first run's time budget
     done = 0

@@ -62,7 +62,7 @@ def compile_kernel(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from tntvision.models import triton_op
+    from tntvision.kernels import triton_op
 
     kernels = triton_op._kernels()
     kernel = kernels.inner_backward_kernel if backward else kernels.inner_forward_kernel
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="TNT-S in bf16 for the H100 only")
     ap.add_argument("--tile-values", type=int, help="try another tile size (default: triton_op.TILE_VALUES)")
     args = ap.parse_args(argv)
-    from tntvision.models import triton_op
+    from tntvision.kernels import triton_op
 
     triton_op.TILE_VALUES = args.tile_values or triton_op.TILE_VALUES
     print(f"tile: at most {triton_op.TILE_ROWS} rows, {triton_op.TILE_VALUES} values")

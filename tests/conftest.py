@@ -19,7 +19,7 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     """Which copy of the fused kernel this run exercises (its tests run whichever the CPU takes)."""
-    from tntvision.models import kernels
+    from tntvision import kernels
 
     d = kernels.kernel_dispatch()
     if d["isa"] is None:
@@ -34,7 +34,7 @@ def need_fused_kernel() -> None:
     """Skip a test of the fused op where it cannot be built (it needs GCC or Clang with OpenMP: not MSVC,
     not Apple's clang without libomp), saying why; on Linux, CI's platform, its absence fails the test
     (TNTVISION_REQUIRE_KERNEL=0 turns that into a skip, =1 requires it anywhere)."""
-    from tntvision.models import kernels
+    from tntvision import kernels
 
     if kernels.fused_available():
         return

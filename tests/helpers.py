@@ -184,3 +184,12 @@ def mmpretrain_state_dict(*, n: int, k: int, d: int = 384, c: int = 24, depth: i
         for name, s in MMPRETRAIN_LAYER:
             out[f"backbone.layers.{i}.{name}"] = random_tensor(name, shape(s, **dims), gen)
     return out
+
+
+def fused_op(words, block, attn_scale=None, mlp_scale=None, *, backend: str = "cpu"):
+    """The fused op ``backend`` on ``block``'s inner-transformer weights, without the rules that choose it."""
+    from tntvision import kernels
+
+    weights = kernels.InnerWeights.of(block)
+    heads, eps = block.attn_in.num_heads, block.norm_in.eps
+    return kernels.inner_op(words, weights, attn_scale, mlp_scale, num_heads=heads, eps=eps, backend=backend)

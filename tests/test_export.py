@@ -24,7 +24,7 @@ import torch
 import tntvision
 from tntvision.cli import main
 from tntvision.errors import CheckpointError, ConfigError, DependencyError, InputError
-from tntvision.models.kernels import fused_kernels
+from tntvision.kernels import fused_kernels
 from tntvision.tools.export import export_model
 from tntvision.tools.exported import (
     RUNTIMES,

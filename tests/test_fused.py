@@ -17,10 +17,11 @@ import pytest
 import torch
 
 import tntvision
-from tntvision.models import kernels
+from tntvision import kernels
 from tntvision.models.layers import drop_path_scale
 
 from .conftest import TNT_MODELS, fewer_blocks, need_fused_kernel, small_input_size
+from .helpers import fused_op
 
 INNER_MODELS = [
     n for n in TNT_MODELS if tntvision.models.registry.get_model_entry(n).config.inner_blocks != ()
@@ -49,17 +50,17 @@ def _model(name: str, *, img_size: int | None = None, **kw) -> tntvision.models.
 def _count_fused_calls():
     need_fused_kernel()  # a test that counts fused calls needs the op
     calls = []
-    real = kernels.inner_transformer
+    real = kernels.inner.inner_op  # what run_inner calls
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    kernels.inner_transformer = counting
+    kernels.inner.inner_op = counting
     try:
         yield calls
     finally:
-        kernels.inner_transformer = real
+        kernels.inner.inner_op = real
 
 
 def _run(model, x, *, fused: bool, seed: int = 3, amp: bool = False):
@@ -223,8 +224,8 @@ def test_fused_op_against_an_independent_formula():
     need_fused_kernel()
     block = _model("tnt_mini_patch4_28").blocks[0]
     x = torch.randn(10, 4, 8)
-    keep1, keep2 = torch.tensor([0.0, 2.0] * 5), torch.tensor([2.0, 0.0, 1.0, 1.0, 2.0] * 2)
-    got = kernels.inner_transformer(x, block, keep1, keep2)
+    attn_scale, mlp_scale = torch.tensor([0.0, 2.0] * 5), torch.tensor([2.0, 0.0, 1.0, 1.0, 2.0] * 2)
+    got = fused_op(x, block, attn_scale, mlp_scale)
     F = torch.nn.functional
     a, m = block.attn_in, block.mlp_in
     h = F.layer_norm(x, (8,), block.norm_in.weight, block.norm_in.bias)
@@ -233,7 +234,7 @@ def test_fused_op_against_an_independent_formula():
     q, k, v = (t.reshape(10, 4, 2, 4).transpose(1, 2) for t in (q, k, v))  # (S, heads, m, hd)
     att = ((q @ k.transpose(-1, -2)) / 2.0).softmax(-1) @ v  # scale 1/sqrt(4)
     y = F.linear(att.transpose(1, 2).reshape(10, 4, 8), a.proj.weight, a.proj.bias)
-    x1 = x + keep1[:, None, None] * y
+    x1 = x + attn_scale[:, None, None] * y
     z = F.linear(
         F.gelu(
             F.linear(
@@ -245,7 +246,7 @@ def test_fused_op_against_an_independent_formula():
         m.fc2.weight,
         m.fc2.bias,
     )
-    torch.testing.assert_close(got, x1 + keep2[:, None, None] * z, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, x1 + mlp_scale[:, None, None] * z, rtol=0, atol=1e-5)
 
 
 def test_compile_fullgraph_keeps_one_op_per_inner_transformer():
@@ -321,7 +322,7 @@ def test_reference_path_when_the_kernel_cannot_be_built(tmp_path):
         "from torch.utils import cpp_extension\n"
         "def fail(*a, **k): raise RuntimeError('no compiler here')\n"
         "cpp_extension.load = fail\n"
-        "from tntvision.models import kernels\n"
+        "from tntvision import kernels\n"
         "torch.manual_seed(0); m = tntvision.create_model('tnt_mini_patch4_28').eval()\n"
         "torch.manual_seed(1); x = torch.randn(2, 1, 28, 28)\n"
         "with warnings.catch_warnings(record=True) as w:\n"
@@ -344,7 +345,7 @@ def test_reference_path_when_the_kernel_cannot_be_built(tmp_path):
 
 
 def test_disabled_by_environment():
-    code = "from tntvision.models import kernels; print(kernels.fused_kernels_enabled())"
+    code = "from tntvision import kernels; print(kernels.fused_kernels_enabled())"
     env = {**os.environ, "TNTVISION_FUSED": "0"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"
@@ -354,9 +355,9 @@ def test_bad_input_is_refused_by_the_op():
     need_fused_kernel()
     block = _model("tnt_mini_patch4_28").blocks[0]
     with pytest.raises(RuntimeError, match="sentences, words, dim"):
-        kernels.inner_transformer(torch.randn(4, 8), block, None, None)
+        fused_op(torch.randn(4, 8), block)
     with pytest.raises(RuntimeError, match="one drop-path scale per sentence"):
-        kernels.inner_transformer(torch.randn(3, 4, 8), block, torch.ones(2), None)
+        fused_op(torch.randn(3, 4, 8), block, torch.ones(2))
 
 
 # ------------------------------------------------- what a user puts on the inner modules is honoured
@@ -503,9 +504,9 @@ def test_the_inner_transformer_computes_what_its_modules_compute(change):
         want = _inner_by_calling_the_modules(block, words)
     for fused in (True, False):
         with kernels.fused_kernels(fused):
-            torch.testing.assert_close(block.inner(words), want, rtol=0, atol=1e-5)
+            torch.testing.assert_close(kernels.run_inner(block, words), want, rtol=0, atol=1e-5)
             with torch.no_grad():
-                torch.testing.assert_close(block.inner(words), want, rtol=0, atol=1e-5)
+                torch.testing.assert_close(kernels.run_inner(block, words), want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["backward", "backward_pre", "global_backward"])
@@ -695,8 +696,8 @@ def test_compiled_or_exported_before_any_eager_call_runs_the_fused_op(how, tmp_p
     need_fused_kernel()
     code = f"""
 import torch, tntvision
-from tntvision.models import kernels
-assert kernels._STATE["loaded"] is None
+from tntvision import kernels
+assert kernels.cpu._Build.loaded is None
 torch.manual_seed(0)
 model = tntvision.create_model("tnt_mini_patch4_28").eval()
 x = torch.randn(2, 1, 28, 28)
@@ -728,7 +729,7 @@ def test_ninja_from_the_package_when_not_on_path(monkeypatch, tmp_path):
 
     monkeypatch.setenv("PATH", str(tmp_path))
     assert shutil.which("ninja") is None
-    kernels._ninja_on_path()
+    kernels.cpu._ninja_on_path()
     assert shutil.which("ninja") is not None
 
 
@@ -739,9 +740,9 @@ def test_autocast_tells_the_op_to_compute_its_gemms_in_bf16():
     block = _model("tnt_s_patch16_224").blocks[0]
     words = torch.randn(6, 16, 24)
     with torch.no_grad(), kernels.kernel_options(bf16="brgemm"):
-        fp32 = kernels.inner_transformer(words, block, None, None)
+        fp32 = fused_op(words, block)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            auto = kernels.inner_transformer(words, block, None, None)
+            auto = fused_op(words, block)
         attn, mlp = block.attn_in, block.mlp_in
         args = (block.norm_in.weight, block.norm_in.bias, attn.qk.weight, attn.qk.bias, attn.v.weight)
         args += (attn.v.bias, attn.proj.weight, attn.proj.bias, block.norm_mlp_in.weight)

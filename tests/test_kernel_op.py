@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tntvision import kernels
 from tntvision.errors import ConfigError
-from tntvision.models import kernels
 
 from .conftest import need_fused_kernel
 
@@ -67,12 +67,12 @@ def params(c: int, H: int, *, bias: bool, seed: int = 0) -> dict[str, torch.Tens
     }
 
 
-def op(x, p, keep1, keep2, heads, *, eps=1e-5, low_precision=False):
+def op(x, p, attn_scale, mlp_scale, heads, *, eps=1e-5, low_precision=False):
     args = [p[n] for n in NAMES]
-    return torch.ops.tntvision.inner_transformer(x, *args, keep1, keep2, heads, eps, low_precision)
+    return torch.ops.tntvision.inner_transformer(x, *args, attn_scale, mlp_scale, heads, eps, low_precision)
 
 
-def formula(x, p, keep1, keep2, heads, *, eps=1e-5, gemm_dtype=None):
+def formula(x, p, attn_scale, mlp_scale, heads, *, eps=1e-5, gemm_dtype=None):
     """The inner transformer written out with torch.nn.functional, in x's dtype. With ``gemm_dtype``,
     each GEMM's operands are rounded to it first (what a bf16 GEMM with exact accumulation computes), and
     its gradients are those of the unrounded operands (what an fp32 backward of that forward computes)."""
@@ -93,8 +93,8 @@ def formula(x, p, keep1, keep2, heads, *, eps=1e-5, gemm_dtype=None):
     q, k, v = (t.reshape(S, m, heads, hd).transpose(1, 2) for t in (q, k, v))  # (S, heads, m, hd)
     att = torch.softmax((q @ k.transpose(-1, -2)) * hd**-0.5, dim=-1) @ v  # (S, heads, m, hd)
     y = lin(att.transpose(1, 2).reshape(S, m, c), p["proj_w"], p["proj_b"])  # (S, m, c)
-    k1 = 1.0 if keep1 is None else keep1.to(x.dtype)[:, None, None]
-    k2 = 1.0 if keep2 is None else keep2.to(x.dtype)[:, None, None]
+    k1 = 1.0 if attn_scale is None else attn_scale.to(x.dtype)[:, None, None]
+    k2 = 1.0 if mlp_scale is None else mlp_scale.to(x.dtype)[:, None, None]
     x1 = x + k1 * y
     z = lin(
         F.gelu(lin(F.layer_norm(x1, (c,), p["ln2_w"], p["ln2_b"], eps), p["fc1_w"], p["fc1_b"])),
@@ -138,20 +138,20 @@ def test_op_matches_the_formula(isa, shape, bias, threads):
     p = params(c, H, bias=bias, seed=S * m + c)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(S, m, c, generator=g)
-    keep1 = torch.tensor([0.0, 1.25, 1.25, 2.0] * S)[:S]
-    keep2 = torch.tensor([1.25, 0.0, 2.0] * S)[:S]
+    attn_scale = torch.tensor([0.0, 1.25, 1.25, 2.0] * S)[:S]
+    mlp_scale = torch.tensor([1.25, 0.0, 2.0] * S)[:S]
     grad = torch.randn(S, m, c, generator=g)
 
     leaves = {k: v.clone().requires_grad_(True) for k, v in p.items() if v is not None}
     pp = {k: leaves.get(k) for k in p}
     xr = x.clone().requires_grad_(True)
     with kernels.kernel_options(isa=isa):
-        y = op(xr, pp, keep1, keep2, heads)
+        y = op(xr, pp, attn_scale, mlp_scale, heads)
         y.backward(grad)
 
     x64 = x.double().requires_grad_(True)
     leaves64 = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
-    want = formula(x64, {k: leaves64.get(k) for k in p}, keep1, keep2, heads)
+    want = formula(x64, {k: leaves64.get(k) for k in p}, attn_scale, mlp_scale, heads)
     want.backward(grad.double())
 
     torch.testing.assert_close(y.detach().double(), want.detach(), rtol=0, atol=1e-5)
@@ -315,17 +315,17 @@ def test_bf16_backward_is_the_fp32_backward_of_the_bf16_forward():
 @contextlib.contextmanager
 def _recording_masks():
     """The ``output_mask`` of every backward call of the op while the block runs, in call order."""
-    masks, real = [], kernels.output_mask
+    masks, real = [], kernels.op.output_mask
 
     def spy(needs):
         masks.append(real(needs))
         return masks[-1]
 
-    kernels.output_mask = spy
+    kernels.op.output_mask = spy
     try:
         yield masks
     finally:
-        kernels.output_mask = real
+        kernels.op.output_mask = real
 
 
 @pytest.mark.parametrize("frozen", ["all", "fc1", "proj", "ln2", "attention", "x"])
@@ -408,8 +408,8 @@ def _opcheck_samples():
             else torch.randn(5, 4, 8, dtype=dtype)
         )
         x.requires_grad_(True)
-        keep1 = torch.tensor([0.0, 2.0, 2.0, 0.0, 2.0], dtype=dtype) if keep else None
-        yield (x, *[p[n] for n in NAMES], keep1, None, 2, 1e-5, dtype == torch.bfloat16)
+        attn_scale = torch.tensor([0.0, 2.0, 2.0, 0.0, 2.0], dtype=dtype) if keep else None
+        yield (x, *[p[n] for n in NAMES], attn_scale, None, 2, 1e-5, dtype == torch.bfloat16)
 
 
 @pytest.mark.parametrize("sample", range(4))
@@ -435,10 +435,10 @@ def test_opcheck_backward(mask):
 
 def _call_with(**change):
     p = params(8, 32, bias=True)
-    args = {"x": torch.randn(3, 4, 8), **p, "keep1": None, "keep2": None, "heads": 2, "eps": 1e-5}
+    args = {"x": torch.randn(3, 4, 8), **p, "attn_scale": None, "mlp_scale": None, "heads": 2, "eps": 1e-5}
     args.update(change)
     pp = {k: args[k] for k in NAMES}
-    return op(args["x"], pp, args["keep1"], args["keep2"], args["heads"], eps=args["eps"])
+    return op(args["x"], pp, args["attn_scale"], args["mlp_scale"], args["heads"], eps=args["eps"])
 
 
 @pytest.mark.parametrize(
@@ -460,8 +460,8 @@ def _call_with(**change):
         ({"fc1_b": torch.randn(31)}, "fc1_b must have shape"),
         ({"fc2_w": torch.randn(8, 31)}, "fc2_w must have shape"),
         ({"fc2_w": torch.ones(8, 32, dtype=torch.int64)}, "floating-point"),
-        ({"keep1": torch.ones(2)}, "one drop-path scale per sentence"),
-        ({"keep2": torch.ones(3, 1)}, "one drop-path scale per sentence"),
+        ({"attn_scale": torch.ones(2)}, "one drop-path scale per sentence"),
+        ({"mlp_scale": torch.ones(3, 1)}, "one drop-path scale per sentence"),
     ],
     ids=lambda v: v if isinstance(v, str) else "-".join(v),
 )
@@ -506,7 +506,7 @@ def test_the_best_copy_runs_by_default_and_the_environment_overrides_it():
     else:
         assert _dispatch()["isa"] == ("avx2" if "avx2" in cpu else "baseline")
     assert ("avx2" in cpu) == (" avx2 " in flags and " fma " in flags)
-    code = "from tntvision.models import kernels; d = kernels.kernel_dispatch(); print(d['isa'], d['bf16'])"
+    code = "from tntvision import kernels; d = kernels.kernel_dispatch(); print(d['isa'], d['bf16'])"
     env = {**os.environ, "TNTVISION_KERNEL_ISA": "baseline", "TNTVISION_KERNEL_BF16": "fp32"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == ["baseline", "fp32"]
@@ -525,7 +525,7 @@ def test_a_bad_setting_fails_every_call_the_same_way(variable, value):
     code = f"""
 import torch, tntvision
 from tntvision.errors import ConfigError
-from tntvision.models import kernels
+from tntvision import kernels
 model = tntvision.create_model("tnt_mini_patch4_28").eval()
 query = kernels.fused_kernels_enabled if "{variable}" == "TNTVISION_FUSED" else kernels.kernel_dispatch
 calls = [lambda: model(torch.randn(1, 1, 28, 28))] * 3 + [query]
@@ -562,16 +562,16 @@ def test_one_portable_build():
     sys.addaudithook(audit)  # (an audit hook stays for the process: it only records while `opened` grows)
     key = kernels.build_directory()
     files, opened[:] = list(opened), []
-    assert files and set(files) <= {src.resolve() for src in kernels._SOURCES}, files
-    real_version, real_flags = torch.__version__, kernels._cflags
+    assert files and set(files) <= {src.resolve() for src in kernels.cpu._SOURCES}, files
+    real_version, real_flags = torch.__version__, kernels.cpu._cflags
     try:
         torch.__version__ = real_version + "+other"
         other_torch = kernels.build_directory()
         torch.__version__ = real_version
-        kernels._cflags = lambda: [*real_flags(), "-DOTHER"]
+        kernels.cpu._cflags = lambda: [*real_flags(), "-DOTHER"]
         other_flags = kernels.build_directory()
     finally:
-        torch.__version__, kernels._cflags = real_version, real_flags
+        torch.__version__, kernels.cpu._cflags = real_version, real_flags
     assert len({key, other_torch, other_flags}) == 3
 
 

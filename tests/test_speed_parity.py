@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import tntvision
+from tntvision import kernels
 from tntvision.cli import main
-from tntvision.models import kernels
-from tntvision.models.layers import SMALL_ATTN_TOKENS, Attention, Mlp
+from tntvision.kernels.lean import SMALL_ATTN_TOKENS
+from tntvision.models.layers import Attention, Mlp
 from tntvision.tools.bench import bench_model
 
 from .conftest import need_fused_kernel

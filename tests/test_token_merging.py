@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 import tntvision
+from tntvision import kernels
 from tntvision.cli import main
 from tntvision.data import eval_transform, open_image
 from tntvision.errors import ConfigError
-from tntvision.models import kernels
-from tntvision.models.merging import bipartite_soft_matching, decreasing_schedule, merge_schedule
+from tntvision.models.merging import TokenSizes, bipartite_soft_matching, decreasing_schedule, merge_schedule
 from tntvision.tools.export import export_model
 from tntvision.tools.exported import load_exported
 
@@ -200,16 +200,18 @@ def test_sizes_count_every_patch_once_and_tokens_shrink_by_r():
     r = 6
     with torch.no_grad():
         words, patches = model._embed(x)
-        size = torch.ones(4, 50, 1)
+        sizes = TokenSizes.start(patches)
         n = 50
         for blk in model.blocks:
-            words, patches, size, merge = blk.forward_merging(words, patches, size, r, merge_words=True)
+            blk.merge_r = r
+            words, patches, sizes = blk(words, patches, sizes)
+            size = sizes.size
             n -= min(r, (n - 1) // 2)
             assert patches.shape == (4, n, 128) and size.shape == (4, n, 1)
             assert words.shape == (4 * (n - 1), 4, 8)  # every patch still owns its m words
             torch.testing.assert_close(size[:, 1:].sum(dim=1), torch.full((4, 1), 49.0))  # all patches
             assert torch.equal(size[:, 0], torch.ones(4, 1))  # the class token never merges
-            assert merge is not None and (size >= 1).all()
+            assert (size >= 1).all()
 
 
 def test_merge_new_index_maps_every_token_to_the_one_it_joined():
@@ -231,13 +233,13 @@ def test_fused_and_reference_paths_agree_with_merging_outputs_and_gradients(monk
     model.set_token_merging(3)
     x = torch.randn(2, 3, 64, 64)
     sentences = []
-    real = kernels.inner_transformer
+    real = kernels.inner.inner_op  # what run_inner calls
 
     def spy(words, *args, **kwargs):
         sentences.append(words.shape[0])
         return real(words, *args, **kwargs)
 
-    monkeypatch.setattr(kernels, "inner_transformer", spy)
+    monkeypatch.setattr(kernels.inner, "inner_op", spy)
     grads = {}
     for fused in (True, False):
         model.zero_grad()

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 import tntvision
+from tntvision import kernels
 from tntvision.errors import ConfigError
-from tntvision.models import kernels, triton_op
+from tntvision.kernels import triton_op
 from tntvision.models.tnt import TNTBlock
 
 from .conftest import TNT_MODELS, small_input_size
@@ -57,12 +58,14 @@ def device(request) -> str:
     return request.param
 
 
-def op(x, p, keep1, keep2, heads, compute_dtype=torch.float32, eps=1e-5):
+def op(x, p, attn_scale, mlp_scale, heads, compute_dtype=torch.float32, eps=1e-5):
     args = [p[n] for n in NAMES]
-    return torch.ops.tntvision.inner_transformer_triton(x, *args, keep1, keep2, heads, eps, compute_dtype)
+    return torch.ops.tntvision.inner_transformer_triton(
+        x, *args, attn_scale, mlp_scale, heads, eps, compute_dtype
+    )
 
 
-def formula(x, p, keep1, keep2, heads, *, eps=1e-5, dot_dtype=None):
+def formula(x, p, attn_scale, mlp_scale, heads, *, eps=1e-5, dot_dtype=None):
     """The inner transformer written out in x's dtype (float64 here). With ``dot_dtype`` the operands of
     every product (the linear layers, q k^T and p v) are rounded to it first: what the kernel's products
     compute in bf16 or fp16, accumulating exactly."""
@@ -83,8 +86,8 @@ def formula(x, p, keep1, keep2, heads, *, eps=1e-5, dot_dtype=None):
     q, k, v = (t.reshape(S, m, heads, hd).transpose(1, 2) for t in (q, k, v))  # (S, heads, m, hd)
     att = torch.softmax(rnd(q) @ rnd(k).transpose(-1, -2) * hd**-0.5, dim=-1)  # (S, heads, m, m)
     y = lin((rnd(att) @ rnd(v)).transpose(1, 2).reshape(S, m, c), p["proj_w"], p["proj_b"])  # (S, m, c)
-    k1 = 1.0 if keep1 is None else keep1.to(x.dtype)[:, None, None]
-    k2 = 1.0 if keep2 is None else keep2.to(x.dtype)[:, None, None]
+    k1 = 1.0 if attn_scale is None else attn_scale.to(x.dtype)[:, None, None]
+    k2 = 1.0 if mlp_scale is None else mlp_scale.to(x.dtype)[:, None, None]
     x1 = x + k1 * y
     z = lin(
         F.gelu(lin(F.layer_norm(x1, (c,), p["ln2_w"], p["ln2_b"], eps), p["fc1_w"], p["fc1_b"])),
@@ -150,13 +153,13 @@ def test_op_matches_the_float64_formula(device, shape):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(S, m, c, generator=g)
     grad = torch.randn(S, m, c, generator=g)
-    keep1 = torch.tensor([0.0, 1.25, 1.25, 2.0] * S)[:S] if keep else None
-    keep2 = torch.tensor([1.25, 0.0, 2.0] * S)[:S] if keep else None
+    attn_scale = torch.tensor([0.0, 1.25, 1.25, 2.0] * S)[:S] if keep else None
+    mlp_scale = torch.tensor([1.25, 0.0, 2.0] * S)[:S] if keep else None
     on = {k: None if v is None else v.to(device) for k, v in p.items()}
-    k1, k2 = (None if t is None else t.to(device) for t in (keep1, keep2))
+    k1, k2 = (None if t is None else t.to(device) for t in (attn_scale, mlp_scale))
     got = _grads(lambda x, p: op(x, p, k1, k2, heads), x.to(device), on, grad.to(device))
     p64 = {k: None if v is None else v.double() for k, v in p.items()}
-    want = _grads(lambda x, p: formula(x, p, keep1, keep2, heads), x.double(), p64, grad.double())
+    want = _grads(lambda x, p: formula(x, p, attn_scale, mlp_scale, heads), x.double(), p64, grad.double())
     _assert_fp32_close(got, want, f"{shape} on {device}")
 
 
@@ -232,10 +235,10 @@ def test_low_precision_products_round_their_operands(device, dtype, words_dtype)
     block = _block(c, m, heads, p)
     with kernels.fused_kernels(False), torch.no_grad():
         if words_dtype == "low":
-            reference = block.to(dtype).inner(x)
+            reference = kernels.run_inner(block.to(dtype), x)
         else:
             with torch.autocast("cpu", dtype=dtype):
-                reference = block.inner(x)
+                reference = kernels.run_inner(block, x)
     err_rounded, err_exact = _mean_err(got, rounded), _mean_err(got, exact)
     err_reference = _mean_err(reference, exact)
     print(f"{dtype} {words_dtype}: mean error {err_rounded:.2e} (rounded formula), {err_exact:.2e} (exact), ")
@@ -262,7 +265,7 @@ def test_low_precision_gradients_within_the_reference_paths_error(device, dtype)
     block = _block(c, m, heads, p)
     xr = x.clone().requires_grad_(True)
     with kernels.fused_kernels(False), torch.autocast("cpu", dtype=dtype):
-        y = block.inner(xr)
+        y = kernels.run_inner(block, xr)
     y.float().backward(grad)
     reference = {"y": y.detach(), "x": xr.grad, **_block_grads(block)}
     ratios = {k: _mean_err(got[k], exact[k]) / _mean_err(reference[k], exact[k]) for k in exact}
@@ -515,13 +518,13 @@ def test_words_outside_the_tile_take_the_reference_path():
 def test_backend_setting_from_the_environment(monkeypatch):
     """TNTVISION_KERNEL_BACKEND (read at import) picks the backend; a bad value fails every call that
     needs it; asking for Triton on CPU tensors without the interpreter says how to get it."""
-    monkeypatch.setattr(kernels, "_BACKEND_ENVIRONMENT", "Triton ")
+    monkeypatch.setattr(kernels.settings, "_BACKEND_ENVIRONMENT", "Triton ")
     assert kernels.kernel_backend_setting() == "triton"
-    monkeypatch.setattr(kernels, "_BACKEND_ENVIRONMENT", "gpu")
+    monkeypatch.setattr(kernels.settings, "_BACKEND_ENVIRONMENT", "gpu")
     for _ in range(2):
         with pytest.raises(ConfigError, match="auto, cpu, triton"):
             kernels.kernel_backend("cpu")
-    code = "from tntvision.models import kernels\nkernels.kernel_backend('cpu')\n"
+    code = "from tntvision import kernels\nkernels.kernel_backend('cpu')\n"
     env = {**os.environ, "TNTVISION_KERNEL_BACKEND": "triton", "TRITON_INTERPRET": "0"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode != 0 and "ConfigError" in out.stderr and "TRITON_INTERPRET=1" in out.stderr
@@ -540,7 +543,7 @@ def test_kernels_info_names_the_backend_of_each_device():
 def test_the_reference_path_attends_with_sdpa_on_a_gpu():
     """Short sequences (TNT's words) take the explicit transposed-softmax path on the CPU only; on CUDA
     every length goes to scaled_dot_product_attention."""
-    from tntvision.models.layers import SMALL_ATTN_TOKENS, explicit_attention
+    from tntvision.kernels.lean import SMALL_ATTN_TOKENS, explicit_attention
 
     assert explicit_attention(16, torch.device("cpu")) and not explicit_attention(16, torch.device("cuda"))
     assert not explicit_attention(SMALL_ATTN_TOKENS + 1, torch.device("cpu"))
@@ -605,9 +608,9 @@ def test_gpus_too_old_for_the_products_take_the_reference_path(monkeypatch):
         (7, 5), torch.float16
     )
     assert not triton_op.gpu_supports((7, 0), torch.float32)
-    monkeypatch.setattr(kernels, "kernel_backend", lambda device, dtype: "triton")
+    monkeypatch.setattr(kernels.backend, "kernel_backend", lambda device, dtype: "triton")
     for capability, dtype, want in [((8, 0), torch.bfloat16, "triton"), ((7, 5), torch.bfloat16, None)]:
         # what fused_backend reads of CUDA words (there is no GPU here to hold real ones)
         words = SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(2, 16, 24))
-        monkeypatch.setattr(kernels, "_capability", lambda index, c=capability: c)
+        monkeypatch.setattr(kernels.backend, "_capability", lambda index, c=capability: c)
         assert kernels.fused_backend(words) == want

@@ -285,7 +285,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_kernels(args: argparse.Namespace) -> None:
-    from .models import kernels
+    from . import kernels
 
     if args.action == "build":
         where = kernels.build()

@@ -2,10 +2,10 @@
 //
 // One call runs a block's whole inner transformer over every sentence (patch) of a batch:
 //
-//   x1 = x  + keep1 * proj(attention(LN1(x)))        attention over the m words of each sentence
-//   x2 = x1 + keep2 * fc2(gelu(fc1(LN2(x1))))        exact (erf) GELU
+//   x1 = x  + attn_scale * proj(attention(LN1(x)))        attention over the m words of each sentence
+//   x2 = x1 + mlp_scale * fc2(gelu(fc1(LN2(x1))))        exact (erf) GELU
 //
-// x is (S, m, c): S sentences of m words of c features. keep1 / keep2 are optional per-sentence drop-path
+// x is (S, m, c): S sentences of m words of c features. attn_scale / mlp_scale are optional per-sentence drop-path
 // scales (0 or 1/keep). Sentences are processed in tiles of about 256 words that stay in the L2 cache;
 // every intermediate of a tile lives in a per-tile scratch buffer, and the backward pass recomputes a
 // tile's forward from x instead of keeping anything (so autograd keeps only x for this whole transformer).
@@ -397,7 +397,7 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& ln1_w, const at::Ten
                      const c10::optional<at::Tensor>& v_b, const at::Tensor& proj_w, const at::Tensor& proj_b,
                      const at::Tensor& ln2_w, const at::Tensor& ln2_b, const at::Tensor& fc1_w,
                      const at::Tensor& fc1_b, const at::Tensor& fc2_w, const at::Tensor& fc2_b,
-                     const c10::optional<at::Tensor>& keep1, const c10::optional<at::Tensor>& keep2,
+                     const c10::optional<at::Tensor>& attn_scale, const c10::optional<at::Tensor>& mlp_scale,
                      int64_t heads, double eps, int W) {
   TORCH_CHECK(x.dim() == 3, "inner_transformer: x must be (sentences, words, dim), got ", x.sizes());
   TORCH_CHECK(x.device().is_cpu(), "inner_transformer: CPU tensors only, x is on ", x.device());
@@ -427,8 +427,8 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& ln1_w, const at::Ten
   check_param(fc1_b, {H}, "fc1_b");
   check_param(fc2_w, {c, H}, "fc2_w");
   check_param(fc2_b, {c}, "fc2_b");
-  check_keep(keep1, S, "keep1 (one drop-path scale per sentence)");
-  check_keep(keep2, S, "keep2 (one drop-path scale per sentence)");
+  check_keep(attn_scale, S, "attn_scale (one drop-path scale per sentence)");
+  check_keep(mlp_scale, S, "mlp_scale (one drop-path scale per sentence)");
 
   Problem p;
   Dims& d = p.d;
@@ -565,12 +565,12 @@ struct Call {
   const Variant* kern = nullptr;
   bool bf16 = false;
   Weights w;
-  at::Tensor keep1_f32, keep2_f32;  // hold the fp32 copies k1 / k2 point into
+  at::Tensor attn_scale_f32, mlp_scale_f32;  // hold the fp32 copies k1 / k2 point into
   const float* k1 = nullptr;
   const float* k2 = nullptr;
   int64_t ntiles = 0;
-  const float* keep1_at(int64_t s0) const { return k1 ? k1 + s0 : nullptr; }
-  const float* keep2_at(int64_t s0) const { return k2 ? k2 + s0 : nullptr; }
+  const float* attn_scale_at(int64_t s0) const { return k1 ? k1 + s0 : nullptr; }
+  const float* mlp_scale_at(int64_t s0) const { return k2 ? k2 + s0 : nullptr; }
   int64_t first_sentence(int64_t t) const { return t * p.tile; }
   int rows_of(int64_t t) const {
     return static_cast<int>(std::min<int64_t>(p.tile, p.S - t * p.tile)) * p.d.m;
@@ -592,19 +592,19 @@ Call prepare_call(const at::Tensor& x_in, const at::Tensor& ln1_w, const at::Ten
                   const c10::optional<at::Tensor>& qk_b, const at::Tensor& v_w, const c10::optional<at::Tensor>& v_b,
                   const at::Tensor& proj_w, const at::Tensor& proj_b, const at::Tensor& ln2_w,
                   const at::Tensor& ln2_b, const at::Tensor& fc1_w, const at::Tensor& fc1_b, const at::Tensor& fc2_w,
-                  const at::Tensor& fc2_b, const c10::optional<at::Tensor>& keep1,
-                  const c10::optional<at::Tensor>& keep2, int64_t num_heads, double eps, bool low_precision,
+                  const at::Tensor& fc2_b, const c10::optional<at::Tensor>& attn_scale,
+                  const c10::optional<at::Tensor>& mlp_scale, int64_t num_heads, double eps, bool low_precision,
                   bool backward) {
   Call c;
   c.kern = &current_variant();
   c.p = make_problem(x_in, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w,
-                     fc2_b, keep1, keep2, num_heads, eps, c.kern->W);
+                     fc2_b, attn_scale, mlp_scale, num_heads, eps, c.kern->W);
   c.x = x_in.contiguous();
   c.bf16 = bf16_gemms(low_precision);
   c.w = pack_weights(c.p.d, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w,
                      fc2_b, backward, c.bf16);
-  c.k1 = keep_ptr(keep1, c.keep1_f32);
-  c.k2 = keep_ptr(keep2, c.keep2_f32);
+  c.k1 = keep_ptr(attn_scale, c.attn_scale_f32);
+  c.k2 = keep_ptr(mlp_scale, c.mlp_scale_f32);
   c.ntiles = (c.p.S + c.p.tile - 1) / c.p.tile;
   return c;
 }
@@ -617,10 +617,10 @@ at::Tensor inner_transformer_cpu(const at::Tensor& x_in, const at::Tensor& ln1_w
                                  const at::Tensor& proj_w, const at::Tensor& proj_b, const at::Tensor& ln2_w,
                                  const at::Tensor& ln2_b, const at::Tensor& fc1_w, const at::Tensor& fc1_b,
                                  const at::Tensor& fc2_w, const at::Tensor& fc2_b,
-                                 const c10::optional<at::Tensor>& keep1, const c10::optional<at::Tensor>& keep2,
+                                 const c10::optional<at::Tensor>& attn_scale, const c10::optional<at::Tensor>& mlp_scale,
                                  int64_t num_heads, double eps, bool low_precision) {
   const Call call = prepare_call(x_in, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w,
-                                 fc1_b, fc2_w, fc2_b, keep1, keep2, num_heads, eps, low_precision, false);
+                                 fc1_b, fc2_w, fc2_b, attn_scale, mlp_scale, num_heads, eps, low_precision, false);
   const Dims& d = call.p.d;
   at::Tensor y = at::empty_like(call.x);
   at::parallel_for(0, call.ntiles, 1, [&](int64_t t0, int64_t t1) {
@@ -630,7 +630,7 @@ at::Tensor inner_transformer_cpu(const at::Tensor& x_in, const at::Tensor& ln1_w
       const int64_t s0 = call.first_sentence(t);
       const int rows = call.rows_of(t);
       load_tile(call.x, s0, rows, d, s.x.data());
-      call.kern->forward(s, rows, d, call.w, call.keep1_at(s0), call.keep2_at(s0), out.data(), false);
+      call.kern->forward(s, rows, d, call.w, call.attn_scale_at(s0), call.mlp_scale_at(s0), out.data(), false);
       store_tile(out.data(), s0, rows, d, y);
     }
     call.release();
@@ -649,11 +649,11 @@ std::vector<at::Tensor> inner_transformer_backward_cpu(
     const at::Tensor& qk_w, const c10::optional<at::Tensor>& qk_b, const at::Tensor& v_w,
     const c10::optional<at::Tensor>& v_b, const at::Tensor& proj_w, const at::Tensor& proj_b,
     const at::Tensor& ln2_w, const at::Tensor& ln2_b, const at::Tensor& fc1_w, const at::Tensor& fc1_b,
-    const at::Tensor& fc2_w, const at::Tensor& fc2_b, const c10::optional<at::Tensor>& keep1,
-    const c10::optional<at::Tensor>& keep2, int64_t num_heads, double eps, bool low_precision,
+    const at::Tensor& fc2_w, const at::Tensor& fc2_b, const c10::optional<at::Tensor>& attn_scale,
+    const c10::optional<at::Tensor>& mlp_scale, int64_t num_heads, double eps, bool low_precision,
     std::array<bool, 7> output_mask) {
   const Call call = prepare_call(x_in, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w,
-                                 fc1_b, fc2_w, fc2_b, keep1, keep2, num_heads, eps, low_precision, true);
+                                 fc1_b, fc2_w, fc2_b, attn_scale, mlp_scale, num_heads, eps, low_precision, true);
   const Needs need(output_mask);
   const Dims& d = call.p.d;
   const at::Tensor& x = call.x;
@@ -678,8 +678,8 @@ std::vector<at::Tensor> inner_transformer_backward_cpu(
         const int64_t s0 = call.first_sentence(t);
         const int rows = call.rows_of(t);
         load_tile(x, s0, rows, d, s.x.data());
-        const float* kk1 = call.keep1_at(s0);
-        const float* kk2 = call.keep2_at(s0);
+        const float* kk1 = call.attn_scale_at(s0);
+        const float* kk2 = call.mlp_scale_at(s0);
         call.kern->forward(s, rows, d, call.w, kk1, kk2, out.data(), true);
         load_tile(grad, s0, rows, d, dy.data());
         call.kern->backward(s, rows, d, call.w, kk1, kk2, dy.data(), dz.data(), dg.data(), dx.data(), dqkv.data(),
@@ -725,12 +725,12 @@ TORCH_LIBRARY(tntvision, m) {
   m.def(
       "inner_transformer(Tensor x, Tensor ln1_w, Tensor ln1_b, Tensor qk_w, Tensor? qk_b, Tensor v_w, "
       "Tensor? v_b, Tensor proj_w, Tensor proj_b, Tensor ln2_w, Tensor ln2_b, Tensor fc1_w, Tensor fc1_b, "
-      "Tensor fc2_w, Tensor fc2_b, Tensor? keep1, Tensor? keep2, int num_heads, float eps, "
+      "Tensor fc2_w, Tensor fc2_b, Tensor? attn_scale, Tensor? mlp_scale, int num_heads, float eps, "
       "bool low_precision=False) -> Tensor");
   m.def(
       "inner_transformer_backward(Tensor grad, Tensor x, Tensor ln1_w, Tensor ln1_b, Tensor qk_w, Tensor? qk_b, "
       "Tensor v_w, Tensor? v_b, Tensor proj_w, Tensor proj_b, Tensor ln2_w, Tensor ln2_b, Tensor fc1_w, "
-      "Tensor fc1_b, Tensor fc2_w, Tensor fc2_b, Tensor? keep1, Tensor? keep2, int num_heads, float eps, "
+      "Tensor fc1_b, Tensor fc2_w, Tensor fc2_b, Tensor? attn_scale, Tensor? mlp_scale, int num_heads, float eps, "
       "bool low_precision=False, bool[7] output_mask=[True, True, True, True, True, True, True]) -> Tensor[]");
   // [instruction set running, how low-precision GEMMs run, instruction sets this CPU can run]
   m.def("kernel_dispatch() -> str[]", &kernel_dispatch);

@@ -391,7 +391,7 @@ void attention_weights(const float* q, const float* k, const Dims& d, float* qT,
 
 // Forward of one tile of `rows` words (rows / m sentences, in s.x) into `out` (padded rows). With
 // `for_backward`, it stops before fc2 (backward does not need x2) and also keeps GELU's cdf, Phi(h).
-void tile_forward(Scratch& s, int rows, const Dims& d, const Weights& w, const float* keep1, const float* keep2,
+void tile_forward(Scratch& s, int rows, const Dims& d, const Weights& w, const float* attn_scale, const float* mlp_scale,
                   float* out, bool for_backward) {
   const float* ln1w = w.ln1w.data_ptr<float>();
   const float* ln1b = w.ln1b.data_ptr<float>();
@@ -414,10 +414,10 @@ void tile_forward(Scratch& s, int rows, const Dims& d, const Weights& w, const f
       rows_to_columns(s.oT.data(), d, s.o.data() + r0 * cp + hh * d.hd, cp);
     }
   PROF(2);
-  // x1 = x + keep1 * (o Wp^T + bp)
+  // x1 = x + attn_scale * (o Wp^T + bp)
   float* x1 = s.x1.data();
   linear_rows(rows, cp, d.c, s.o.data(), cp, w.proj, w.bp.data_ptr<float>(), x1, s);
-  add_residual(x1, s.x.data(), keep1, rows, d);
+  add_residual(x1, s.x.data(), attn_scale, rows, d);
   layer_norm(x1, rows, d, ln2w, ln2b, s.xn2.data(), s.mean2.data(), s.rstd2.data());
   PROF(3);
   float* h = s.h.data();
@@ -434,7 +434,7 @@ void tile_forward(Scratch& s, int rows, const Dims& d, const Weights& w, const f
   if (for_backward) return;
   linear_rows(rows, cp, d.H, g, Hp, w.fc2, w.b2.data_ptr<float>(), out, s);
   PROF(6);
-  add_residual(out, x1, keep2, rows, d);
+  add_residual(out, x1, mlp_scale, rows, d);
   PROF(7);
 }
 
@@ -443,12 +443,12 @@ void tile_forward(Scratch& s, int rows, const Dims& d, const Weights& w, const f
 // Backward of one tile whose forward buffers `s` are filled; dx2 (padded rows) in `dy` is consumed.
 // Writes the input gradient into `dx` (padded rows) and accumulates weight gradients into `gr`.
 // Its GEMMs run in fp32 whatever the forward's precision.
-void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const float* keep1, const float* keep2,
+void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const float* attn_scale, const float* mlp_scale,
                    float* dy, float* dz, float* dg, float* dx, float* dqkv, Grads& gr) {
   const int cp = d.cp, c3p = d.c3p, Hp = d.Hp, m = d.m, mp = d.mp;
   PROF_START();
   const Needs& need = gr.need;
-  scale_rows(dz, dy, keep2, rows, d);  // MLP branch: dz = keep2 * dx2
+  scale_rows(dz, dy, mlp_scale, rows, d);  // MLP branch: dz = mlp_scale * dx2
   if (need.fc2) {
     gemm(d.c, Hp, rows, dz, 1, cp, s.g.data(), Hp, gr.w2.data(), Hp, true);  // dW2 += dz^T g
     col_sum(dz, rows, cp, gr.b2.data());
@@ -472,7 +472,7 @@ void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const 
   layer_norm_backward(dz, s.x1.data(), rows, d, w.ln2w.data_ptr<float>(), s.mean2.data(), s.rstd2.data(), dy,
                       need.ln2 ? gr.ln2w.data() : nullptr, gr.ln2b.data());  // dy now holds dx1
   PROF(9);
-  scale_rows(dz, dy, keep1, rows, d);  // attention branch: dz = keep1 * dx1
+  scale_rows(dz, dy, attn_scale, rows, d);  // attention branch: dz = attn_scale * dx1
   if (need.proj) {
     gemm(d.c, cp, rows, dz, 1, cp, s.o.data(), cp, gr.wp.data(), cp, true);  // dWp += dy^T o
     col_sum(dz, rows, cp, gr.bp.data());

@@ -32,72 +32,33 @@ def create_model(
     merge_tokens: int | Sequence[int] = 0,
     **overrides: Any,
 ) -> nn.Module:
-    """Build a registered model, optionally with weights.
+    """Build a registered model, optionally with weights (docs/pretrained.md).
 
-    Args:
-        name: a name from :func:`list_models`, optionally with a pretrained tag as in timm
-            (``"tnt_s_patch16_224.in1k"``, see :func:`list_pretrained`); a bare name means the
-            architecture's default tag. The tag sets the model's preprocessing (``pretrained_cfg``).
-        pretrained: ``False`` / ``None``: random weights. ``True``: the tag's published weights, from
-            the cache or downloaded into it (:mod:`tntvision.models.hub`: huggingface_hub or torch.hub),
-            loaded strictly. A path: weights in any supported layout (ours, timm's, the authors',
-            mmpretrain's; either structure). Either way, position tables are resampled for another
-            ``img_size``, a head of another size is replaced by a fresh one, and weights of another
-            structure or width are refused with a message. Weights of a tag with ImageNet labels give the
-            model torchvision's 1000 class names (``model.class_names``) when its head is kept.
-        revision: with ``pretrained=True``, the hub revision (branch, tag or commit) to take; default
-            ``main``.
-        features_only: return a wrapper whose forward gives a list of NCHW feature maps.
-        out_indices: with ``features_only``, which blocks to return (default: the last four, or all
-            if fewer). An int ``n`` means the last ``n`` blocks.
-        feature_cls: with ``features_only``, timm's name of the wrapper: ``"getter"`` (the
-            ``forward_intermediates`` wrapper, the only one; None means it too).
-        output_fmt: with ``features_only``, ``"NCHW"`` maps (the default) or ``"NLC"`` tokens.
-        merge_tokens: token merging (ToMe) for TNT models: ``r`` patches (and their words) merged per
-            block, or a list of one ``r`` per block; 0 (the default) is the plain model. See
-            ``TNT.set_token_merging``.
-        **overrides: config fields to change (``num_classes``, ``img_size``, ``in_chans``,
-            ``drop_path_rate``, ...). Unknown names raise :class:`ConfigError`.
+    ``name``: from :func:`list_models`, optionally with a pretrained tag (``"tnt_s_patch16_224.in1k"``); a
+    bare name means the default tag, which sets the preprocessing. ``pretrained``: False / None (random
+    weights), True (the tag's published weights, cached or downloaded, at ``revision`` for hub weights),
+    or a path to weights in any supported layout. Position tables are resampled to ``img_size``, a head
+    of another size is fresh, other structures or widths are refused; a tag's ImageNet weights bring
+    torchvision's class names. ``features_only`` (with ``out_indices``, ``feature_cls``, ``output_fmt``):
+    a feature extractor, as timm's. ``merge_tokens``: token merging, ``r`` per block or one per block.
+    ``overrides``: config fields (``num_classes``, ``img_size``, ``in_chans``, ``drop_path_rate``, ...).
 
     Raises:
-        UnknownModelError: an unknown name or tag (the message lists the close names or the tags).
-        ConfigError: bad overrides or options, ``pretrained=True`` for an architecture without published
-            weights, ``revision`` without ``pretrained=True``.
-        CheckpointError: weights that cannot be fetched, read or fitted (the message says why and what to
-            do: the offline setting, a mirror, ``pretrained=PATH``).
+        UnknownModelError: an unknown name or tag (the message lists close names or the tags).
+        ConfigError: bad overrides or options, published weights asked for where there are none.
+        CheckpointError: weights that cannot be fetched, read or fitted (the message says what to do).
     """
     arch, _ = split_name(name)
-    entry = get_model_entry(arch)
-    tag = get_pretrained_tag(name)
-    if pretrained is not None and not isinstance(pretrained, bool | str | os.PathLike):
-        raise ConfigError(f"pretrained must be True, False, None or a path, got {type(pretrained).__name__}")
-    if pretrained is True and tag is None:
-        raise ConfigError(
-            f"{arch} has no published weights (see `tnt models --pretrained`); "
-            "pass pretrained=PATH for a file"
-        )
-    if revision is not None and pretrained is not True:
-        raise ConfigError("revision applies with pretrained=True (the hub weights of a tag)")
-    if features_only:
-        output_fmt = output_fmt or "NCHW"
-        check_feature_options(feature_cls=feature_cls, output_fmt=output_fmt)
-    else:
-        unused = [
-            k
-            for k, v in dict(out_indices=out_indices, feature_cls=feature_cls, output_fmt=output_fmt).items()
-            if v is not None
-        ]
-        if unused:
-            raise ConfigError(f"{', '.join(unused)} only apply with features_only=True")
+    entry, tag = get_model_entry(arch), get_pretrained_tag(name)
+    _check_weights_options(arch, tag, pretrained, revision)
+    output_fmt = _check_feature_options(features_only, out_indices, feature_cls, output_fmt)
     cfg = resolve_config(arch, **overrides)
     if pretrained is True:  # fetch (or find in the cache) before building: a bad tag costs no model
         sd, wrapper, path = fetch_pretrained(tag, revision=revision)
     model = entry.factory(cfg)
-    model.model_name = arch
-    model.pretrained_tag = tag
-    model.meta = (tag.meta if tag is not None else entry.meta).resolved(
-        in_chans=cfg.in_chans, img_size=cfg.img_size
-    )
+    model.model_name, model.pretrained_tag = arch, tag
+    meta = tag.meta if tag is not None else entry.meta
+    model.meta = meta.resolved(in_chans=cfg.in_chans, img_size=cfg.img_size)
     if pretrained is True:
         load_state_dict_into(model, sd, source=f"{tag.name} ({path})", wrapper=wrapper)
     elif pretrained:  # a path (pretrained=False / None / "" mean random weights)
@@ -110,6 +71,31 @@ def create_model(
     if features_only:
         model = FeatureExtractor(model, out_indices=out_indices, output_fmt=output_fmt)
     return model
+
+
+def _check_weights_options(arch: str, tag, pretrained, revision: str | None) -> None:
+    if pretrained is not None and not isinstance(pretrained, bool | str | os.PathLike):
+        raise ConfigError(f"pretrained must be True, False, None or a path, got {type(pretrained).__name__}")
+    if pretrained is True and tag is None:
+        raise ConfigError(
+            f"{arch} has no published weights (see `tnt models --pretrained`); "
+            "pass pretrained=PATH for a file"
+        )
+    if revision is not None and pretrained is not True:
+        raise ConfigError("revision applies with pretrained=True (the hub weights of a tag)")
+
+
+def _check_feature_options(features_only: bool, out_indices, feature_cls, output_fmt) -> str | None:
+    """The feature options, checked; returns ``output_fmt`` with its default."""
+    if features_only:
+        output_fmt = output_fmt or "NCHW"
+        check_feature_options(feature_cls=feature_cls, output_fmt=output_fmt)
+        return output_fmt
+    given = dict(out_indices=out_indices, feature_cls=feature_cls, output_fmt=output_fmt)
+    unused = [k for k, v in given.items() if v is not None]
+    if unused:
+        raise ConfigError(f"{', '.join(unused)} only apply with features_only=True")
+    return output_fmt
 
 
 def apply_token_merging(model: nn.Module, merge_tokens: int | Sequence[int]) -> nn.Module:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .kernels import DROPOUT, exactly
+from ..kernels.lean import attention, attention_weights, mlp
+from ..kernels.rules import DROPOUT, cached_verdict, exactly
 from .merging import proportional_attention, size_bias
 
 __all__ = [
@@ -20,7 +21,6 @@ __all__ = [
     "check_images",
     "drop_path_scale",
     "dropout_p",
-    "explicit_attention",
     "fx_leaf",
     "init_linear_and_norm",
     "new_head",
@@ -28,77 +28,17 @@ __all__ = [
 ]
 
 
-# On the CPU, attention over at most this many tokens runs as explicit batched matmuls with a transposed
-# softmax (TNT's inner attention on the reference path: 16 words, head dim 6). PyTorch's fused CPU kernel is
-# built for long sequences and loses to two small bmm calls there; from 65 tokens on (the outer 197) it runs
-# in every dtype: in bf16 it is 2-3x faster than the explicit path on CPUs with AMX and on par without.
-SMALL_ATTN_TOKENS = 64
-
-
-def explicit_attention(tokens: int, device: torch.device) -> bool:
-    """Whether attention over ``tokens`` runs as :meth:`Attention.explicit` (static facts only): short
-    sequences on the CPU. On a GPU every length goes to ``F.scaled_dot_product_attention``, which picks a
-    fused kernel where one fits (the transposed softmax and the per-tile recompute are CPU choices)."""
-    return tokens <= SMALL_ATTN_TOKENS and device.type == "cpu"
-
-
-def _small_attn_t(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Transposed attention weights (B*h, keys, queries) from q, k (B*h, N, hd); softmax in fp32."""
-    scores_t = torch.baddbmm(q.new_zeros(()), k, q.transpose(1, 2), beta=0.0, alpha=scale)  # (B*h, Nk, Nq)
-    return scores_t.softmax(dim=1, dtype=torch.float32).to(q.dtype)
-
-
-class _TileAttention(torch.autograd.Function):
-    """softmax(q k^T * scale) v over per-head tiles (3, B*h, N, hd) -> (B*h, N, hd), lean in memory.
-
-    Autograd would keep the (B*h, N, N) attention weights, 2.7x the size of q, k and v for TNT's 16-word
-    tiles of head dim 6; this keeps only the tiles and recomputes the weights (two small ops) in backward.
-    """
-
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, scale: float) -> torch.Tensor:
-        q, k, v = qkv.unbind(0)
-        ctx.save_for_backward(qkv)
-        ctx.scale = scale
-        return torch.bmm(_small_attn_t(q, k, scale).transpose(1, 2), v)  # (B*h, Nq, hd)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (qkv,) = ctx.saved_tensors
-        q, k, v = qkv.unbind(0)
-        dt, scale = qkv.dtype, ctx.scale
-        grad_out = grad_out.to(dt)
-        scores_t = torch.baddbmm(q.new_zeros(()), k, q.transpose(1, 2), beta=0.0, alpha=scale)
-        attn_t = scores_t.softmax(dim=1, dtype=torch.float32)  # (B*h, Nk, Nq)
-        grad_v = torch.bmm(attn_t.to(dt), grad_out)  # A^T dO: (B*h, Nk, hd)
-        grad_attn_t = torch.bmm(v, grad_out.transpose(1, 2)).float()  # (dO v^T)^T: (B*h, Nk, Nq)
-        # softmax backward along the key axis (dim 1 of the transposed weights)
-        grad_scores_t = (attn_t * (grad_attn_t - (grad_attn_t * attn_t).sum(1, keepdim=True))).to(dt)
-        zero = q.new_zeros(())
-        grad_q = torch.baddbmm(zero, grad_scores_t.transpose(1, 2), k, beta=0.0, alpha=scale)  # dS k
-        grad_k = torch.baddbmm(zero, grad_scores_t, q, beta=0.0, alpha=scale)  # dS^T q
-        return torch.stack([grad_q, grad_k, grad_v]), None
-
-
 class Attention(nn.Module):
-    """Multi-head self-attention with TNT's parameter layout.
+    """Multi-head self-attention with TNT's parameter layout: ``qk`` (dim -> 2*dim, q first) and ``v``, as in
+    the authors' code and timm, run as one qkv GEMM.
 
-    The authors' code (and timm) keep two projections, ``qk`` (dim -> 2*dim, q first) and ``v``; we keep
-    those parameter names so every checkpoint loads unchanged, and run them as one fused qkv matmul.
-
-    Two exact ways to attend, picked from static facts only (token count; never values):
-    ``F.scaled_dot_product_attention`` for long sequences (the outer transformer), and :meth:`explicit`
-    (two bmm calls, softmax over the key axis of transposed scores) for short ones (the inner transformer
-    on the reference path, the outer one at small inputs). Both compute softmax(q k^T * scale) v.
-
-    With ``lean_backward`` (the default) the short-sequence path saves only qkv for backward and
-    recomputes the attention weights there; off, autograd keeps them (faster for small models whose
-    memory does not matter). When ``keep_attn`` is set (see :func:`tntvision.models.tnt.record_attention`),
-    the explicit path runs and the softmax weights are kept in ``last_attn`` as (B, heads, N, N) for
-    visualisation.
+    It attends as :func:`tntvision.kernels.lean.attention` does (the exact kernel for the sequence length,
+    lean in memory when ``lean_backward``); with ``keep_attn`` set (see
+    :func:`tntvision.models.tnt.record_attention`) through an explicit softmax, keeping the weights in
+    ``last_attn`` (B, heads, N, N).
     """
 
-    # What each submodule must be for the fused op to compute the attention from its weights.
+    # What each submodule must be for the fused op (and the one-GEMM qkv) to read its weights.
     SLOTS = {"qk": nn.Linear, "v": nn.Linear, "proj": nn.Linear, "proj_drop": DROPOUT}
 
     def __init__(
@@ -123,7 +63,7 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.keep_attn = False
         self.last_attn: torch.Tensor | None = None
-        self.lean_backward = True  # short sequences: keep only qkv for backward (see _TileAttention)
+        self.lean_backward = True  # keep only q, k, v for backward on the short-sequence path
 
     def qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fused (3*dim, dim) qkv weight and bias: ``cat([qk, v])``, q rows first."""
@@ -131,65 +71,31 @@ class Attention(nn.Module):
         bias = None if self.qk.bias is None else torch.cat([self.qk.bias, self.v.bias], dim=0)
         return weight, bias
 
-    def explicit(self, qkv: torch.Tensor, dropout_p: float) -> torch.Tensor:
-        """Attention from fused qkv (B, N, 3*C) as two bmm calls; returns (B, N, C) before ``proj``.
-
-        For short sequences the scores are formed transposed, (B*h, keys, queries), and the softmax over
-        keys reduces along dim 1 in fp32, vectorised across queries: for TNT's rows of 16 words that is
-        ~3x faster than a softmax along rows of 16. Long sequences use the usual layout and a softmax in
-        the input precision, as timm does.
-        """
-        B, N, C3 = qkv.shape
-        h, hd = self.num_heads, self.head_dim
-        # one copy puts every head's q, k, v in its own contiguous (N, hd) tile
-        qkv = qkv.view(B, N, 3, h, hd).permute(2, 0, 3, 1, 4).reshape(3, B * h, N, hd)  # (3, B*h, N, hd)
-        q, k, v = qkv.unbind(0)  # each (B*h, N, hd)
-        lean = self.lean_backward and dropout_p == 0.0 and not self.keep_attn
-        if N <= SMALL_ATTN_TOKENS and torch.is_grad_enabled() and lean:
-            x = _TileAttention.apply(qkv, self.scale)  # same numbers, keeps only qkv for backward
-        else:
-            if N <= SMALL_ATTN_TOKENS:
-                attn = _small_attn_t(q, k, self.scale).transpose(1, 2)  # (B*h, Nq, Nk)
-            else:
-                zero = qkv.new_zeros(())
-                attn = torch.baddbmm(zero, q, k.transpose(1, 2), beta=0.0, alpha=self.scale).softmax(dim=-1)
-            if self.keep_attn:
-                self.last_attn = attn.detach().reshape(B, h, N, N)  # (B, h, queries, keys)
-            if dropout_p > 0.0:  # on the (B*h, Nq, Nk) layout, so the mask is drawn in timm's order
-                attn = F.dropout(attn.contiguous(), dropout_p)
-            x = torch.bmm(attn, v)  # (B*h, N, hd)
-        return x.view(B, h, N, hd).transpose(1, 2).reshape(B, N, C3 // 3)  # (B, N, C)
-
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, 3*C): one GEMM over the concatenated weights when ``qk`` and ``v`` are plain Linears;
         otherwise (an adapter, a quantized Linear, a hook) the modules themselves are called."""
-        if exactly(self.qk, nn.Linear) and exactly(self.v, nn.Linear):
-            return F.linear(x, *self.qkv_weight())
-        return torch.cat([self.qk(x), self.v(x)], dim=-1)
+        plain = cached_verdict(self, "qkv", (self.qk, self.v), (), self._plain_qkv)
+        return F.linear(x, *self.qkv_weight()) if plain else torch.cat([self.qk(x), self.v(x)], dim=-1)
+
+    def _plain_qkv(self) -> bool:
+        return exactly(self.qk, nn.Linear) and exactly(self.v, nn.Linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
         qkv = self.qkv(x)  # (B, N, 3*C)
         p = self.attn_drop if self.training else 0.0
-        if self.keep_attn or explicit_attention(N, x.device):
-            x = self.explicit(qkv, p)
+        if self.keep_attn:
+            x, self.last_attn = attention_weights(qkv, self.num_heads, self.scale, p)
         else:
-            qkv = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, hd)
-            q, k, v = qkv.unbind(0)  # each (B, h, N, hd)
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, h, N, hd)
-            x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+            x = attention(qkv, self.num_heads, self.scale, p, lean=self.lean_backward)  # (B, N, C)
         return self.proj_drop(self.proj(x))
 
     def forward_sized(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Proportional attention for merged tokens: ``log(size)`` added to every key's scores.
-
-        ``x`` (B, N, C), ``size`` (B, N, 1) how many original tokens each one stands for. Returns the
-        output (B, N, C) and the keys averaged over heads (B, N, hd), token merging's similarity metric.
-        """
+        """Proportional attention for merged tokens (token merging): ``log(size)`` added to every key's
+        scores. ``x`` (B, N, C), ``size`` (B, N, 1). Returns the output (B, N, C) and the keys averaged over
+        heads (B, N, hd), the merge's similarity metric."""
         B, N, C = x.shape
         h, hd = self.num_heads, self.head_dim
-        qkv = self.qkv(x).view(B, N, 3, h, hd).permute(2, 0, 3, 1, 4)  # (3, B, h, N, hd)
-        q, k, v = qkv.unbind(0)  # each (B, h, N, hd)
+        q, k, v = self.qkv(x).view(B, N, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, hd)
         p = self.attn_drop if self.training else 0.0
         if self.keep_attn:
             attn = (q @ k.transpose(-2, -1) * self.scale + size_bias(size, q.dtype)).softmax(dim=-1)
@@ -201,52 +107,12 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(y)), k.mean(dim=1)
 
 
-class _MlpFunction(torch.autograd.Function):
-    """``fc2(gelu(fc1(x)))`` that keeps less for backward than autograd would.
-
-    Autograd keeps x, fc1(x) and gelu(fc1(x)). This keeps x and fc1(x) and recomputes the GELU
-    (one elementwise pass), or, with ``recompute_fc1``, only x and recomputes fc1 too: worth it where fc1
-    is a cheap skinny GEMM with a wide output (TNT's inner MLP: 24 -> 96 per word). Works under autocast:
-    backward recomputes in the precision forward ran in; gradients come back in each input's dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, recompute_fc1: bool):
-        h = F.linear(x, w1, b1)  # (..., hidden)
-        ctx.recompute_fc1, ctx.dt = recompute_fc1, h.dtype
-        if recompute_fc1:
-            ctx.save_for_backward(x, w1, b1, w2, b2, None)
-            g = torch.ops.aten.gelu_(h)  # h is not kept: activate in place
-        else:
-            ctx.save_for_backward(x, w1, b1, w2, b2, h)
-            g = F.gelu(h)
-        return F.linear(g, w2, b2)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        dt = ctx.dt
-        x, w1, b1, w2, b2, h = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (rows, in)
-        # (rows, hidden): recomputed, or the kept fc1 output
-        h = F.linear(x2, w1.to(dt), b1.to(dt)) if ctx.recompute_fc1 else h.reshape(-1, h.shape[-1])
-        g = F.gelu(h)
-        dout = grad_out.reshape(-1, grad_out.shape[-1]).to(dt)  # (rows, out)
-        grad_w2 = (dout.t() @ g).to(w2.dtype)
-        grad_b2 = dout.sum(0).to(b2.dtype)
-        grad_h = torch.ops.aten.gelu_backward(dout @ w2.to(dt), h)  # (rows, hidden)
-        grad_w1 = (grad_h.t() @ x2).to(w1.dtype)
-        grad_b1 = grad_h.sum(0).to(b1.dtype)
-        grad_x = (grad_h @ w1.to(dt)).view(x.shape).to(x.dtype)
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
-
-
 class Mlp(nn.Module):
     """Linear -> exact (erf) GELU -> dropout -> Linear -> dropout.
 
-    Same numbers three ways: without autograd the GELU runs in place on the fc1 output (one big
-    temporary fewer); when autograd records, ``lean_backward`` is on (the default) and there is no hidden
-    dropout, :class:`_MlpFunction` keeps less for backward (``recompute_fc1`` picks how much less);
-    otherwise the plain module chain.
+    When it holds exactly these modules, :func:`tntvision.kernels.lean.mlp` computes it from their weights
+    (the GELU in place without autograd, less kept for backward with it; ``recompute_fc1`` recomputes fc1
+    too); otherwise (an adapter, a hook, another activation) the modules are called.
     """
 
     # What each submodule must be for the shortcuts (and the fused op) to compute the MLP from its weights.
@@ -264,16 +130,15 @@ class Mlp(nn.Module):
     def is_plain(self) -> bool:
         """Whether this is exactly the module the shortcuts compute (fc1, the exact GELU, fc2, dropout,
         with no hook or parametrization anywhere): then they may read its weights instead of calling it."""
-        return exactly(self, Mlp, self.SLOTS)
+        modules = (self, *self._modules.values())
+        extra = (getattr(self._modules.get("act"), "approximate", None),)
+        return cached_verdict(self, "plain", modules, extra, lambda: exactly(self, Mlp, self.SLOTS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.is_plain():  # an adapter, a hook, another activation, a quantized Linear: call them
-            return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-        if not torch.is_grad_enabled():  # nothing else sees fc1's output: activate it in place
-            return self.drop(self.fc2(self.drop(torch.ops.aten.gelu_(self.fc1(x)))))
-        if self.lean_backward and (dropout_p(self.drop) == 0.0 or not self.training):
-            fc1, fc2 = self.fc1, self.fc2
-            return _MlpFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.recompute_fc1)
+        if self.is_plain():
+            return mlp(
+                x, self.fc1, self.fc2, self.drop, recompute_fc1=self.recompute_fc1, lean=self.lean_backward
+            )
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 

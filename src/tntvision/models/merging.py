@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +32,12 @@ from ..errors import ConfigError
 
 __all__ = [
     "Merge",
+    "TokenSizes",
     "bipartite_soft_matching",
     "decreasing_schedule",
     "merge_schedule",
     "merge_weighted",
+    "merge_words",
     "proportional_attention",
 ]
 
@@ -119,6 +122,40 @@ def merge_weighted(merge: Merge, x: torch.Tensor, size: torch.Tensor) -> tuple[t
     """Size-weighted average merge of tokens ``x`` (B, N, C) with sizes (B, N, 1) -> (merged, sizes)."""
     merged_size = merge(size)  # (B, N - r, 1)
     return (merge(x * size.to(x.dtype)) / merged_size.to(x.dtype)), merged_size
+
+
+def merge_words(merge: Merge, words: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """The words (B*N, m, c) of patches merged by ``merge`` (sizes (B, 1+N, 1), the class token first) ->
+    (B*N', m, c): word ``j`` of a merged patch is the size-weighted average of word ``j`` of its patches."""
+    B, n_tokens = size.shape[0], size.shape[1]
+    m, c = words.shape[1], words.shape[2]
+    flat = words.reshape(B, n_tokens - 1, m * c)  # (B, N, m*c), word-major
+    flat = torch.cat([flat.new_zeros(B, 1, m * c), flat], dim=1)  # (B, 1+N, m*c): a slot for the class token
+    flat, _ = merge_weighted(merge, flat, size)  # the slot stays first, alone
+    return flat[:, 1:].reshape(-1, m, c)  # (B*N', m, c)
+
+
+class TokenSizes(NamedTuple):
+    """What token merging carries from block to block: ``size`` (B, 1+N', 1), how many of the original
+    patches each token stands for, and ``where`` (B, 1+N), the token each original one is part of now."""
+
+    size: torch.Tensor
+    where: torch.Tensor
+
+    @classmethod
+    def start(cls, tokens: torch.Tensor) -> TokenSizes:
+        """Before any merge: every token (B, 1+N, d) stands for itself."""
+        B, n = tokens.shape[0], tokens.shape[1]
+        size = tokens.new_ones(B, n, 1, dtype=torch.float32)  # (B, 1+N, 1)
+        return cls(size, torch.arange(n, device=tokens.device).expand(B, -1))  # (B, 1+N)
+
+    def merged(self, merge: Merge, size: torch.Tensor) -> TokenSizes:
+        """After ``merge``, whose tokens have sizes ``size``."""
+        return TokenSizes(size, merge.new_index(self.size.shape[1]).gather(1, self.where))
+
+    def unmerge(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Merged tokens (B, 1+N', d) -> (B, 1+N, d): every original token reads the one it is part of."""
+        return tokens.gather(1, self.where[..., None].expand(-1, -1, tokens.shape[-1]))
 
 
 def merge_schedule(r: int | Sequence[int], depth: int) -> tuple[int, ...]:

@@ -38,27 +38,20 @@ SOURCES = ("hf-hub", "url", "manual")  # how the weights are fetched: huggingfac
 
 @dataclass(frozen=True)
 class PretrainedTag:
-    """One set of published weights for a registered architecture.
+    """One set of published weights for a registered architecture (``name`` = ``architecture.tag``).
 
     Attributes:
-        architecture: the registered model name the weights are for.
-        tag: the part after the dot (``in1k``, ``authors_in1k``).
-        source: ``"hf-hub"`` (a Hugging Face repository, through ``huggingface_hub``), ``"url"`` (a release
-            file, through ``torch.hub``'s download) or ``"manual"`` (published where no program can fetch
-            it: ``location`` is the page and ``notes`` says how to get the file).
-        location: the hub repository id, the file's address, or the page.
-        filename: the file in the hub repository (``source="hf-hub"``); for a URL, its last part.
-        hash_prefix: leading hex digits of the file's SHA-256 that its publisher put in its name (checked
-            by ``torch.hub``'s download), or None.
-        top1: ImageNet-1k validation top-1 (%) as ``top1_by`` reports it (not measured here).
-        top1_by: who reported ``top1``, and where.
-        license: the license the publisher gives the weights (SPDX id, lower case as timm writes it).
-        layout: the key layout of the file (``"timm"``, ``"authors"``, ``"mmpretrain"``); any of them loads.
-        meta: the preprocessing the weights were evaluated with (input size, mean/std, interpolation, crop).
-        num_classes: the classifier's classes.
-        labels: what the classes are: ``"imagenet-1k"`` (torchvision's 1000 category names).
-        origin_url: the project page of the weights.
-        notes: anything a user must know (for ``"manual"``: how to fetch the file).
+        source: ``"hf-hub"`` (a Hugging Face repository, fetched by ``huggingface_hub``), ``"url"`` (a
+            release file, fetched by ``torch.hub``) or ``"manual"`` (only a person can fetch it: see
+            ``notes``); ``location`` is the repository id, the file's address or the page.
+        filename: the file in the hub repository; for a URL, its last part.
+        hash_prefix: leading hex digits of the file's SHA-256 its publisher put in its name, or None.
+        top1, top1_by: ImageNet-1k val top-1 (%) and who reported it (not measured here).
+        license: the publisher's license for the weights (SPDX id, lower case as timm writes it).
+        layout: the file's key layout (``"timm"``, ``"authors"``, ``"mmpretrain"``); any of them loads.
+        meta: the preprocessing the weights were evaluated with.
+        num_classes, labels: the classifier's classes and what they are (``"imagenet-1k"``).
+        origin_url, notes: the project page, and what a user must know (how to fetch a manual file).
     """
 
     architecture: str

@@ -32,7 +32,7 @@ from ..errors import ConfigError, InputError
 from .contract import FeatureInfo, TimmContract
 from .layers import DropPath, Mlp, check_images, fx_leaf, init_linear_and_norm, new_head, resample_pos_embed
 from .pretrained import PretrainedTag, register_pretrained
-from .registry import ModelMeta, get_model_entry, register_model
+from .registry import ModelMeta, get_model_entry, model_config, register_model
 from .tnt import feature_take_indices
 
 __all__ = ["PyramidTNT", "PyramidTNTConfig", "resample_relative_pos", "stage_grids"]
@@ -417,12 +417,7 @@ class PyramidTNT(TimmContract, nn.Module):
 
     def __init__(self, cfg: PyramidTNTConfig | None = None, /, **overrides: Any) -> None:
         super().__init__()
-        unknown = sorted(set(overrides) - set(PyramidTNTConfig.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"unknown PyramidTNT config field(s) {unknown}")
-        cfg = (cfg if cfg is not None else PyramidTNTConfig()).replace(**overrides)
-        cfg.validate()
-        self.cfg = cfg = cfg.replace(inner_blocks=cfg.inner_block_indices())
+        self.cfg = cfg = model_config(PyramidTNTConfig, cfg, overrides)
         self.model_name: str | None = None
         self.meta: ModelMeta | None = None
         self.class_names: list[str] | None = None

@@ -27,6 +27,7 @@ __all__ = [
     "UnknownModelError",
     "get_model_entry",
     "list_models",
+    "model_config",
     "register_model",
 ]
 
@@ -127,3 +128,14 @@ def resolve_config(name: str, **overrides: Any) -> Any:
         if key not in fields:
             raise ConfigError(_unknown_name_message(f"argument for {name}:", key, sorted(fields)))
     return dataclasses.replace(entry.config, **overrides)
+
+
+def model_config(cls: type, cfg: Any | None, overrides: dict[str, Any]) -> Any:
+    """A model's config: ``cfg`` (default: ``cls()``) with ``overrides`` (field names) applied, checked by
+    its ``validate()``, and its inner blocks listed explicitly; :class:`ConfigError` for an unknown field."""
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__.removesuffix('Config')} config field(s) {unknown}")
+    cfg = (cfg if cfg is not None else cls()).replace(**overrides)
+    cfg.validate()
+    return cfg.replace(inner_blocks=cfg.inner_block_indices())

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..kernels import fused_kernels, kernel_backend, set_fused_kernels
 from ..models import create_model
-from ..models.kernels import fused_kernels, kernel_backend, set_fused_kernels
 from ..models.pretrained import get_pretrained_tag, split_name
 from ..models.registry import get_model_entry
 from ..utils.amp import WEIGHT_DTYPES, amp_dtype, autocast, weight_dtype
@@ -119,7 +119,7 @@ def _autocast(device: str, amp: str) -> contextlib.AbstractContextManager:
 
 
 def _on_path(fn: Callable[[], None], fused: bool) -> Callable[[], None]:
-    """``fn`` run with our fused kernels on or off (see :mod:`tntvision.models.kernels`)."""
+    """``fn`` run with our fused kernels on or off (see :mod:`tntvision.kernels`)."""
 
     def run() -> None:
         with fused_kernels(fused):

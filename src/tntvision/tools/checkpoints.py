@@ -7,7 +7,7 @@ and call :func:`tntvision.load_model`; ``bench --checkpoint`` times an exported 
 A ``--checkpoint`` is a run folder, a ``model/`` folder or a weights file (read by
 :func:`tntvision.load_model`, weights of the authors, timm or mmpretrain included), or an exported ``.onnx``
 / ``.pt2`` file (read by :func:`tntvision.tools.exported.load_exported`). Training checkpoints for
-``--resume`` are another thing: :func:`tntvision.train.load_checkpoint`.
+``--resume`` are another thing: :func:`tntvision.train.load_training_state`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ fallback): the dynamo one exports every registered model, within 1e-6 of PyTorch
 **pt2** is ``torch.export.export`` + ``torch.export.save``: a zip archive of the graph (aten ops, JSON) and
 the weights, loaded with ``torch.export.load`` and run by PyTorch alone.
 
-Both run the model with the fused kernels **off** (:func:`tntvision.models.kernels.fused_kernels`): the
+Both run the model with the fused kernels **off** (:func:`tntvision.kernels.fused_kernels`): the
 fused inner transformer (``torch.ops.tntvision.inner_transformer``) has no ONNX counterpart, and a ``.pt2``
 graph that called it would load only where tntvision's compiled extension is built. The reference path
 computes the same numbers, so the exported graph holds plain aten / ONNX ops only.
@@ -54,8 +54,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import kernels
 from ..errors import ConfigError
-from ..models import kernels
 from ..utils.deps import require
 from ..utils.files import atomic_write
 from .checkpoints import ModelSource

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.utils import flop_counter
 
+from ..kernels import fused_kernels
 from ..models import create_model
-from ..models.kernels import fused_kernels
 
 __all__ = ["count_macs", "count_params", "forward_macs", "model_info"]
 

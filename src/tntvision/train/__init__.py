@@ -1,7 +1,7 @@
 """Training: the run loop, one-epoch engine, checkpoints, distributed helpers and the typed config."""
 
 from .builder import RunParts, build_run
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_training_state, save_training_state
 from .config import (
     SMALL_IMAGE_RECIPE,
     TrainConfig,
@@ -27,12 +27,12 @@ __all__ = [
     "build_run",
     "evaluate",
     "from_dict",
-    "load_checkpoint",
+    "load_training_state",
     "load_yaml",
     "lr_schedule",
     "parse_set",
     "resolve_train_config",
-    "save_checkpoint",
+    "save_training_state",
     "to_dict",
     "train",
     "train_one_epoch",

@@ -172,7 +172,7 @@ def build_run(
     device: torch.device,
     world: World,
     state: dict[str, Any] | None = None,
-    say: Callable[[str], None] = lambda _msg: None,
+    log: Callable[[str], None] = lambda _msg: None,
 ) -> RunParts:
     """Data, model, optimizer, EMA, loaders and schedule of a run; ``state`` (a checkpoint) is restored.
 
@@ -191,7 +191,7 @@ def build_run(
     _set_transforms(splits, model.meta, cfg)
     for ds in (splits.train, splits.val, splits.test):
         if getattr(ds, "skipped", 0):
-            say(f"{cfg.data} {ds.split}: skipped {ds.skipped} files Pillow cannot read")
+            log(f"{cfg.data} {ds.split}: skipped {ds.skipped} files Pillow cannot read")
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.scaled_lr, device=device)
     ema = None
     if cfg.ema_decay > 0:
@@ -205,12 +205,12 @@ def build_run(
             if amp == "bfloat16"
             else "no native bf16 (bf16 would be emulated, slower than fp32)"
         )
-        say(f"amp: auto -> {amp} ({device.type} with {why})")
+        log(f"amp: auto -> {amp} ({device.type} with {why})")
     scaler = torch.amp.GradScaler(device.type) if amp == "float16" else None
     if state is not None:
         _restore(model, optimizer, ema, scaler, state)
     elif cfg.pretrained:
-        say(f"fine-tuning from {cfg.pretrained} ({len(classes)} classes, {model.meta.input_size[1]} px)")
+        log(f"fine-tuning from {cfg.pretrained} ({len(classes)} classes, {model.meta.input_size[1]} px)")
     train_model: nn.Module = model
     if world.distributed:  # in a process group (torchrun), even of one process
         ids = [device.index] if device.type == "cuda" else None  # cuda:LOCAL_RANK (train.local_device)
@@ -219,7 +219,7 @@ def build_run(
         len(splits.train), global_batch=cfg.batch_size, seed=cfg.seed, rank=world.rank, world=world.size
     )
     train_b, val_b, test_b = _loaders(cfg, splits, sampler, meta=model.meta, world=world, device=device)
-    say(f"data: {'in-memory tensor batches' if isinstance(train_b, TrainBatches) else 'DataLoader'}")
+    log(f"data: {'in-memory tensor batches' if isinstance(train_b, TrainBatches) else 'DataLoader'}")
     a = cfg.aug
     options = StepOptions(
         criterion=nn.CrossEntropyLoss(label_smoothing=a.label_smoothing),

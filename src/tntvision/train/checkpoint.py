@@ -16,7 +16,7 @@ from ..errors import CheckpointError, read_failure
 from ..models.saving import unwrap_model
 from ..utils.files import atomic_write
 
-__all__ = ["CHECKPOINT_NAME", "checkpoint_path", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "checkpoint_path", "load_training_state", "save_training_state"]
 
 CHECKPOINT_NAME = "last.pt"
 # 2: runs hold out a validation split of the training images (docs/training.md); a /1 run trained on all
@@ -29,7 +29,7 @@ def checkpoint_path(run_folder: str | Path) -> Path:
     return Path(run_folder) / "checkpoints" / CHECKPOINT_NAME
 
 
-def save_checkpoint(
+def save_training_state(
     path: str | Path,
     *,
     model: nn.Module,
@@ -59,8 +59,8 @@ def save_checkpoint(
     return Path(path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` onto the CPU (tensors and plain data only)."""
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_training_state` onto the CPU (tensors and plain data only)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint to resume from")

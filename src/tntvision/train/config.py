@@ -436,7 +436,7 @@ def resolve_train_config(
         ConfigError: no ``out``, a bad value, a key a resumed run may not change, a folder already used.
         CheckpointError: ``resume`` without a readable checkpoint in ``out``.
     """
-    from .checkpoint import checkpoint_path, load_checkpoint  # local: checkpoint imports the models
+    from .checkpoint import checkpoint_path, load_training_state  # local: checkpoint imports the models
 
     out = overrides.get("out")
     if not out:
@@ -447,7 +447,7 @@ def resolve_train_config(
             raise ConfigError(
                 "--config cannot be combined with --resume: the run's config is in its checkpoint"
             )
-        saved = load_checkpoint(ckpt)["config"]
+        saved = load_training_state(ckpt)["config"]
         merged = apply_overrides(saved, overrides)
         before = _flatten(saved)
         changed = sorted(k for k, v in _flatten(merged).items() if before.get(k) != v)

@@ -19,7 +19,7 @@ from ..errors import ConfigError, UserError
 from ..utils.devices import device_name
 from ..utils.messages import log_stderr
 from .builder import RunParts, build_run, resolve_device
-from .checkpoint import load_checkpoint
+from .checkpoint import load_training_state
 from .config import TrainConfig, to_dict
 from .distributed import World, init_distributed, local_device, shutdown
 from .engine import EpochControl, evaluate, train_one_epoch
@@ -85,21 +85,21 @@ def train(
 def _train(
     cfg: TrainConfig, *, resume: bool, device: torch.device, world: World, log: Callable[[str], None] | None
 ) -> dict[str, Any]:
-    say = log or (lambda _msg: None)
+    log = log or (lambda _msg: None)
     folder = RunFolder(cfg.out, writes=world.is_main)
     if not resume:
         folder.check_creatable()
-    state = load_checkpoint(folder.checkpoint) if resume else None
-    parts = build_run(cfg, device=device, world=world, state=state, say=say)
+    state = load_training_state(folder.checkpoint) if resume else None
+    parts = build_run(cfg, device=device, world=world, state=state, log=log)
     if state is not None:
         progress = Progress.from_checkpoint(state)
-        say(f"resuming {cfg.out} in {_position(progress.epoch, progress.step, parts)}")
+        log(f"resuming {cfg.out} in {_position(progress.epoch, progress.step, parts)}")
     else:
         progress = Progress()
         folder.start(cfg, parts.splits.record)
-    say(_describe(parts))
+    log(_describe(parts))
     for note in reproducibility_notes(cfg, processes=world.size, resumed=state is not None):
-        say(f"note: {note}")
+        log(f"note: {note}")
     clock, stopped_by = _Clock(progress.wall_seconds), "epochs"
     elapsed, flag = clock(), StopFlag()
     if cfg.tensorboard:
@@ -107,22 +107,22 @@ def _train(
     try:
         with catch_signals(flag):
             while progress.epoch < cfg.epochs:
-                res = _run_epoch(parts, progress, clock=clock, elapsed=elapsed, flag=flag)
-                elapsed = res["elapsed"]
+                stats = _run_epoch(parts, progress, clock=clock, elapsed=elapsed, flag=flag)
+                elapsed = stats["elapsed"]
                 time_up = cfg.time_budget > 0 and elapsed >= cfg.time_budget * 60.0
-                if res["stopped"] and not time_up:  # a signal on some rank: every rank stops here
+                if stats["stopped"] and not time_up:  # a signal on some rank: every rank stops here
                     folder.save_state(**_state(parts, progress, clock))
-                    return _interrupted(flag, progress, cfg, say)
+                    return _interrupted(flag, progress, cfg, log)
                 row = _epoch_row(
-                    parts, progress, res, clock, evaluate_now=time_up or _eval_due(cfg, progress)
+                    parts, progress, stats, clock, evaluate_now=time_up or _eval_due(cfg, progress)
                 )
                 progress.history.append(row)
                 folder.save_state(**_state(parts, progress, clock))
                 folder.write_epoch(progress.history, parts.model, parts.classes)
-                say(_epoch_line(row, res, parts))
+                log(_epoch_line(row, stats, parts))
                 if time_up:
                     stopped_by = "time_budget"
-                    say(f"time budget of {cfg.time_budget:g} min reached")
+                    log(f"time budget of {cfg.time_budget:g} min reached")
                     break
     finally:
         folder.close()
@@ -162,7 +162,7 @@ def _run_epoch(
         lr_at=parts.lr_at, clock=clock, elapsed=elapsed, time_limit=cfg.time_budget * 60.0, should_stop=flag
     )
     try:
-        res = train_one_epoch(
+        stats = train_one_epoch(
             parts.train_model,
             parts.train_batches,
             parts.optimizer,
@@ -176,13 +176,13 @@ def _run_epoch(
         )
     except UserError as e:  # NonFiniteLossError included: the last checkpoint is kept
         raise _one_line(e) from None
-    progress.images_seen += res["images"]
-    progress.train_seconds += res["seconds"]
-    if res["next_step"] >= parts.steps_per_epoch:
+    progress.images_seen += stats["images"]
+    progress.train_seconds += stats["seconds"]
+    if stats["next_step"] >= parts.steps_per_epoch:
         progress.epoch, progress.step = epoch + 1, 0
     else:
-        progress.step = res["next_step"]
-    return res
+        progress.step = stats["next_step"]
+    return stats
 
 
 def _eval_due(cfg: TrainConfig, progress: Progress) -> bool:
@@ -203,16 +203,16 @@ def _evaluate(parts: RunParts, batches) -> dict[str, Any]:
 
 
 def _epoch_row(
-    parts: RunParts, progress: Progress, res: dict[str, Any], clock, *, evaluate_now: bool
+    parts: RunParts, progress: Progress, stats: dict[str, Any], clock, *, evaluate_now: bool
 ) -> dict[str, Any]:
     """The line of ``metrics.jsonl`` for the epoch just run; ``val_*`` keys when it was evaluated."""
     row: dict[str, Any] = {
         "epoch": round(progress.epoch + progress.step / parts.steps_per_epoch, 4),  # epochs done
-        "train_loss": res["loss"],
+        "train_loss": stats["loss"],
         "lr": parts.optimizer.param_groups[0]["lr"],
         "images_seen": progress.images_seen,
         "wall_seconds": round(clock(), 2),
-        "train_images_per_s": round(res["images"] / max(res["seconds"], 1e-9), 1),
+        "train_images_per_s": round(stats["images"] / max(stats["seconds"], 1e-9), 1),
     }
     if evaluate_now:
         m = _evaluate(parts, parts.val_batches)
@@ -227,12 +227,12 @@ def _position(epoch: int, step: int, parts: RunParts) -> str:
     return f"epoch {epoch + 1}/{parts.cfg.epochs}, step {step + 1}/{parts.steps_per_epoch}"
 
 
-def _epoch_line(row: dict[str, Any], res: dict[str, Any], parts: RunParts) -> str:
+def _epoch_line(row: dict[str, Any], stats: dict[str, Any], parts: RunParts) -> str:
     """The log line of an epoch: ``epoch 3/30: ...``, or ``epoch 3/30 (stopped at step 40/469): ...``."""
     cfg, steps = parts.cfg, parts.steps_per_epoch
-    done = res["next_step"] >= steps
+    done = stats["next_step"] >= steps
     number = int(row["epoch"]) if done else int(row["epoch"]) + 1
-    where = "" if done else f" (stopped after step {res['next_step']}/{steps})"
+    where = "" if done else f" (stopped after step {stats['next_step']}/{steps})"
     text = f"epoch {number}/{cfg.epochs}{where}: train loss {row['train_loss']:.4f}"
     if "val_top1" in row:
         text += f", val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% loss {row['val_loss']:.4f}"
@@ -270,9 +270,9 @@ def _state(parts: RunParts, progress: Progress, clock) -> dict[str, Any]:
     }
 
 
-def _interrupted(flag: StopFlag, progress: Progress, cfg: TrainConfig, say) -> dict[str, Any]:
+def _interrupted(flag: StopFlag, progress: Progress, cfg: TrainConfig, log) -> dict[str, Any]:
     name = flag.signal or "signal on another rank"
-    say(
+    log(
         f"{name}: stopped in epoch {progress.epoch + 1}/{cfg.epochs} after step {progress.step}; "
         f"checkpoint saved, continue with: tnt train --out {cfg.out} --resume"
     )

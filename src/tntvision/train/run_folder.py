@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import save_model
 from ..utils.files import save_figure, write_json, write_text
-from .checkpoint import checkpoint_path, save_checkpoint
+from .checkpoint import checkpoint_path, save_training_state
 from .config import TrainConfig, to_dict
 
 __all__ = ["RunFolder", "plot_curves"]
@@ -70,9 +70,9 @@ class RunFolder:
             ) from None
 
     def save_state(self, **state: Any) -> None:
-        """``checkpoints/last.pt``: see :func:`~tntvision.train.checkpoint.save_checkpoint` for ``state``."""
+        """``checkpoints/last.pt``: see :func:`~tntvision.train.save_training_state` for ``state``."""
         if self.writes:
-            save_checkpoint(self.checkpoint, **state)
+            save_training_state(self.checkpoint, **state)
 
     def write_epoch(self, history: list[dict[str, Any]], model: nn.Module, classes: list[str]) -> None:
         """After an epoch: ``metrics.jsonl``, ``model/``, ``curves.png`` and the TensorBoard scalars."""

@@ -1,6 +1,6 @@
 """TNT's inner transformer as one Triton op: ``torch.ops.tntvision.inner_transformer_triton``.
 
-The GPU counterpart of the C++ CPU op (:mod:`tntvision.models.kernels`): same inputs, same formula, one
+The GPU counterpart of the C++ CPU op (:mod:`tntvision.kernels.cpu`): same inputs, same formula, one
 kernel launch per inner transformer forward (``triton_kernels.inner_forward_kernel``) and one plus a few
 matrix products per backward (the kernel recomputes its tile's forward, writes the input gradient and the
 per-word operands of the weight gradients; one ``torch.mm`` each turns those into weight gradients). It is
@@ -10,7 +10,7 @@ a ``torch.library`` custom op with a fake kernel and an autograd formula, so aut
 
 It runs on CUDA tensors (compiled by Triton) and on CPU tensors through Triton's interpreter, which is
 how it is tested on machines without a GPU (``TNTVISION_KERNEL_BACKEND=triton``, see
-:func:`tntvision.models.kernels.kernel_backend`). Registering the op needs no Triton; running it does.
+:func:`tntvision.kernels.kernel_backend`). Registering the op needs no Triton; running it does.
 
 ``compute_dtype`` is the precision of the products' operands (fp32, bf16 or fp16); LayerNorms, softmax,
 GELU, residuals and every accumulation are fp32, the output has ``x``'s dtype and each gradient its
@@ -27,7 +27,7 @@ from types import ModuleType
 
 import torch
 
-from . import kernels
+from . import op
 
 __all__ = [
     "TileConfig",
@@ -193,20 +193,20 @@ def _device(x: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def _launch_args(
-    x: torch.Tensor, weights: tuple, keep1: torch.Tensor | None, keep2: torch.Tensor | None
+    x: torch.Tensor, weights: tuple, attn_scale: torch.Tensor | None, mlp_scale: torch.Tensor | None
 ) -> list:
     """The 14 weights and the keep scales as contiguous tensors (``x`` stands in for an absent bias or
     keep scale: the kernel never reads it)."""
-    return [(t if t is not None else x).contiguous() for t in (*weights, keep1, keep2)]
+    return [(t if t is not None else x).contiguous() for t in (*weights, attn_scale, mlp_scale)]
 
 
-def _constants(cfg: TileConfig, num_heads: int, qk_b, keep1, keep2) -> dict[str, object]:
+def _constants(cfg: TileConfig, num_heads: int, qk_b, attn_scale, mlp_scale) -> dict[str, object]:
     """The compile-time arguments both kernels take."""
     tile = {"BS": cfg.BS, "R": cfg.R, "CP": cfg.CP, "HDP": cfg.HDP, "CH": cfg.CH, "DOT": cfg.DOT}
     present = {
         "HAS_QKV_BIAS": qk_b is not None,
-        "HAS_KEEP1": keep1 is not None,
-        "HAS_KEEP2": keep2 is not None,
+        "HAS_ATTN_SCALE": attn_scale is not None,
+        "HAS_MLP_SCALE": mlp_scale is not None,
     }
     return {"NH": num_heads, **tile, **present}
 
@@ -233,14 +233,14 @@ def inner_transformer_triton(
     fc1_b: torch.Tensor,
     fc2_w: torch.Tensor,
     fc2_b: torch.Tensor,
-    keep1: torch.Tensor | None,
-    keep2: torch.Tensor | None,
+    attn_scale: torch.Tensor | None,
+    mlp_scale: torch.Tensor | None,
     num_heads: int,
     eps: float,
     compute_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """words (S, m, c) -> (S, m, c): ``x + keep1 * attn(LN1(x))``, then ``+ keep2 * mlp(LN2(.))``."""
-    _check(x, (ln1_w, qk_w, v_w, proj_w, fc1_w, fc2_w, keep1, keep2), num_heads, compute_dtype)
+    """words (S, m, c) -> (S, m, c): ``x + attn_scale * attn(LN1(x))``, then ``+ mlp_scale * mlp(LN2(.))``."""
+    _check(x, (ln1_w, qk_w, v_w, proj_w, fc1_w, fc2_w, attn_scale, mlp_scale), num_heads, compute_dtype)
     S, m, c, hidden, hd = _shapes(x, fc1_w, num_heads)
     x = x.contiguous()
     y = torch.empty_like(x)
@@ -248,18 +248,19 @@ def inner_transformer_triton(
         return y
     cfg = tile_config(m, c, hd, compute_dtype)
     weights = (ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b)
-    args = _launch_args(x, weights, keep1, keep2)
+    args = _launch_args(x, weights, attn_scale, mlp_scale)
     grid = (-(-S // cfg.BS),)
     with _device(x):
         _kernels().inner_forward_kernel[grid](
             x, y, *args, S, m, c, hidden, hd, eps, hd**-0.5,
-            **_constants(cfg, num_heads, qk_b, keep1, keep2), num_warps=cfg.forward_warps,
+            **_constants(cfg, num_heads, qk_b, attn_scale, mlp_scale), num_warps=cfg.forward_warps,
         )  # fmt: skip
     return y
 
 
 @inner_transformer_triton.register_fake
 def _fake_forward(x, *args):
+    op.check_inputs(x, dict(zip(op.INPUTS[1:], args, strict=False)), args[len(op.INPUTS) - 1])
     return x.new_empty(x.shape)  # contiguous, as the op's output
 
 
@@ -283,8 +284,8 @@ def inner_transformer_triton_backward(
     fc1_b: torch.Tensor,
     fc2_w: torch.Tensor,
     fc2_b: torch.Tensor,
-    keep1: torch.Tensor | None,
-    keep2: torch.Tensor | None,
+    attn_scale: torch.Tensor | None,
+    mlp_scale: torch.Tensor | None,
     num_heads: int,
     eps: float,
     compute_dtype: torch.dtype,
@@ -293,7 +294,7 @@ def inner_transformer_triton_backward(
     """Gradients for x and each parameter (the op's input order), each in its input's dtype; what
     ``output_mask`` (x, ln1, qkv, proj, ln2, fc1, fc2) does not ask for comes back as an empty fp32
     tensor."""
-    _check(x, (grad, ln1_w, qk_w, v_w, proj_w, fc1_w, fc2_w, keep1, keep2), num_heads, compute_dtype)
+    _check(x, (grad, ln1_w, qk_w, v_w, proj_w, fc1_w, fc2_w, attn_scale, mlp_scale), num_heads, compute_dtype)
     torch._check(grad.shape == x.shape, lambda: f"grad has shape {grad.shape}, x has {x.shape}")
     S, m, c, hidden, hd = _shapes(x, fc1_w, num_heads)
     need = dict(zip(("x", "ln1", "qkv", "proj", "ln2", "fc1", "fc2"), output_mask, strict=True))
@@ -311,12 +312,12 @@ def inner_transformer_triton_backward(
     xn2, dh, g = buffer(need["fc1"], c), buffer(need["fc1"], hidden), buffer(need["fc2"], hidden)
     ln_sums = x.new_zeros((max(programs, 1), 4, cfg.CP), dtype=torch.float32)
     weights = (ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b)
-    args = _launch_args(x, weights, keep1, keep2)
+    args = _launch_args(x, weights, attn_scale, mlp_scale)
     if S > 0:
         with _device(x):
             _kernels().inner_backward_kernel[(programs,)](
                 grad, x, dx, *args, xn1, dqkv, o, da, xn2, g, dh, ln_sums, S, m, c, hidden, hd, eps, hd**-0.5,
-                **_constants(cfg, num_heads, qk_b, keep1, keep2),
+                **_constants(cfg, num_heads, qk_b, attn_scale, mlp_scale),
                 NEED_X=need["x"], NEED_LN1=need["ln1"], NEED_QKV=need["qkv"], NEED_PROJ=need["proj"],
                 NEED_LN2=need["ln2"], NEED_FC1=need["fc1"], NEED_FC2=need["fc2"],
                 num_warps=cfg.backward_warps,
@@ -345,7 +346,7 @@ def inner_transformer_triton_backward(
     out += [as_(sums[2], ln2_w, need["ln2"]), as_(sums[3], ln2_b, need["ln2"])]
     out += [as_(dh.t() @ xn2, fc1_w, need["fc1"]), as_(dh.sum(0, dtype=torch.float32), fc1_b, need["fc1"])]
     if need["fc2"]:
-        dm = grad if keep2 is None else grad * keep2.to(grad.dtype).view(-1, 1, 1)
+        dm = grad if mlp_scale is None else grad * mlp_scale.to(grad.dtype).view(-1, 1, 1)
         dm = dm.reshape(rows, c).to(dt)  # the gradient of the MLP branch's output
         out += [as_(dm.t() @ g, fc2_w, True), as_(dm.sum(0, dtype=torch.float32), fc2_b, True)]
     else:
@@ -355,8 +356,10 @@ def inner_transformer_triton_backward(
 
 @inner_transformer_triton_backward.register_fake
 def _fake_backward(grad, x, *rest):
-    tensors, output_mask = (x, *rest[:14]), rest[-1]
-    return kernels.fake_gradients(x, tensors, output_mask)
+    named = dict(zip(op.INPUTS[1:], rest, strict=False))
+    op.check_inputs(x, named, rest[len(op.INPUTS) - 1])
+    torch._check(grad.shape == x.shape, lambda: f"grad is {tuple(grad.shape)}, words {tuple(x.shape)}")
+    return op.fake_gradients(x, [x, *(named[p] for p in op.PARAMS)], rest[-1])
 
 
-kernels.register_autograd("tntvision::inner_transformer_triton", inner_transformer_triton_backward)
+op.register_autograd("tntvision::inner_transformer_triton", inner_transformer_triton_backward)

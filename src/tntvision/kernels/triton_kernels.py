@@ -1,6 +1,6 @@
 """Triton kernels of TNT's fused inner transformer (forward, and backward by recomputation).
 
-Imported by :mod:`tntvision.models.triton_op` at first use (importing Triton takes a while). Compiled for
+Imported by :mod:`tntvision.kernels.triton_op` at first use (importing Triton takes a while). Compiled for
 CUDA tensors; with ``TRITON_INTERPRET=1`` set before Triton is imported, run by Triton's interpreter, on CPU
 tensors too (that is how they are tested without a GPU).
 
@@ -11,7 +11,7 @@ stays in registers:
     xn = LN1(x); per head h: q, k, v = xn Wq_h^T, xn Wk_h^T, xn Wv_h^T     (R, HDP) each
                  p = softmax(q k^T * scale) over the words of the same sentence   (R, R), block-diagonal
                  a += (p v) Wproj[:, h]^T                                         (R, CP)
-    x1 = x + keep1 * (a + b_proj);  y = x1 + keep2 * (fc2(gelu(fc1(LN2(x1)))))   hidden in chunks of CH
+    x1 = x + attn_scale * (a + b_proj);  y = x1 + mlp_scale * (fc2(gelu(fc1(LN2(x1)))))  hidden: chunks of CH
 
 Attention is one (R, R) product per head masked to each sentence's block: any word count fits a tile
 without padding the words, at the price of R / M times the few attention FLOPs (the products are tiny and
@@ -193,17 +193,17 @@ def inner_forward_kernel(
     X, Y, LN1W, LN1B, QKW, QKB, VW, VB, PW, PB, LN2W, LN2B, W1, B1, W2, B2, K1, K2,
     S, M, C, H, HD, eps, scale,
     NH: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, CP: tl.constexpr, HDP: tl.constexpr,
-    CH: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, HAS_KEEP1: tl.constexpr, HAS_KEEP2: tl.constexpr,
+    CH: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, HAS_ATTN_SCALE: tl.constexpr, HAS_MLP_SCALE: tl.constexpr,
     DOT: tl.constexpr,
 ):  # fmt: skip
-    """y = x + keep1 * attn(LN1(x)); y += keep2 * mlp(LN2(y)) for the tile of sentences ``program_id``."""
+    """y = x + attn_scale * attn(LN1(x)); y += mlp_scale * mlp(LN2(y)) for the sentences of ``program_id``."""
     pid = tl.program_id(0)
     word, ok, sentence, cols, colok, io, iomask, same = _tile(pid, S, M, C, BS, R, CP)
     x = tl.load(X + io, mask=iomask, other=0.0).to(tl.float32)
 
     xn, _, _ = _layer_norm(x, _vector(LN1W, C, CP), _vector(LN1B, C, CP), colok, C, eps)
     a = _attention(xn, QKW, QKB, VW, VB, PW, PB, C, HD, same, scale, NH, HAS_QKV_BIAS, R, CP, HDP, DOT)
-    if HAS_KEEP1:
+    if HAS_ATTN_SCALE:
         a = a * tl.load(K1 + sentence, mask=ok, other=0.0).to(tl.float32)[:, None]
     x1 = x + a
 
@@ -213,7 +213,7 @@ def inner_forward_kernel(
         g = _gelu(_mm(xn2, _fc1_weight_t(W1, h0, C, H, CP, CH), DOT) + _vector(B1 + h0, H - h0, CH)[None, :])
         m += _mm(g, _fc2_weight_t(W2, h0, C, H, CP, CH), DOT)
     m += _vector(B2, C, CP)[None, :]
-    if HAS_KEEP2:
+    if HAS_MLP_SCALE:
         m = m * tl.load(K2 + sentence, mask=ok, other=0.0).to(tl.float32)[:, None]
     tl.store(Y + io, _cast(x1 + m, Y.dtype.element_ty, DOT), mask=iomask)
 
@@ -233,7 +233,7 @@ def inner_backward_kernel(
     XN1, DQKV, O, DA, XN2, G, DH, LNP,
     S, M, C, H, HD, eps, scale,
     NH: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, CP: tl.constexpr, HDP: tl.constexpr,
-    CH: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, HAS_KEEP1: tl.constexpr, HAS_KEEP2: tl.constexpr,
+    CH: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, HAS_ATTN_SCALE: tl.constexpr, HAS_MLP_SCALE: tl.constexpr,
     DOT: tl.constexpr,
     NEED_X: tl.constexpr, NEED_LN1: tl.constexpr, NEED_QKV: tl.constexpr, NEED_PROJ: tl.constexpr,
     NEED_LN2: tl.constexpr, NEED_FC1: tl.constexpr, NEED_FC2: tl.constexpr,
@@ -251,17 +251,17 @@ def inner_backward_kernel(
     # recompute the forward up to the MLP's input
     xn1, xhat1, rstd1 = _layer_norm(x, ln1w, _vector(LN1B, C, CP), colok, C, eps)
     a = _attention(xn1, QKW, QKB, VW, VB, PW, PB, C, HD, same, scale, NH, HAS_QKV_BIAS, R, CP, HDP, DOT)
-    keep1 = tl.full((R,), 1.0, tl.float32)
-    keep2 = tl.full((R,), 1.0, tl.float32)
-    if HAS_KEEP1:
-        keep1 = tl.load(K1 + sentence, mask=ok, other=0.0).to(tl.float32)
-    if HAS_KEEP2:
-        keep2 = tl.load(K2 + sentence, mask=ok, other=0.0).to(tl.float32)
-    x1 = x + a * keep1[:, None]
+    attn_scale = tl.full((R,), 1.0, tl.float32)
+    mlp_scale = tl.full((R,), 1.0, tl.float32)
+    if HAS_ATTN_SCALE:
+        attn_scale = tl.load(K1 + sentence, mask=ok, other=0.0).to(tl.float32)
+    if HAS_MLP_SCALE:
+        mlp_scale = tl.load(K2 + sentence, mask=ok, other=0.0).to(tl.float32)
+    x1 = x + a * attn_scale[:, None]
     xn2, xhat2, rstd2 = _layer_norm(x1, ln2w, _vector(LN2B, C, CP), colok, C, eps)
 
-    # MLP branch: dm = keep2 * dy
-    dm = dy * keep2[:, None]
+    # MLP branch: dm = mlp_scale * dy
+    dm = dy * mlp_scale[:, None]
     dxn2 = tl.zeros((R, CP), dtype=tl.float32)
     for h0 in range(0, H, CH):
         w1t = _fc1_weight_t(W1, h0, C, H, CP, CH)  # (CP, CH)
@@ -279,8 +279,8 @@ def inner_backward_kernel(
         tl.store(LNP + (pid * 4 + 3) * CP + cols, tl.sum(dxn2, axis=0))
     dx1 = dy + _layer_norm_backward(dxn2, xhat2, rstd2, ln2w, colok, C)
 
-    # attention branch: da = keep1 * dx1, the gradient of the projection's output
-    da = dx1 * keep1[:, None]
+    # attention branch: da = attn_scale * dx1, the gradient of the projection's output
+    da = dx1 * attn_scale[:, None]
     if NEED_PROJ:
         _store_cols(DA, word, ok, C, 0, da, C, CP, DOT)
     dxn1 = tl.zeros((R, CP), dtype=tl.float32)
