@@ -359,6 +359,28 @@ MUTANTS = [
         "manual_seed(mix_seed(0, 0x5E1))",
         ("tests/test_data.py", "-k", "held_out"),
     ),
+    # --- the rules' verdict, kept on the block until something it reads changes (issue 35)
+    Mutant(
+        "rules cache: hooks added after a forward not noticed",
+        "kernels/rules.py",
+        "sum(_hooks(m) for m in modules if m is not None)",
+        "0",
+        SLOT_TESTS,
+    ),
+    Mutant(
+        "rules cache: registrations (a module or parameter replaced) not noticed",
+        "kernels/rules.py",
+        "key = (_registrations, global_hooks(), extra,",
+        "key = (0, global_hooks(), extra,",
+        SLOT_TESTS,
+    ),
+    Mutant(
+        "rules cache: plain values (eps, the GELU's approximation) not in the key",
+        "kernels/rules.py",
+        "key = (_registrations, global_hooks(), extra,",
+        "key = (_registrations, global_hooks(), (),",
+        SLOT_TESTS,
+    ),
 ]
 
 
