@@ -36,15 +36,18 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(checkpoint: Path, *, max_batch: int, max_wait_ms: float, threads: int | None):
+def start_server(
+    checkpoint: Path, *, max_batch: int, max_wait_ms: float, threads: int | None, extra: Sequence[str] = ()
+):
+    """`tnt serve` on a free port of 127.0.0.1 (``extra``: more flags); returns once it has warmed up."""
     cmd = [sys.executable, "-m", "tntvision.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0"]
-    cmd += ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+    cmd += ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), *extra]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

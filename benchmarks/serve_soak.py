@@ -44,7 +44,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve_load import _cpu  # benchmarks/serve_load.py (this folder is sys.path[0] when run as a script)
+from serve_load import _cpu, start_server  # this folder is sys.path[0] when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("normal", "cancel", "bad", "oversize", "burst")
@@ -191,22 +191,6 @@ def bad_inputs(image: bytes) -> list[bytes]:
 
 
 # ------------------------------------------------------------------------------------------- server
-
-
-def start_server(checkpoint: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
-    cmd = [sys.executable, "-m", "tntvision.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0"]
-    cmd += ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
-    cmd += ["--max-queue", str(args.max_queue), "--timeout", str(args.timeout)]
-    cmd += ["--max-upload-mb", str(args.max_upload_mb), "--drain-s", "30"]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()  # the URL, once warmed up
-    match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-    if not match:
-        proc.kill()
-        raise SystemExit(f"tnt serve did not start: {line!r}")
-    return proc, int(match.group(1))
 
 
 def rss_mb(pid: int) -> float:
@@ -433,7 +417,15 @@ def main() -> None:
 
             tntvision.save_model(tntvision.create_model(args.model), checkpoint)
         image = Path(args.image).read_bytes()
-        proc, port = start_server(checkpoint, args)
+        extra = ["--max-queue", str(args.max_queue), "--timeout", str(args.timeout)]
+        extra += ["--max-upload-mb", str(args.max_upload_mb), "--drain-s", "30"]
+        proc, _host, port = start_server(
+            checkpoint,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            threads=args.threads,
+            extra=extra,
+        )
         try:
             result = asyncio.run(soak(proc, port, image, args))
         finally:

@@ -24,7 +24,8 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -207,64 +208,74 @@ def _post(url: str, data: bytes = BLACK, path: str = "/predict", **kw) -> httpx.
     return httpx.post(url + path, content=data, headers={"content-type": "image/png"}, timeout=WAIT, **kw)
 
 
-def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(model_dir):
-    engine, gate = _gated(model_dir, max_batch=1, max_queue=2)
+@dataclass
+class Held:
+    """A live server (batches of one) whose first request, a black image, is held in its batch."""
+
+    url: str
+    client: httpx.Client
+    gate: Gate
+    pool: ThreadPoolExecutor
+    running: Future
+
+
+@contextlib.contextmanager
+def first_request_held(model_dir: Path, **config) -> Iterator[Held]:
+    engine, gate = _gated(model_dir, max_batch=1, **config)
     with live(create_app(engine)) as url, httpx.Client(base_url=url, timeout=WAIT) as client:
         _ready(client)
         gate.close()
         with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(_post, url)
-            gate.wait_entered()  # running
-            second = pool.submit(_post, url)
-            _until(lambda: _queue_depth(client) == 2, "two images admitted")
-            refused = [_post(url), _post(url, path="/explain")]
-            gate.open()
-            answers = [first.result(WAIT), second.result(WAIT)]
+            running = pool.submit(_post, url)
+            gate.wait_entered()
+            try:
+                yield Held(url, client, gate, pool, running)
+            finally:
+                gate.open()
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(model_dir):
+    with first_request_held(model_dir, max_queue=2) as held:
+        second = held.pool.submit(_post, held.url)
+        _until(lambda: _queue_depth(held.client) == 2, "two images admitted")
+        refused = [_post(held.url), _post(held.url, path="/explain")]
+        held.gate.open()
+        answers = [held.running.result(WAIT), second.result(WAIT)]
     for r in refused:
         assert r.status_code == 503 and "busy" in r.json()["error"]
         assert int(r.headers["retry-after"]) >= 1
     assert [a.status_code for a in answers] == [200, 200]
-    assert [n for n, _ in gate.passes] == [1, 1, 1]  # warm-up and the two admitted
+    assert [n for n, _ in held.gate.passes] == [1, 1, 1]  # warm-up and the two admitted
 
 
 def test_a_request_past_its_deadline_answers_504_and_unstarted_work_is_dropped(model_dir):
-    engine, gate = _gated(model_dir, max_batch=1, timeout_s=1.0)
-    with live(create_app(engine)) as url, httpx.Client(base_url=url, timeout=WAIT) as client:
-        _ready(client)
-        gate.close()
-        with ThreadPoolExecutor(2) as pool:
-            running = pool.submit(_post, url)
-            gate.wait_entered()
-            waiting = pool.submit(_post, url, WHITE)  # queued behind the held batch
-            late = [running.result(WAIT), waiting.result(WAIT)]  # both pass their deadline
-        _until(lambda: _queue_depth(client) == 1, "the queued image has left the queue")
-        gate.open()
-        _until(lambda: _queue_depth(client) == 0, "the held batch has ended")
-        assert _post(url).status_code == 200
+    with first_request_held(model_dir, timeout_s=1.0) as held:
+        waiting = held.pool.submit(_post, held.url, WHITE)  # queued behind the held batch
+        late = [held.running.result(WAIT), waiting.result(WAIT)]  # both pass their deadline
+        _until(lambda: _queue_depth(held.client) == 1, "the queued image has left the queue")
+        held.gate.open()
+        _until(lambda: _queue_depth(held.client) == 0, "the held batch has ended")
+        assert _post(held.url).status_code == 200
     for r in late:
         assert r.status_code == 504 and "deadline" in r.json()["error"]
-    assert len(gate.passes) == 3 and all(mean < 0 for _, mean in gate.passes[1:])  # never the white one
+    passes = held.gate.passes
+    assert len(passes) == 3 and all(mean < 0 for _, mean in passes[1:])  # never the white one
 
 
 def test_a_client_that_disconnects_frees_its_place(model_dir):
-    engine, gate = _gated(model_dir, max_batch=1, max_queue=2)
-    with live(create_app(engine)) as url, httpx.Client(base_url=url, timeout=WAIT) as client:
-        _ready(client)
-        gate.close()
-        with ThreadPoolExecutor(2) as pool:
-            running = pool.submit(_post, url)
-            gate.wait_entered()
-            port = int(url.rsplit(":", 1)[1])
-            with socket.create_connection(("127.0.0.1", port)) as gone:
-                head = f"POST /predict HTTP/1.1\r\nContent-Type: image/png\r\nContent-Length: {len(WHITE)}"
-                gone.sendall(head.encode() + b"\r\nHost: x\r\n\r\n" + WHITE)
-                _until(lambda: _queue_depth(client) == 2, "the second image admitted")
-            _until(lambda: _queue_depth(client) == 1, "the place of the client that left is free")
-            third = pool.submit(_post, url)  # takes that place (--max-queue 2)
-            _until(lambda: _queue_depth(client) == 2, "the freed place taken")
-            gate.open()
-            assert running.result(WAIT).status_code == 200 and third.result(WAIT).status_code == 200
-    assert len(gate.passes) == 3 and all(mean < 0 for _, mean in gate.passes[1:])  # never the white one
+    with first_request_held(model_dir, max_queue=2) as held:
+        port = int(held.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as gone:
+            head = f"POST /predict HTTP/1.1\r\nContent-Type: image/png\r\nContent-Length: {len(WHITE)}"
+            gone.sendall(head.encode() + b"\r\nHost: x\r\n\r\n" + WHITE)
+            _until(lambda: _queue_depth(held.client) == 2, "the second image admitted")
+        _until(lambda: _queue_depth(held.client) == 1, "the place of the client that left is free")
+        third = held.pool.submit(_post, held.url)  # takes that place (--max-queue 2)
+        _until(lambda: _queue_depth(held.client) == 2, "the freed place taken")
+        held.gate.open()
+        assert held.running.result(WAIT).status_code == 200 and third.result(WAIT).status_code == 200
+    passes = held.gate.passes
+    assert len(passes) == 3 and all(mean < 0 for _, mean in passes[1:])  # never the white one
 
 
 def test_explanations_run_between_batches_not_before_them(model_dir):

@@ -73,11 +73,17 @@ def _inline(schema: dict) -> dict:
     return resolve(schema)
 
 
+# a 1x1 grey PNG: an example request that reaches the model (clients, /docs and fuzzers start from it)
+_PIXEL_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNoAAAAggCBd81ytgAAAABJRU5ErkJggg=="
+_EXAMPLE = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [_PIXEL_PNG]}]}
 _INFER_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": _inline(schemas.InferenceRequest.model_json_schema())},
+            "application/json": {
+                "schema": _inline(schemas.InferenceRequest.model_json_schema()),
+                "example": _EXAMPLE,
+            },
             "application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"},
                 "description": "binary tensor data extension: the JSON request, then the raw tensors",
