@@ -368,17 +368,17 @@ MUTANTS = [
         SLOT_TESTS,
     ),
     Mutant(
-        "rules cache: registrations (a module or parameter replaced) not noticed",
+        "rules cache: a parameter replaced or removed not noticed",
         "kernels/rules.py",
-        "key = (_registrations, global_hooks(), extra,",
-        "key = (0, global_hooks(), extra,",
+        'key += tuple((type(m), *map(type, m.__dict__["_parameters"].values())) for m',
+        "key += tuple((type(m),) for m",
         SLOT_TESTS,
     ),
     Mutant(
         "rules cache: plain values (eps, the GELU's approximation) not in the key",
         "kernels/rules.py",
-        "key = (_registrations, global_hooks(), extra,",
-        "key = (_registrations, global_hooks(), (),",
+        "key = (global_hooks(), extra,",
+        "key = (global_hooks(), (),",
         SLOT_TESTS,
     ),
 ]

@@ -452,8 +452,23 @@ def _with_other_eps(block):  # the op takes one eps for both LayerNorms
     block.norm_mlp_in.eps = 0.5
 
 
+class TaggedParameter(torch.nn.Parameter):
+    """A parameter of another type (as a quantized or sharded weight is): the op reads plain ones only."""
+
+
+def _with_parameter_subclass(block):  # the same values: only the type tells the op it must not read it
+    fc2 = block.mlp_in.fc2
+    fc2.weight = TaggedParameter(fc2.weight.detach().clone())
+    with torch.no_grad():
+        fc2.weight.mul_(1.3)
+
+
+def _with_bias_removed(block):  # a parameter set to None (register_parameter)
+    block.attn_in.proj.bias = None
+
+
 CHANGES = [_with_hook, _with_pre_hook, _with_adapter, _with_parametrization, _with_weight_norm]
-CHANGES += [_with_other_activation, _with_norm_hook]
+CHANGES += [_with_other_activation, _with_norm_hook, _with_parameter_subclass, _with_bias_removed]
 # an allowed type in the wrong slot, a LayerNorm the op cannot compute, a DropPath stand-in, another eps
 CHANGES += [_with_identity_activation, _with_dropout_as_activation, _with_linear_as_activation]
 CHANGES += [_with_norm_as_dropout, _with_norm_without_affine, _with_other_drop_path, _with_other_eps]

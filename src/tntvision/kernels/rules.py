@@ -91,24 +91,6 @@ def plain_module(module: torch.nn.Module, *, allowed: tuple[type, ...] = PLAIN_M
 
 # ---------------------------------------------------------------------------------- cached verdicts
 
-# How many modules, parameters and buffers have been registered anywhere in this process (torch's global
-# registration hooks count them): a module put in a slot, a parameter replaced (a quantized weight, a
-# bias set to None) or a parametrization added all register something.
-_registrations = 0
-
-
-def _count_registration(*_args) -> None:
-    global _registrations
-    _registrations += 1
-
-
-for _register in (
-    nn_module.register_module_module_registration_hook,
-    nn_module.register_module_parameter_registration_hook,
-    nn_module.register_module_buffer_registration_hook,
-):
-    _register(_count_registration)
-
 
 def _hooks(mod: torch.nn.Module) -> int:
     d = mod.__dict__
@@ -122,17 +104,18 @@ def _hooks(mod: torch.nn.Module) -> int:
 
 def cached_verdict(owner: torch.nn.Module, name: str, modules: tuple, extra: tuple, decide) -> bool:
     """``decide()``, a verdict of the rules about ``modules`` (and ``extra``, the plain values it reads),
-    kept in ``owner`` under ``name`` and recomputed only when one of them may have changed: a module in
-    another slot or of another type, a hook added or removed on one of them or globally, a registration
-    anywhere (a parameter replaced, a parametrization), another ``extra``. Under ``torch.compile`` it is
-    always recomputed (a trace evaluates it once and guards on what it read).
+    kept in ``owner`` under ``name`` and recomputed only when one of them may have changed: a module of
+    another type in a slot (or one more or fewer), a parameter of another type or removed, a hook added or
+    removed on one of them or globally, another ``extra``. Under ``torch.compile`` it is always
+    recomputed (a trace evaluates it once and guards on what it read).
 
     Sound because every rule rejects any hook: the sum of the modules' hook counts is zero exactly when
     each count is."""
     if torch.compiler.is_compiling():
         return decide()
-    key = (_registrations, global_hooks(), extra, sum(_hooks(m) for m in modules if m is not None))
-    key += tuple((id(m), type(m)) for m in modules)
+    key = (global_hooks(), extra, sum(_hooks(m) for m in modules if m is not None))
+    # what the rules read of each module: its type and its parameters' types (NoneType for one removed)
+    key += tuple((type(m), *map(type, m.__dict__["_parameters"].values())) for m in modules if m is not None)
     slot = f"_rules_{name}"
     cache = owner.__dict__.get(slot)
     if cache is not None and cache[0] == key:
