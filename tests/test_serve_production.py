@@ -45,7 +45,7 @@ from .test_serve import CLASSES, EXAMPLE, Served, chrome, needs_chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 SECOND = ROOT / "docs" / "examples" / "ankle_boot_0.png"
-WAIT = 60  # seconds: the bound on any wait for an event (a loaded machine), never a measurement
+WAIT = 180  # seconds: the bound on any wait (a kernel build on a loaded machine); never a measurement
 
 
 @pytest.fixture(scope="module")
@@ -287,23 +287,25 @@ def test_explanations_run_between_batches_not_before_them(model_dir):
     black = engine.preprocess(BLACK)
 
     async def scenario() -> None:
+        held = asyncio.ensure_future(engine.infer(black))
+        await asyncio.to_thread(gate.wait_entered)  # its batch holds the thread while the rest queues
         explains = [asyncio.ensure_future(engine.explain(white, 3)) for _ in range(3)]
         images = [asyncio.ensure_future(engine.infer(black)) for _ in range(2)]
         await asyncio.sleep(0)
-        assert engine.queue_depth() == 5
+        assert engine.queue_depth() == 6
         gate.open()
-        await asyncio.wait_for(asyncio.gather(*explains, *images), WAIT)
+        await asyncio.wait_for(asyncio.gather(held, *explains, *images), WAIT)
 
-    gate.close()
-    engine.start()  # its warm-up waits at the gate while the work queues
+    engine.start()
     try:
-        gate.wait_entered()
+        assert engine.ready.wait(WAIT)
+        gate.close()
         asyncio.run(scenario())
     finally:
         gate.open()
         engine.stop()
     kinds = ["E" if mean > 0 else f"B{n}" for n, mean in gate.passes[1:]]
-    assert kinds == ["E", "B2", "E", "E"]
+    assert kinds == ["B1", "E", "B2", "E", "E"]
 
 
 # --------------------------------------------------------------------------------------- bad input
