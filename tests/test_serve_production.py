@@ -101,11 +101,9 @@ def live(app, **config) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    for _ in range(WAIT * 20):
-        if server.started:
-            break
-        time.sleep(0.05)
+    _until(lambda: server.started or not thread.is_alive(), "uvicorn started")
     try:
+        assert server.started, "uvicorn did not start"
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
