@@ -14,10 +14,12 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -667,6 +669,18 @@ def test_v2_json_with_base64_images_and_its_refusals(v2_url):
     for case, (body, status, words) in refused.items():
         r = _infer(v2_url, body)
         assert r.status_code == status and words in r.json()["error"], (case, r.text)
+    for raw, tensor, words in [
+        (struct.pack("<I", 16) + b"abc", {"name": "image", "datatype": "BYTES", "shape": [1]}, "truncated"),
+        (np.full(784, np.nan, "<f4").tobytes(), pixels, "NaN"),
+    ]:
+        head = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}]}).encode()
+        r = httpx.post(
+            v2_url + f"/v2/models/{NAME}/infer",
+            content=head + raw,
+            headers={"inference-header-content-length": str(len(head))},
+            timeout=WAIT,
+        )
+        assert r.status_code == 400 and words in r.json()["error"], r.text
     assert _infer(v2_url, {"inputs": []}, f"/v2/models/{NAME}/versions/2/infer").status_code == 404
     assert httpx.post(v2_url + f"/v2/models/{NAME}/infer", content=b"{", timeout=WAIT).status_code == 400
     assert _infer(v2_url, {"inputs": [_image_input(WHITE)]}).status_code == 200  # serving goes on

@@ -312,13 +312,13 @@ def _files(tensor: schemas.RequestInput, raw: bytes | None, limit: int) -> list[
     rows = _rows(tensor, [], raw, limit) if len(tensor.shape) == 1 else _rows(tensor, [1], raw, limit)
     if raw is not None:
         files, at = [], 0
-        while at < len(raw):
+        while at < len(raw) and len(files) <= rows:  # past ``rows`` elements the count is wrong anyway
             if at + 4 > len(raw):
                 raise ServeError(400, f"input {tensor.name!r}: truncated BYTES element")
             (size,) = struct.unpack_from("<I", raw, at)
             files.append(raw[at + 4 : at + 4 + size])
             at += 4 + size
-        if at != len(raw):
+        if at > len(raw):
             raise ServeError(400, f"input {tensor.name!r}: truncated BYTES element")
     else:
         data = tensor.data or []
