@@ -300,7 +300,7 @@ def cmd_kernels(args: argparse.Namespace) -> None:
     emit(args, info, lambda: "\n".join(f"{k:<17}{text(v)}" for k, v in info.items()))
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
+def cmd_serve(args: argparse.Namespace) -> int:
     from .utils.deps import require
 
     for module in ("fastapi", "uvicorn", "prometheus_client", "python_multipart"):
@@ -318,8 +318,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_wait_ms=args.max_wait_ms,
         threads=args.threads,
         max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels,
+        topk=args.topk,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout or None,  # 0: no deadline
+        name=args.name,
+        drain_s=args.drain_s,
+        stop_delay_s=args.stop_delay_s,
     )
-    serve(options, log=log, announce=lambda line: print(line, flush=True))
+    return serve(options, log=log, announce=lambda line: print(line, flush=True))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -387,6 +394,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 # Arguments several sub-commands share, worded once.
+SERVE_MAX_PIXELS = 40_000_000  # tntvision.serve.engine.DEFAULT_MAX_PIXELS, without importing the serve extra
 CHECKPOINT_HELP = "run folder, model/ folder, weights file or exported .onnx/.pt2"
 DTYPE_HELP = "dtype of weights and images (bfloat16: inference without autocast's weight casts)"
 
@@ -666,9 +674,11 @@ def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve",
         help="a model as a batched HTTP service and a web page",
-        description="Serve a model over HTTP: POST /predict, /predict/batch and /explain, GET /health, "
-        "/metadata, /metrics (Prometheus) and a web page at /. Requests that arrive within --max-wait-ms "
-        "run as one batch. SIGTERM / SIGINT: finish the requests in flight and exit 0.",
+        description="Serve a model over HTTP: POST /predict, /predict/batch and /explain, the Open Inference "
+        "Protocol (KServe v2) under /v2, GET /health, /metadata, /metrics (Prometheus), /openapi.json, /docs "
+        "and a web page at /. Requests that arrive within --max-wait-ms run as one batch; a full queue "
+        "answers 503, a request past --timeout 504. SIGTERM / SIGINT: readiness 503, finish the requests in "
+        "flight, exit 0; a model that fails its warm-up exits 1.",
     )
     _model_args(p)
     _runtime_arg(p)
@@ -676,6 +686,9 @@ def _add_serve(sub) -> None:
     _device_arg(p, "where batches run: cpu (default) or cuda (PyTorch checkpoints; /explain stays on cpu)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: a free one)")
+    p.add_argument(
+        "--name", default=None, help="the model's name in /v2/models/NAME (default: its registry name)"
+    )
     p.add_argument("--max-batch", type=int, default=32, help="images per forward pass, at most (default: 32)")
     p.add_argument(
         "--max-wait-ms",
@@ -683,9 +696,42 @@ def _add_serve(sub) -> None:
         default=5.0,
         help="how long a request waits for others to share its batch (default: 5)",
     )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="images waiting or running, at most; more are refused with 503 and Retry-After (default: 256)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds from a request's arrival to its answer; later: 504, and work not started is dropped "
+        "(default: 30; 0: none)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument(
         "--max-upload-mb", type=float, default=10.0, help="largest request body in MB (default: 10)"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=SERVE_MAX_PIXELS,
+        help="largest image in pixels, as declared and once resized for the model (default: 40000000)",
+    )
+    p.add_argument("--topk", type=int, default=5, help="classes listed when ?topk is not given (default: 5)")
+    p.add_argument(
+        "--drain-s",
+        type=float,
+        default=30.0,
+        help="after SIGTERM, how long requests in flight may take before the server stops (default: 30)",
+    )
+    p.add_argument(
+        "--stop-delay-s",
+        type=float,
+        default=0.0,
+        help="after SIGTERM, keep serving this long with readiness 503, so load balancers stop sending "
+        "first (default: 0)",
     )
     p.set_defaults(func=cmd_serve)
 
