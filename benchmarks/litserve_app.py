@@ -20,7 +20,7 @@ import torch
 
 from tntvision.data import eval_transform, open_image
 from tntvision.serve.engine import _Upload
-from tntvision.tools.checkpoints import load_checkpoint
+from tntvision.tools.checkpoints import open_model
 from tntvision.tools.predict import class_labels, prepare_model, top_k
 
 
@@ -32,7 +32,7 @@ class TNTAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
-        model = load_checkpoint(self.checkpoint)
+        model = open_model(self.checkpoint)
         self.labels = class_labels(model)
         self.name = str(getattr(model, "model_name", type(model).__name__))
         self.transform = eval_transform(model.meta)

@@ -209,7 +209,7 @@ def speed_table(result: dict) -> str:
 
 
 def accuracy(args: argparse.Namespace) -> dict:
-    from tntvision.tools.checkpoints import load_checkpoint
+    from tntvision.tools.checkpoints import open_model
     from tntvision.tools.evaluate import evaluate_checkpoint
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -217,13 +217,13 @@ def accuracy(args: argparse.Namespace) -> dict:
     for spec in args.run:
         run, _, rs_text = spec.partition("=")
         rs = [int(v) for v in rs_text.split(",")] if rs_text else args.rs
-        model = load_checkpoint(run).eval()
+        model = open_model(run).eval()
         size = model.cfg.img_size
         entry = {"run": run, "model": model.model_name, "img_size": size, "rows": []}
         speeds: dict[int, list[float]] = {r: [] for r in rs}
         for _ in range(args.runs):
             x = torch.randn(256, model.cfg.in_chans, size, size)
-            fns = {r: _inference(load_checkpoint(run, merge_tokens=r).eval(), x) for r in rs}
+            fns = {r: _inference(open_model(run, merge_tokens=r).eval(), x) for r in rs}
             times = _time_interleaved(fns, warmup=1, rounds=args.rounds)
             for r in rs:
                 speeds[r].append(256 / statistics.median(times[r]))
@@ -241,7 +241,7 @@ def accuracy(args: argparse.Namespace) -> dict:
                     "r": r,
                     "val_top1": res["val"],
                     "test_top1": res["test"],
-                    "macs": count_macs(load_checkpoint(run, merge_tokens=r), size),
+                    "macs": count_macs(open_model(run, merge_tokens=r), size),
                     "tokens_after_each_block": tokens,
                     "img_per_s": _spread(speeds[r]),
                     "runs": speeds[r],

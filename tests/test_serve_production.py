@@ -432,7 +432,7 @@ def test_a_model_that_fails_to_warm_up_exits_1(model_dir):
         import tntvision.tools.checkpoints as checkpoints
         from tntvision.cli import main
 
-        load = checkpoints.load_checkpoint
+        load = checkpoints.open_model
 
         def broken(*args, **kwargs):
             model = load(*args, **kwargs)
@@ -443,7 +443,7 @@ def test_a_model_that_fails_to_warm_up_exits_1(model_dir):
             model.pixel_embed.register_forward_pre_hook(fail)
             return model
 
-        checkpoints.load_checkpoint = broken
+        checkpoints.open_model = broken
         sys.exit(main(["serve", "--checkpoint", {str(model_dir)!r}, "--port", "0"]))
         """
     )

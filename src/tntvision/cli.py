@@ -100,13 +100,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from .tools.checkpoints import load_checkpoint
+    from .tools.checkpoints import open_model
     from .tools.predict import predict_images
     from .utils.amp import weight_dtype
     from .utils.devices import resolve_device
 
     device = resolve_device(args.device)  # before the checkpoint is read
-    model = load_checkpoint(_source(args), runtime=args.runtime, merge_tokens=args.merge_tokens)
+    model = open_model(_source(args), runtime=args.runtime, merge_tokens=args.merge_tokens)
     dtype = weight_dtype(args.dtype)
     report = predict_images(
         model,

@@ -1,7 +1,7 @@
 """The model side of `tnt serve`: decoding uploads, a bounded queue, dynamic batching and explanations on
 one inference thread.
 
-An :class:`Engine` owns a model that :func:`tntvision.tools.checkpoints.load_checkpoint` returned (a PyTorch
+An :class:`Engine` owns a model that :func:`tntvision.tools.checkpoints.open_model` returned (a PyTorch
 model or an exported ``.onnx`` / ``.pt2`` file, the loader `tnt predict`, `eval` and `bench` use). Work
 is split three ways:
 
@@ -212,7 +212,7 @@ class Engine:
     """A loaded model behind a bounded batching queue; see the module docstring.
 
     Args:
-        model: what ``load_checkpoint`` returned (``.meta``, ``.num_classes``, optionally
+        model: what ``open_model`` returned (``.meta``, ``.num_classes``, optionally
             ``.class_names``, ``.model_name``, ``.runtime``).
         config: batching, queue and limits.
         on_batch: called on the inference thread with the size and the seconds of every batch run

@@ -137,7 +137,7 @@ def serve(options: ServeOptions, *, log: Callable[[str], None], announce: Callab
     import torch
     import uvicorn
 
-    from ..tools.checkpoints import load_checkpoint
+    from ..tools.checkpoints import open_model
     from ..utils.amp import weight_dtype
     from ..utils.devices import device_name, resolve_device
     from .app import create_app, set_draining
@@ -165,7 +165,7 @@ def serve(options: ServeOptions, *, log: Callable[[str], None], announce: Callab
         dtype=weight_dtype(options.dtype),
         device=device,
     )
-    engine = Engine(load_checkpoint(options.checkpoint, runtime=options.runtime), config)
+    engine = Engine(open_model(options.checkpoint, runtime=options.runtime), config)
     sock = bind(options.host, options.port)
     app = create_app(engine, max_upload_mb=options.max_upload_mb, topk=options.topk, name=options.name)
     server_class = _server_class(lambda: set_draining(app), options.stop_delay_s)

@@ -1,5 +1,5 @@
 """How a ``--checkpoint`` is opened: the commands that run a saved model of either kind (eval, predict,
-serve) call :func:`load_checkpoint`; those that need a PyTorch model's insides (export, visualize,
+serve) call :func:`open_model`; those that need a PyTorch model's insides (export, visualize,
 ``train --pretrained``) refuse an exported file up front (:func:`refuse_exported`, or export's own check)
 and call :func:`tntvision.load_model`; ``bench --checkpoint`` times an exported file
 (:func:`tntvision.tools.exported.bench_exported`).
@@ -25,7 +25,7 @@ from ..models.factory import apply_token_merging
 from ..models.weights import is_exported_file, refuse_exported
 from .exported import load_exported, resolve_runtime
 
-__all__ = ["ModelSource", "apply_token_merging", "load_checkpoint", "refuse_exported"]
+__all__ = ["ModelSource", "apply_token_merging", "open_model", "refuse_exported"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def as_source(source: str | Path | ModelSource) -> ModelSource:
     return source if isinstance(source, ModelSource) else ModelSource(checkpoint=source)
 
 
-def load_checkpoint(
+def open_model(
     path: str | Path | ModelSource,
     *,
     autocast: bool = False,

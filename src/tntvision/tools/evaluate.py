@@ -27,7 +27,7 @@ from ..evaluation import evaluate
 from ..utils.amp import amp_dtype, weight_dtype
 from ..utils.devices import pin_memory, resolve_device
 from ..utils.files import save_figure, write_json
-from .checkpoints import ModelSource, as_source, load_checkpoint
+from .checkpoints import ModelSource, as_source, open_model
 
 __all__ = ["EvalResult", "evaluate_checkpoint", "plot_confusion", "report_folder"]
 
@@ -185,7 +185,7 @@ def evaluate_checkpoint(
     weights = weight_dtype(dtype)
     if batch_size < 1 or workers < 0:
         raise InputError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
-    model = load_checkpoint(
+    model = open_model(
         checkpoint, autocast=autocast_dtype is not None, runtime=runtime, merge_tokens=merge_tokens
     )
     model = model.eval().to(device, weights)

@@ -1,6 +1,6 @@
 """Exported files (``.onnx``, ``.pt2``) as checkpoints: a model `tnt eval` / `predict` / `bench` can use.
 
-:func:`tntvision.tools.checkpoints.load_checkpoint` (what the commands call for ``--checkpoint``) reads a
+:func:`tntvision.tools.checkpoints.open_model` (what the commands call for ``--checkpoint``) reads a
 file ending in ``.onnx`` or ``.pt2`` with :func:`load_exported`, here. The object returned for an exported
 file is an :class:`ExportedModel`: an ``nn.Module`` without parameters whose forward takes float32 images
 (B, C, H, W) and returns logits (B, classes) as a tensor, and which carries what a PyTorch checkpoint
