@@ -121,7 +121,7 @@ $(LOWEST_VENV)/.installed: pyproject.toml constraints-lowest.txt
 # First the versions and the kernel this job runs (built here, ~1 minute), then the tests.
 test-lowest: setup-lowest
 	TNTVISION_CACHE=$(abspath $(LOWEST_VENV))/kernels $(LOWEST_BIN)/python -c "import torch, torchvision; \
-	  from tntvision.models import kernels; print('torch', torch.__version__, 'torchvision', \
+	  from tntvision import kernels; print('torch', torch.__version__, 'torchvision', \
 	  torchvision.__version__, 'fused kernel:', kernels.kernel_dispatch())"
 	TNTVISION_CACHE=$(abspath $(LOWEST_VENV))/kernels TNTVISION_REQUIRE_KERNEL=1 OMP_NUM_THREADS=1 \
 	  $(LOWEST_BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=5 $(LOWEST_TESTS) $(PYTEST_ARGS) \
