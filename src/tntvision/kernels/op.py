@@ -69,7 +69,7 @@ class InnerWeights:
 
     def as_kwargs(self) -> dict[str, torch.Tensor | None]:
         """The parameters by their names in the ops' schema."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in PARAMS}
 
 
 PARAMS = tuple(f.name for f in dataclasses.fields(InnerWeights))

@@ -196,11 +196,6 @@ def tag_named_by(value: str | os.PathLike) -> PretrainedTag | None:
     return get_pretrained_tag(str(value)) if arch in list_models() else None
 
 
-def pretrained_architectures() -> list[str]:
-    """Registered architectures that have at least one tag."""
-    return [a for a in list_models() if _TAGS.get(a)]
-
-
 @cache
 def imagenet_class_names() -> tuple[str, ...]:
     """The 1000 ImageNet-1k category names, in class-index order, as torchvision ships them with its

@@ -57,35 +57,20 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 _BINARY = {"type": "string", "format": "binary"}
-_IMAGE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                    "required": ["file"],
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
-_BATCH_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "array", "items": _BINARY}},
-                    "required": ["file"],
-                }
-            }
-        },
-    }
-}
+
+
+def _multipart_body(file_schema: dict, *, raw_image: bool) -> dict:
+    """An OpenAPI request body: a multipart field ``file`` of ``file_schema``, and with ``raw_image`` the
+    image's bytes as an ``image/*`` body too."""
+    multipart = {"type": "object", "properties": {"file": file_schema}, "required": ["file"]}
+    content = {"multipart/form-data": {"schema": multipart}}
+    if raw_image:
+        content["image/*"] = {"schema": _BINARY}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+_IMAGE_BODY = _multipart_body(_BINARY, raw_image=True)
+_BATCH_BODY = _multipart_body({"type": "array", "items": _BINARY}, raw_image=False)
 
 TopK = Annotated[
     int | None,
