@@ -115,6 +115,7 @@ SHAPES = [
     (1, 16, 24, 4, 96),  # batch 1 of one sentence
     (40, 16, 24, 4, 96),  # several tiles of 16 sentences
     (4, 1, 8, 1, 16),  # one word
+    (300, 4, 8, 2, 32),  # the mini, several tiles of the lane layout and a part-filled last group
 ]
 
 
@@ -127,9 +128,10 @@ def threads(request):
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx2-w16", "avx512", "avx512-w8"])
+@pytest.mark.parametrize("layout", ["rows", "lanes"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "qkvbias"])
-def test_op_matches_the_formula(isa, shape, bias, threads):
+def test_op_matches_the_formula(isa, layout, shape, bias, threads):
     if isa not in _isas():
         pytest.skip(
             f"this CPU cannot run the {isa} kernels (it runs {_isas()}); they are tested where it can"
@@ -145,7 +147,7 @@ def test_op_matches_the_formula(isa, shape, bias, threads):
     leaves = {k: v.clone().requires_grad_(True) for k, v in p.items() if v is not None}
     pp = {k: leaves.get(k) for k in p}
     xr = x.clone().requires_grad_(True)
-    with kernels.kernel_options(isa=isa):
+    with kernels.kernel_options(isa=isa, layout=layout):
         y = op(xr, pp, attn_scale, mlp_scale, heads)
         y.backward(grad)
 
@@ -162,16 +164,20 @@ def test_op_matches_the_formula(isa, shape, bias, threads):
         assert err <= 1e-5 * max(1.0, ref.abs().max().item()), f"{isa} {k}: max diff {err}"
 
 
-def test_no_sentences():
-    p = params(8, 32, bias=False)
+@pytest.mark.parametrize("layout", ["rows", "lanes"])
+def test_no_sentences(layout):
+    p = {k: None if v is None else v.requires_grad_(True) for k, v in params(8, 32, bias=False).items()}
     x = torch.zeros(0, 4, 8, requires_grad=True)
-    y = op(x, p, None, None, 2)
-    assert y.shape == (0, 4, 8)
-    y.sum().backward()
+    with kernels.kernel_options(layout=layout):
+        y = op(x, p, None, None, 2)
+        assert y.shape == (0, 4, 8)
+        y.sum().backward()
     assert x.grad.shape == (0, 4, 8)
+    assert torch.equal(p["fc1_w"].grad, torch.zeros(32, 8))
 
 
-def test_backward_is_deterministic_across_runs(threads):
+@pytest.mark.parametrize("layout", ["rows", "lanes"])
+def test_backward_is_deterministic_across_runs(threads, layout):
     """Gradients are summed per chunk of tiles in a fixed order: no dependence on thread scheduling."""
     p = {k: None if v is None else v.requires_grad_(True) for k, v in params(24, 96, bias=True).items()}
     x = torch.randn(100, 16, 24)
@@ -181,9 +187,42 @@ def test_backward_is_deterministic_across_runs(threads):
         for v in p.values():
             if v is not None:
                 v.grad = None
-        op(x, p, None, None, 4).backward(grad)
+        with kernels.kernel_options(layout=layout):
+            op(x, p, None, None, 4).backward(grad)
         runs.append(torch.cat([p[k].grad.flatten() for k in NAMES if p[k] is not None]))
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512", "avx512-w8"])
+def test_auto_layout_follows_the_shape(isa):
+    """``auto`` takes the lane layout where a word's features or a sentence's words fill at most half of
+    the copy's vector (the mini everywhere; TNT-Ti's 12 features on 16-float vectors), the row layout
+    for TNT-S and TNT-B; an explicit layout wins over the shape, and bf16 GEMMs forced keep rows."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    width = {"baseline": 4, "avx2": 8, "avx512": 16, "avx512-w8": 8}[isa]
+    with kernels.kernel_options(isa=isa):
+        assert kernels.kernel_dispatch()["layout"] == "auto"
+        for m, c in [(4, 8), (16, 12), (16, 24), (16, 40), (1, 8)]:
+            want = "lanes" if 2 * c <= width or 2 * m <= width else "rows"
+            assert kernels.kernel_layout(m, c) == want, (m, c)
+    for layout in ("rows", "lanes"):
+        with kernels.kernel_options(isa=isa, layout=layout):
+            assert kernels.kernel_dispatch()["layout"] == layout
+            assert {kernels.kernel_layout(m, c) for m, c in [(4, 8), (16, 24)]} == {layout}
+
+
+@pytest.mark.parametrize("layout", ["rows", "lanes"])
+def test_the_layouts_agree_on_bf16_words(layout):
+    """bf16 words in and out: both layouts compute in fp32 inside (no AMX here, or lanes), so they give
+    the fp32 result of the bf16 input, rounded once to bf16."""
+    p = params(8, 32, bias=True, seed=2)
+    x = torch.randn(50, 4, 8).to(torch.bfloat16)
+    with kernels.kernel_options(layout=layout, bf16="fp32"):
+        got = op(x, p, None, None, 2, low_precision=True)
+    assert got.dtype == torch.bfloat16
+    want = formula(x.double(), {k: None if v is None else v.double() for k, v in p.items()}, None, None, 2)
+    torch.testing.assert_close(got.double(), want.to(torch.bfloat16).double(), rtol=0, atol=2 ** -7 * 4)
 
 
 # ------------------------------------------------------------------------------------------ bf16
@@ -275,6 +314,13 @@ def test_low_precision_in_the_default_mode_runs_what_the_cpu_is_best_at():
     assert (got - want).abs().max().item() <= tol
 
 
+def _use_layout(layout: str, request) -> None:
+    """The rest of the test runs with the op's tiles in ``layout``."""
+    options = kernels.kernel_options(layout=layout)
+    options.__enter__()
+    request.addfinalizer(lambda: options.__exit__(None, None, None))
+
+
 def _grads(x, p, heads, *, use_formula=False, **kw):
     """Gradients of the op (or of the ``formula``) for a fixed output gradient, as {name: tensor}, x's
     included."""
@@ -328,11 +374,13 @@ def _recording_masks():
         kernels.op.output_mask = real
 
 
+@pytest.mark.parametrize("layout", ["rows", "lanes"])
 @pytest.mark.parametrize("frozen", ["all", "fc1", "proj", "ln2", "attention", "x"])
-def test_backward_computes_only_the_gradients_asked_for(frozen):
+def test_backward_computes_only_the_gradients_asked_for(frozen, layout, request):
     """Autograd's needs_input_grad reaches the op as ``output_mask`` (one flag for x and one per module's
     weight and bias): what is not asked for comes back empty from the op and None from autograd, the rest
     bit for bit what a full backward gives."""
+    _use_layout(layout, request)
     p = params(24, 96, bias=True, seed=4)
     x = torch.randn(10, 16, 24)
     full = _grads(x, p, 4)

@@ -154,6 +154,64 @@ struct Grads {
   }
 };
 
+// The lane layout (inner_transformer_lanes.h): shapes, fp32 weights and buffers of a call, every buffer
+// counted in vectors of W floats (one value of W sentences each).
+struct LaneDims {
+  int m, c, H, heads, hd, W;
+  int groups;  // groups of W sentences per tile
+  float eps, scale;
+  int rows() const { return groups * m; }
+};
+
+// Pointers into the tensors of Weights' unpadded fp32 copies (inner_transformer.cpp keeps the tensors).
+struct LaneWeights {
+  const float *ln1w, *ln1b, *ln2w, *ln2b;
+  const float *wqkv, *bqkv, *wp, *bp, *w1, *b1, *w2, *b2;  // PyTorch's (out, in) layout
+  const float *wqkvT, *wpT, *w1T, *w2T;                   // transposed, for the input gradients
+};
+
+struct LaneScratch {
+  std::vector<float> x, xn1, qkv, o, x1, xn2, h, cdf, g, mean1, rstd1, mean2, rstd2, P;
+  std::vector<float> dS, dy, dz, dg, dqkv, dx;  // backward only (empty in a forward-only scratch)
+  LaneScratch(const LaneDims& d, bool backward) {
+    const int64_t R = d.rows(), W = d.W, c = d.c, H = d.H;
+    for (auto* v : {&x, &xn1, &o, &x1, &xn2}) v->assign(R * c * W, 0.f);
+    qkv.assign(R * 3 * c * W, 0.f);
+    for (auto* v : {&h, &g}) v->assign(R * H * W, 0.f);
+    for (auto* v : {&mean1, &rstd1, &mean2, &rstd2}) v->assign(R * W, 0.f);
+    P.assign(static_cast<int64_t>(d.groups) * d.heads * d.m * d.m * W, 0.f);
+    if (!backward) return;
+    cdf.assign(R * H * W, 0.f);
+    dS.assign(static_cast<int64_t>(d.m) * d.m * W, 0.f);
+    for (auto* v : {&dy, &dz, &dx}) v->assign(R * c * W, 0.f);
+    dg.assign(R * std::max(H, c) * W, 0.f);
+    dqkv.assign(R * 3 * c * W, 0.f);
+  }
+  float* weights(int group, int head, const LaneDims& d) {
+    return P.data() + (static_cast<int64_t>(group) * d.heads + head) * d.m * d.m * d.W;
+  }
+};
+
+// Weight-gradient accumulators of one chunk of tiles, one vector per parameter value (summed over lanes
+// at the end of the call).
+struct LaneGrads {
+  Needs need;
+  std::vector<float> ln1w, ln1b, ln2w, ln2b, wqkv, bqkv, wp, bp, w1, b1, w2, b2;
+  LaneGrads(const LaneDims& d, Needs n) : need(n) {
+    const int64_t W = d.W, c = d.c, H = d.H;
+    for (auto* v : {&ln1w, &ln1b, &ln2w, &ln2b, &bp, &b2}) v->assign(c * W, 0.f);
+    wqkv.assign(3 * c * c * W, 0.f);
+    bqkv.assign(3 * c * W, 0.f);
+    wp.assign(c * c * W, 0.f);
+    w1.assign(H * c * W, 0.f);
+    b1.assign(H * W, 0.f);
+    w2.assign(c * H * W, 0.f);
+  }
+  std::vector<std::vector<float>*> all() {
+    return {&ln1w, &ln1b, &ln2w, &ln2b, &wqkv, &bqkv, &wp, &bp, &w1, &b1, &w2, &b2};
+  }
+};
+
 // fp32 -> bf16, round to nearest even (NaN stays NaN); a loop of it vectorises.
 inline uint16_t bf16_bits(float f) {
   uint32_t u;
@@ -253,28 +311,39 @@ namespace {
 using ForwardFn = void (*)(Scratch&, int, const Dims&, const Weights&, const float*, const float*, float*, bool);
 using BackwardFn = void (*)(Scratch&, int, const Dims&, const Weights&, const float*, const float*, float*, float*,
                             float*, float*, float*, Grads&);
+using LanesForwardFn = void (*)(LaneScratch&, int, const LaneDims&, const LaneWeights&, const float*, const float*,
+                                float*, bool);
+using LanesBackwardFn = void (*)(LaneScratch&, int, const LaneDims&, const LaneWeights&, const float*, const float*,
+                                 LaneGrads&);
 
 struct Variant {
   const char* name;
   int W;
   ForwardFn forward;
   BackwardFn backward;
+  LanesForwardFn lanes_forward;
+  LanesBackwardFn lanes_backward;
 };
 
 enum VariantId { kBaseline = 0, kAvx2 = 1, kAvx2W16 = 2, kAvx512 = 3, kAvx512W8 = 4, kNumVariants = 5 };
 
 const Variant kVariants[kNumVariants] = {
-    {"baseline", 4, tnt_baseline::tile_forward, tnt_baseline::tile_backward},
+    {"baseline", 4, tnt_baseline::tile_forward, tnt_baseline::tile_backward,
+     tnt_baseline::lanes_forward, tnt_baseline::lanes_backward},
 #if TNT_X86
-    {"avx2", 8, tnt_avx2::tile_forward, tnt_avx2::tile_backward},
-    {"avx2-w16", 16, tnt_avx2_w16::tile_forward, tnt_avx2_w16::tile_backward},
-    {"avx512", 16, tnt_avx512::tile_forward, tnt_avx512::tile_backward},
-    {"avx512-w8", 8, tnt_avx512_w8::tile_forward, tnt_avx512_w8::tile_backward},
+    {"avx2", 8, tnt_avx2::tile_forward, tnt_avx2::tile_backward,
+     tnt_avx2::lanes_forward, tnt_avx2::lanes_backward},
+    {"avx2-w16", 16, tnt_avx2_w16::tile_forward, tnt_avx2_w16::tile_backward,
+     tnt_avx2_w16::lanes_forward, tnt_avx2_w16::lanes_backward},
+    {"avx512", 16, tnt_avx512::tile_forward, tnt_avx512::tile_backward,
+     tnt_avx512::lanes_forward, tnt_avx512::lanes_backward},
+    {"avx512-w8", 8, tnt_avx512_w8::tile_forward, tnt_avx512_w8::tile_backward,
+     tnt_avx512_w8::lanes_forward, tnt_avx512_w8::lanes_backward},
 #else
-    {"avx2", 0, nullptr, nullptr},
-    {"avx2-w16", 0, nullptr, nullptr},
-    {"avx512", 0, nullptr, nullptr},
-    {"avx512-w8", 0, nullptr, nullptr},
+    {"avx2", 0, nullptr, nullptr, nullptr, nullptr},
+    {"avx2-w16", 0, nullptr, nullptr, nullptr, nullptr},
+    {"avx512", 0, nullptr, nullptr, nullptr, nullptr},
+    {"avx512-w8", 0, nullptr, nullptr, nullptr, nullptr},
 #endif
 };
 
@@ -324,6 +393,12 @@ enum Bf16Mode { kBf16Auto = 0, kBf16Fp32 = 1, kBf16Brgemm = 2 };
 std::atomic<int> g_variant{-1};  // -1: not chosen yet (best_variant() on first use)
 std::atomic<int> g_bf16{kBf16Auto};
 
+// Which layout a call's tiles take: rows (the tile code: a word's features along the vector) or lanes
+// (sentences along the vector, inner_transformer_lanes.h); auto chooses from the shape (use_lanes).
+enum Layout { kLayoutAuto = 0, kLayoutRows = 1, kLayoutLanes = 2 };
+const char* const kLayoutNames[] = {"auto", "rows", "lanes"};
+std::atomic<int> g_layout{kLayoutAuto};
+
 const Variant& current_variant() {
   int v = g_variant.load();
   if (v < 0) {
@@ -342,6 +417,18 @@ bool bf16_gemms(bool low_precision) {
   return mode == kBf16Brgemm || (mode == kBf16Auto && amx_bf16());
 }
 
+// The automatic choice, from static facts only (the shape and the vector width W): lanes when a word's c
+// features fill at most half of a W-float vector, or a sentence's m words do (the row layout pads both:
+// each row to a multiple of W, each sentence's attention weights to a vector).
+bool lanes_by_shape(int64_t m, int64_t c, int W) { return 2 * c <= W || 2 * m <= W; }
+
+// `forced_bf16`: a low-precision call while bf16 GEMMs are forced (set_kernel_dispatch's bf16 "brgemm"),
+// which only the row layout has: auto keeps to it then.
+bool use_lanes(int64_t m, int64_t c, int W, bool forced_bf16 = false) {
+  const int layout = g_layout.load();
+  return layout == kLayoutLanes || (layout == kLayoutAuto && !forced_bf16 && lanes_by_shape(m, c, W));
+}
+
 std::vector<std::string> kernel_dispatch() {
   const int mode = g_bf16.load();
   std::string bf16 = mode == kBf16Fp32 || (mode == kBf16Auto && !amx_bf16()) ? "fp32"
@@ -352,10 +439,13 @@ std::vector<std::string> kernel_dispatch() {
     if (v != kAvx2W16 && cpu_has(static_cast<VariantId>(v))) cpu.push_back(kVariants[v].name);
   std::string supported;
   for (const auto& n : cpu) supported += (supported.empty() ? "" : ",") + n;
-  return {current_variant().name, bf16, supported};
+  return {current_variant().name, bf16, supported, kLayoutNames[g_layout.load()]};
 }
 
-void set_kernel_dispatch(const std::string& isa, const std::string& bf16) {
+// The layout a call on words (S, m, c) takes with the current choices: "rows" or "lanes".
+std::string kernel_layout(int64_t m, int64_t c) { return use_lanes(m, c, current_variant().W) ? "lanes" : "rows"; }
+
+void set_kernel_dispatch(const std::string& isa, const std::string& bf16, const std::string& layout) {
   int v = -2;
   if (isa == "auto") v = best_variant();
   for (int i = 0; i < kNumVariants; ++i)
@@ -366,8 +456,13 @@ void set_kernel_dispatch(const std::string& isa, const std::string& bf16) {
               "' kernels (it has: ", kernel_dispatch()[2], ")");
   int b = bf16 == "auto" ? kBf16Auto : bf16 == "fp32" ? kBf16Fp32 : bf16 == "brgemm" ? kBf16Brgemm : -1;
   TORCH_CHECK(b >= 0, "tntvision kernels: unknown bf16 mode '", bf16, "' (auto, fp32 or brgemm)");
+  int l = -1;
+  for (int i = 0; i < 3; ++i)
+    if (layout == kLayoutNames[i]) l = i;
+  TORCH_CHECK(l >= 0, "tntvision kernels: unknown layout '", layout, "' (auto, rows or lanes)");
   g_variant.store(v);
   g_bf16.store(b);
+  g_layout.store(l);
 }
 
 // ---------------------------------------------------------------------------- argument checks
@@ -558,12 +653,56 @@ void store_tile(const float* src, int64_t s0, int rows, const Dims& d, at::Tenso
   else store_rows(src, rows, d.c, d.cp, y.data_ptr<c10::BFloat16>() + s0 * d.m * d.c);
 }
 
+// The weights of a lane-layout call: fp32, unpadded, in PyTorch's (out, in) layout and transposed.
+struct LanePack {
+  std::vector<at::Tensor> held;
+  LaneWeights w{};
+};
+
+LanePack pack_lane_weights(const Dims& d, const at::Tensor& ln1_w, const at::Tensor& ln1_b, const at::Tensor& qk_w,
+                           const c10::optional<at::Tensor>& qk_b, const at::Tensor& v_w,
+                           const c10::optional<at::Tensor>& v_b, const at::Tensor& proj_w, const at::Tensor& proj_b,
+                           const at::Tensor& ln2_w, const at::Tensor& ln2_b, const at::Tensor& fc1_w,
+                           const at::Tensor& fc1_b, const at::Tensor& fc2_w, const at::Tensor& fc2_b, bool backward) {
+  LanePack lp;
+  auto keep = [&](const at::Tensor& t) {
+    lp.held.push_back(t.to(at::kFloat).contiguous());
+    return lp.held.back().data_ptr<float>();
+  };
+  const at::Tensor wqkv = at::cat({qk_w.to(at::kFloat), v_w.to(at::kFloat)}, 0);  // (3c, c), q rows first
+  at::Tensor bqkv = at::zeros({3 * d.c}, at::TensorOptions().dtype(at::kFloat));
+  if (qk_b.has_value() && qk_b->defined()) bqkv = at::cat({qk_b->to(at::kFloat), v_b->to(at::kFloat)}, 0);
+  LaneWeights& w = lp.w;
+  w.ln1w = keep(ln1_w), w.ln1b = keep(ln1_b), w.ln2w = keep(ln2_w), w.ln2b = keep(ln2_b);
+  w.wqkv = keep(wqkv), w.bqkv = keep(bqkv), w.wp = keep(proj_w), w.bp = keep(proj_b);
+  w.w1 = keep(fc1_w), w.b1 = keep(fc1_b), w.w2 = keep(fc2_w), w.b2 = keep(fc2_b);
+  if (backward) {
+    w.wqkvT = keep(wqkv.t()), w.wpT = keep(proj_w.t()), w.w1T = keep(fc1_w.t()), w.w2T = keep(fc2_w.t());
+  }
+  return lp;
+}
+
+// The lane layout's shapes: about 32 rows (words of W sentences) a tile, fewer groups where a tile per
+// thread needs it (batch 1).
+LaneDims lane_dims(const Dims& d, int64_t S, int W) {
+  LaneDims ld{};
+  ld.m = d.m, ld.c = d.c, ld.H = d.H, ld.heads = d.heads, ld.hd = d.hd, ld.W = W, ld.eps = d.eps, ld.scale = d.scale;
+  const int64_t groups = (S + W - 1) / W;
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t per_thread = (groups + threads - 1) / threads;
+  ld.groups = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(1, 32 / d.m), per_thread)));
+  return ld;
+}
+
 // What one call (forward or backward) needs: the shapes, the kernels, the packed weights, the scales.
 struct Call {
   at::Tensor x;
   Problem p;
   const Variant* kern = nullptr;
   bool bf16 = false;
+  bool lanes = false;  // the lane layout runs (then `lw` and `ld`, not `w`)
+  LaneDims ld{};
+  LanePack lw;
   Weights w;
   at::Tensor attn_scale_f32, mlp_scale_f32;  // hold the fp32 copies k1 / k2 point into
   const float* k1 = nullptr;
@@ -600,13 +739,145 @@ Call prepare_call(const at::Tensor& x_in, const at::Tensor& ln1_w, const at::Ten
   c.p = make_problem(x_in, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w,
                      fc2_b, attn_scale, mlp_scale, num_heads, eps, c.kern->W);
   c.x = x_in.contiguous();
+  c.k1 = keep_ptr(attn_scale, c.attn_scale_f32);
+  c.k2 = keep_ptr(mlp_scale, c.mlp_scale_f32);
+  c.lanes = use_lanes(c.p.d.m, c.p.d.c, c.kern->W, low_precision && g_bf16.load() == kBf16Brgemm);
+  if (c.lanes) {  // fp32 throughout (its products are tiny; a bf16 GEMM would not be faster)
+    c.ld = lane_dims(c.p.d, c.p.S, c.kern->W);
+    c.lw = pack_lane_weights(c.p.d, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b,
+                             fc2_w, fc2_b, backward);
+    const int64_t span = static_cast<int64_t>(c.ld.groups) * c.ld.W;  // sentences per tile
+    c.ntiles = (c.p.S + span - 1) / span;
+    return c;
+  }
   c.bf16 = bf16_gemms(low_precision);
   c.w = pack_weights(c.p.d, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w,
                      fc2_b, backward, c.bf16);
-  c.k1 = keep_ptr(attn_scale, c.attn_scale_f32);
-  c.k2 = keep_ptr(mlp_scale, c.mlp_scale_f32);
   c.ntiles = (c.p.S + c.p.tile - 1) / c.p.tile;
   return c;
+}
+
+// ---------------------------------------------------------------------------- lane-layout calls
+
+// A tile of the lane layout: its first sentence, its groups, and the transposes in and out of it.
+struct LaneTile {
+  int64_t s0;
+  int groups;
+  int rows(const LaneDims& d) const { return groups * d.m; }
+};
+
+LaneTile lane_tile(const Call& call, int64_t t) {
+  const int64_t span = static_cast<int64_t>(call.ld.groups) * call.ld.W;
+  const int64_t s0 = t * span, left = call.p.S - s0;
+  return {s0, static_cast<int>(std::min<int64_t>(call.ld.groups, (left + call.ld.W - 1) / call.ld.W))};
+}
+
+// dst[(g * mc + e) * W + l] = src[(s0 + g * W + l) * mc + e]: the tile's sentences into lanes (zeros past S).
+template <typename T>
+void lanes_in(const T* src, int64_t S, const LaneTile& t, int mc, int W, float* dst) {
+  for (int g = 0; g < t.groups; ++g)
+    for (int l = 0; l < W; ++l) {
+      const int64_t sent = t.s0 + static_cast<int64_t>(g) * W + l;
+      float* d = dst + static_cast<int64_t>(g) * mc * W + l;
+      if (sent < S) {
+        const T* p = src + sent * mc;
+        for (int e = 0; e < mc; ++e) d[e * W] = static_cast<float>(p[e]);
+      } else {
+        for (int e = 0; e < mc; ++e) d[e * W] = 0.f;
+      }
+    }
+}
+
+// The inverse of lanes_in for the sentences that exist.
+template <typename T>
+void lanes_out(const float* src, int64_t S, const LaneTile& t, int mc, int W, T* dst) {
+  for (int g = 0; g < t.groups; ++g)
+    for (int l = 0; l < W; ++l) {
+      const int64_t sent = t.s0 + static_cast<int64_t>(g) * W + l;
+      if (sent >= S) return;
+      const float* s = src + static_cast<int64_t>(g) * mc * W + l;
+      T* p = dst + sent * mc;
+      for (int e = 0; e < mc; ++e) p[e] = static_cast<T>(s[e * W]);
+    }
+}
+
+void lanes_load(const at::Tensor& x, int64_t S, const LaneTile& t, const LaneDims& d, float* dst) {
+  const int mc = d.m * d.c;
+  if (x.scalar_type() == at::kFloat) lanes_in(x.data_ptr<float>(), S, t, mc, d.W, dst);
+  else lanes_in(x.data_ptr<c10::BFloat16>(), S, t, mc, d.W, dst);
+}
+
+void lanes_store(const float* src, int64_t S, const LaneTile& t, const LaneDims& d, at::Tensor& y) {
+  const int mc = d.m * d.c;
+  if (y.scalar_type() == at::kFloat) lanes_out(src, S, t, mc, d.W, y.data_ptr<float>());
+  else lanes_out(src, S, t, mc, d.W, y.data_ptr<c10::BFloat16>());
+}
+
+// The drop-path scales of a tile's sentences, one vector per group (null when the call has none).
+const float* lane_keep(const float* keep, int64_t S, const LaneTile& t, int W, std::vector<float>& buf) {
+  if (!keep) return nullptr;
+  for (int i = 0; i < t.groups * W; ++i) buf[i] = t.s0 + i < S ? keep[t.s0 + i] : 0.f;
+  return buf.data();
+}
+
+at::Tensor lanes_forward_call(const Call& call) {
+  const LaneDims& d = call.ld;
+  at::Tensor y = at::empty_like(call.x);
+  at::parallel_for(0, call.ntiles, 1, [&](int64_t t0, int64_t t1) {
+    LaneScratch s(d, false);
+    std::vector<float> out(s.x.size()), k1(d.groups * d.W), k2(d.groups * d.W);
+    for (int64_t t = t0; t < t1; ++t) {
+      const LaneTile tile = lane_tile(call, t);
+      lanes_load(call.x, call.p.S, tile, d, s.x.data());
+      call.kern->lanes_forward(s, tile.rows(d), d, call.lw.w, lane_keep(call.k1, call.p.S, tile, d.W, k1),
+                               lane_keep(call.k2, call.p.S, tile, d.W, k2), out.data(), false);
+      lanes_store(out.data(), call.p.S, tile, d, y);
+    }
+  });
+  return y;
+}
+
+// Per chunk of tiles, weight gradients accumulate in a LaneGrads; the chunks are summed in order and each
+// vector over its lanes in order, so the result does not depend on the scheduling.
+LaneGrads lanes_backward_call(const Call& call, const at::Tensor& grad, const Needs& need, at::Tensor& gx) {
+  const LaneDims& d = call.ld;
+  const int64_t nchunks = std::min<int64_t>(call.ntiles, std::max(1, at::get_num_threads()));
+  std::vector<LaneGrads> grads(std::max<int64_t>(1, nchunks), LaneGrads(d, need));  // one: no sentences
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    LaneScratch s(d, true);
+    std::vector<float> k1(d.groups * d.W), k2(d.groups * d.W);
+    for (int64_t ch = c0; ch < c1; ++ch)
+      for (int64_t t = ch * call.ntiles / nchunks; t < (ch + 1) * call.ntiles / nchunks; ++t) {
+        const LaneTile tile = lane_tile(call, t);
+        const float* kk1 = lane_keep(call.k1, call.p.S, tile, d.W, k1);
+        const float* kk2 = lane_keep(call.k2, call.p.S, tile, d.W, k2);
+        lanes_load(call.x, call.p.S, tile, d, s.x.data());
+        call.kern->lanes_forward(s, tile.rows(d), d, call.lw.w, kk1, kk2, nullptr, true);
+        lanes_load(grad, call.p.S, tile, d, s.dy.data());
+        call.kern->lanes_backward(s, tile.rows(d), d, call.lw.w, kk1, kk2, grads[ch]);
+        if (need.x) lanes_store(s.dx.data(), call.p.S, tile, d, gx);
+      }
+  });
+  for (int64_t ch = 1; ch < nchunks; ++ch) {
+    auto dst = grads[0].all(), src = grads[ch].all();
+    for (size_t i = 0; i < dst.size(); ++i)
+      for (size_t j = 0; j < dst[i]->size(); ++j) (*dst[i])[j] += (*src[i])[j];
+  }
+  return std::move(grads[0]);
+}
+
+// (n * W) vector accumulators -> n values (each the sum over its lanes), as a tensor shaped and typed like
+// `like`.
+at::Tensor lane_sum(const std::vector<float>& acc, int W, const at::Tensor& like) {
+  const int64_t n = static_cast<int64_t>(acc.size()) / W;
+  at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    float sum = 0.f;
+    for (int l = 0; l < W; ++l) sum += acc[i * W + l];
+    o[i] = sum;
+  }
+  return out.to(like.scalar_type()).view(like.sizes());
 }
 
 // ------------------------------------------------------------------------------------ the ops
@@ -621,6 +892,7 @@ at::Tensor inner_transformer_cpu(const at::Tensor& x_in, const at::Tensor& ln1_w
                                  int64_t num_heads, double eps, bool low_precision) {
   const Call call = prepare_call(x_in, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w,
                                  fc1_b, fc2_w, fc2_b, attn_scale, mlp_scale, num_heads, eps, low_precision, false);
+  if (call.lanes) return lanes_forward_call(call);
   const Dims& d = call.p.d;
   at::Tensor y = at::empty_like(call.x);
   at::parallel_for(0, call.ntiles, 1, [&](int64_t t0, int64_t t1) {
@@ -664,6 +936,34 @@ std::vector<at::Tensor> inner_transformer_backward_cpu(
               "inner_transformer_backward: grad must be float32 or bfloat16, got ", grad_in.scalar_type());
   at::Tensor grad = grad_in.contiguous();
   at::Tensor gx = at::empty_like(x);
+  // a gradient that was not asked for (or a bias that is absent) comes back as an empty fp32 tensor, a
+  // new one each (outputs never alias each other)
+  auto either = [&](bool needed, auto make) {
+    return needed ? at::Tensor(make()) : at::empty({0}, x.options().dtype(at::kFloat));
+  };
+  const bool qkv_bias = qk_b.has_value() && qk_b->defined();
+  if (call.lanes) {
+    const LaneGrads g = lanes_backward_call(call, grad, need, gx);
+    const int W = call.ld.W, c = d.c;
+    const at::Tensor gwqkv = lane_sum(g.wqkv, W, at::empty({3 * c, c})), gbqkv = lane_sum(g.bqkv, W, at::empty({3 * c}));
+    return {
+        either(need.x, [&] { return gx; }),
+        either(need.ln1, [&] { return lane_sum(g.ln1w, W, ln1_w); }),
+        either(need.ln1, [&] { return lane_sum(g.ln1b, W, ln1_b); }),
+        either(need.qkv, [&] { return gwqkv.narrow(0, 0, 2 * c).to(qk_w.scalar_type()).clone(); }),
+        either(need.qkv && qkv_bias, [&] { return gbqkv.narrow(0, 0, 2 * c).to(qk_b->scalar_type()).clone(); }),
+        either(need.qkv, [&] { return gwqkv.narrow(0, 2 * c, c).to(v_w.scalar_type()).clone(); }),
+        either(need.qkv && qkv_bias, [&] { return gbqkv.narrow(0, 2 * c, c).to(v_b->scalar_type()).clone(); }),
+        either(need.proj, [&] { return lane_sum(g.wp, W, proj_w); }),
+        either(need.proj, [&] { return lane_sum(g.bp, W, proj_b); }),
+        either(need.ln2, [&] { return lane_sum(g.ln2w, W, ln2_w); }),
+        either(need.ln2, [&] { return lane_sum(g.ln2b, W, ln2_b); }),
+        either(need.fc1, [&] { return lane_sum(g.w1, W, fc1_w); }),
+        either(need.fc1, [&] { return lane_sum(g.b1, W, fc1_b); }),
+        either(need.fc2, [&] { return lane_sum(g.w2, W, fc2_w); }),
+        either(need.fc2, [&] { return lane_sum(g.b2, W, fc2_b); }),
+    };
+  }
   // Tiles in a fixed number of chunks, each with its own gradient accumulators: indexed by chunk, never
   // by an OpenMP thread id, and summed in chunk order, so the result does not depend on the scheduling.
   const int64_t nchunks = std::min<int64_t>(call.ntiles, std::max(1, at::get_num_threads()));
@@ -694,12 +994,6 @@ std::vector<at::Tensor> inner_transformer_backward_cpu(
   const int c = d.c;
   at::Tensor gwqkv = at::from_blob(tot.wqkv.data(), {3 * c, d.cp}, at::TensorOptions().dtype(at::kFloat));
   at::Tensor gbqkv = at::from_blob(tot.bqkv.data(), {d.c3p}, at::TensorOptions().dtype(at::kFloat));
-  const bool qkv_bias = qk_b.has_value() && qk_b->defined();
-  // a gradient that was not asked for (or a bias that is absent) comes back as an empty fp32 tensor, a
-  // new one each (outputs never alias each other)
-  auto either = [&](bool needed, auto make) {
-    return needed ? at::Tensor(make()) : at::empty({0}, x.options().dtype(at::kFloat));
-  };
   return {
       either(need.x, [&] { return gx; }),
       either(need.ln1, [&] { return unpack(tot.ln1w, 1, c, d.cp, ln1_w); }),
@@ -732,9 +1026,10 @@ TORCH_LIBRARY(tntvision, m) {
       "Tensor v_w, Tensor? v_b, Tensor proj_w, Tensor proj_b, Tensor ln2_w, Tensor ln2_b, Tensor fc1_w, "
       "Tensor fc1_b, Tensor fc2_w, Tensor fc2_b, Tensor? attn_scale, Tensor? mlp_scale, int num_heads, float eps, "
       "bool low_precision=False, bool[7] output_mask=[True, True, True, True, True, True, True]) -> Tensor[]");
-  // [instruction set running, how low-precision GEMMs run, instruction sets this CPU can run]
+  // [instruction set running, how low-precision GEMMs run, instruction sets this CPU can run, layout setting]
   m.def("kernel_dispatch() -> str[]", &kernel_dispatch);
-  m.def("set_kernel_dispatch(str isa, str bf16) -> ()", &set_kernel_dispatch);
+  m.def("set_kernel_dispatch(str isa, str bf16, str layout=\"auto\") -> ()", &set_kernel_dispatch);
+  m.def("kernel_layout(int words, int dim) -> str", &kernel_layout);
 }
 
 #ifdef TNT_PROFILE

@@ -539,6 +539,9 @@ void tile_backward(Scratch& s, int rows, const Dims& d, const Weights& w, const 
   PROF(13);
 }
 
+// The same work in the lane layout (sentences across a vector's lanes), for small words.
+#include "inner_transformer_lanes.h"
+
 #undef TNT_INLINE
 // the includer sets these afresh for the next copy
 #undef TNT_W

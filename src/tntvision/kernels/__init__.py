@@ -12,10 +12,12 @@ from .backend import fused_backend, kernel_backend, kernels_info
 from .cpu import (
     BF16_MODES,
     ISAS,
+    LAYOUTS,
     build,
     build_directory,
     fused_available,
     kernel_dispatch,
+    kernel_layout,
     kernel_options,
     set_kernel_dispatch,
 )
@@ -37,6 +39,7 @@ __all__ = [
     "BF16_MODES",
     "DROPOUT",
     "ISAS",
+    "LAYOUTS",
     "PLAIN_MODULES",
     "InnerWeights",
     "backend",
@@ -58,6 +61,7 @@ __all__ = [
     "kernel_backend_set",
     "kernel_backend_setting",
     "kernel_dispatch",
+    "kernel_layout",
     "kernel_options",
     "kernels_info",
     "lean",

@@ -26,15 +26,16 @@ import torch
 from ..errors import ConfigError
 from . import op
 
-__all__ = ["ISAS", "BF16_MODES", "build", "build_directory", "fused_available", "kernel_dispatch",
-           "kernel_options", "set_kernel_dispatch"]  # fmt: skip
+__all__ = ["ISAS", "BF16_MODES", "LAYOUTS", "build", "build_directory", "fused_available", "kernel_dispatch",
+           "kernel_layout", "kernel_options", "set_kernel_dispatch"]  # fmt: skip
 
 ISAS = ("auto", "avx512", "avx512-w8", "avx2", "baseline", "avx2-w16")
 BF16_MODES = ("auto", "fp32", "brgemm")
+LAYOUTS = ("auto", "rows", "lanes")
 
 _CSRC = Path(__file__).resolve().parents[1] / "csrc"
 _SOURCE = _CSRC / "inner_transformer.cpp"
-_SOURCES = (_SOURCE, _CSRC / "inner_transformer_tile.h")  # what the build depends on
+_SOURCES = (_SOURCE, _CSRC / "inner_transformer_tile.h", _CSRC / "inner_transformer_lanes.h")  # build inputs
 _LOCK = threading.Lock()
 
 
@@ -43,8 +44,8 @@ class _Build:
 
     loaded: bool | None = None  # None: not tried yet
     error: str | None = None  # why it could not be built
-    dispatch_applied = False  # the environment's TNTVISION_KERNEL_ISA / _BF16 choice, applied once
-    dispatch: tuple[str, str] = ("auto", "auto")  # the last set_kernel_dispatch choice
+    dispatch_applied = False  # the environment's TNTVISION_KERNEL_ISA / _BF16 / _LAYOUT choice, applied once
+    dispatch: tuple[str, str, str] = ("auto", "auto", "auto")  # the last set_kernel_dispatch choice
 
 
 def _cflags() -> list[str]:
@@ -90,13 +91,15 @@ def _ninja_on_path() -> None:
 
 def _load() -> bool:
     """Build and load the extension once (:func:`_build_once`); then, until it succeeds, apply the
-    environment's kernel choice: a bad ``TNTVISION_KERNEL_ISA`` / ``TNTVISION_KERNEL_BF16`` raises on every
+    environment's kernel choice: a bad ``TNTVISION_KERNEL_ISA`` / ``_BF16`` / ``_LAYOUT`` raises on every
     call, not just the first."""
     loaded = _built()
     if loaded and not _Build.dispatch_applied:
         isa = os.environ.get("TNTVISION_KERNEL_ISA", "auto")
         bf16 = os.environ.get("TNTVISION_KERNEL_BF16", "auto")
-        set_kernel_dispatch(isa=isa, bf16=bf16, what="TNTVISION_KERNEL_ISA / TNTVISION_KERNEL_BF16")
+        layout = os.environ.get("TNTVISION_KERNEL_LAYOUT", "auto")
+        set_kernel_dispatch(isa=isa, bf16=bf16, layout=layout,
+                            what="TNTVISION_KERNEL_ISA / TNTVISION_KERNEL_BF16 / TNTVISION_KERNEL_LAYOUT")  # fmt: skip
         _Build.dispatch_applied = True
     return bool(loaded)
 
@@ -151,40 +154,57 @@ def build() -> Path:
 def kernel_dispatch() -> dict[str, object]:
     """What the fused op runs on this CPU: ``isa`` (the instruction set of the copy in use), ``bf16``
     (how the GEMMs of a low-precision call run: ``fp32``, ``brgemm-amx`` or ``brgemm-unpacked``) and
-    ``cpu_isas`` (the copies this CPU can run). Builds the kernel if needed; None if it cannot be built."""
+    ``cpu_isas`` (the copies this CPU can run) and ``layout`` (the layout setting: ``auto`` chooses per
+    shape, see :func:`kernel_layout`). Builds the kernel if needed; None if it cannot be built."""
     if not _load():
-        return {"isa": None, "bf16": None, "cpu_isas": [], "error": _Build.error}
-    isa, bf16, cpu = torch.ops.tntvision.kernel_dispatch()
-    return {"isa": isa, "bf16": bf16, "cpu_isas": cpu.split(",")}
+        return {"isa": None, "bf16": None, "cpu_isas": [], "layout": None, "error": _Build.error}
+    isa, bf16, cpu, layout = torch.ops.tntvision.kernel_dispatch()
+    return {"isa": isa, "bf16": bf16, "cpu_isas": cpu.split(","), "layout": layout}
 
 
-def set_kernel_dispatch(*, isa: str = "auto", bf16: str = "auto", what: str = "set_kernel_dispatch") -> None:
-    """Choose the kernel copy (``isa``: one of :data:`ISAS`) and the bf16 GEMM mode (``bf16``: ``auto``
+def kernel_layout(words: int, dim: int) -> str | None:
+    """The layout the C++ op's tiles take for sentences of ``words`` words of ``dim`` features with the
+    current choices: ``rows`` (a word's features along the vector) or ``lanes`` (sentences along the
+    vector, chosen by ``auto`` where a word's features or a sentence's words fill at most half a vector);
+    None when the kernel cannot be built."""
+    if not _load():
+        return None
+    return torch.ops.tntvision.kernel_layout(words, dim)
+
+
+def set_kernel_dispatch(
+    *, isa: str = "auto", bf16: str = "auto", layout: str = "auto", what: str = "set_kernel_dispatch"
+) -> None:
+    """Choose the kernel copy (``isa``: one of :data:`ISAS`), the bf16 GEMM mode (``bf16``: ``auto``
     = bf16 GEMMs where the CPU has AMX, ``fp32``, or ``brgemm`` = bf16 GEMMs through cpublas whatever the
-    CPU); :class:`ConfigError` for an unknown name or an instruction set this CPU lacks."""
+    CPU) and the tile layout (``layout``: one of :data:`LAYOUTS`, see :func:`kernel_layout`);
+    :class:`ConfigError` for an unknown name or an instruction set this CPU lacks."""
     if isa not in ISAS:
         raise ConfigError(f"{what}: unknown instruction set {isa!r}; choose one of {', '.join(ISAS)}")
     if bf16 not in BF16_MODES:
         raise ConfigError(f"{what}: unknown bf16 mode {bf16!r}; choose one of {', '.join(BF16_MODES)}")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"{what}: unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if not _built():
         raise ConfigError(f"the fused CPU kernel could not be built: {_Build.error}")
     try:
-        torch.ops.tntvision.set_kernel_dispatch(isa, bf16)
+        torch.ops.tntvision.set_kernel_dispatch(isa, bf16, layout)
     except RuntimeError as e:
         raise ConfigError(f"{what}: {str(e).splitlines()[0]}") from None
-    _Build.dispatch = (isa, bf16)
+    _Build.dispatch = (isa, bf16, layout)
 
 
 @contextlib.contextmanager
-def kernel_options(*, isa: str = "auto", bf16: str = "auto") -> Iterator[None]:
-    """Run the ``with`` block with another kernel copy or bf16 mode, then restore the previous choice."""
+def kernel_options(*, isa: str = "auto", bf16: str = "auto", layout: str = "auto") -> Iterator[None]:
+    """Run the ``with`` block with another kernel copy, bf16 mode or layout, then restore the previous
+    choice."""
     _load()  # applies the environment's choice first, so that is what comes back
     before = _Build.dispatch
-    set_kernel_dispatch(isa=isa, bf16=bf16)
+    set_kernel_dispatch(isa=isa, bf16=bf16, layout=layout)
     try:
         yield
     finally:
-        set_kernel_dispatch(isa=before[0], bf16=before[1])
+        set_kernel_dispatch(isa=before[0], bf16=before[1], layout=before[2])
 
 
 def fused_available() -> bool:
