@@ -222,7 +222,7 @@ def test_the_layouts_agree_on_bf16_words(layout):
         got = op(x, p, None, None, 2, low_precision=True)
     assert got.dtype == torch.bfloat16
     want = formula(x.double(), {k: None if v is None else v.double() for k, v in p.items()}, None, None, 2)
-    torch.testing.assert_close(got.double(), want.to(torch.bfloat16).double(), rtol=0, atol=2 ** -7 * 4)
+    torch.testing.assert_close(got.double(), want.to(torch.bfloat16).double(), rtol=0, atol=2**-7 * 4)
 
 
 # ------------------------------------------------------------------------------------------ bf16

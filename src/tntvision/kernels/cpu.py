@@ -98,8 +98,8 @@ def _load() -> bool:
         isa = os.environ.get("TNTVISION_KERNEL_ISA", "auto")
         bf16 = os.environ.get("TNTVISION_KERNEL_BF16", "auto")
         layout = os.environ.get("TNTVISION_KERNEL_LAYOUT", "auto")
-        set_kernel_dispatch(isa=isa, bf16=bf16, layout=layout,
-                            what="TNTVISION_KERNEL_ISA / TNTVISION_KERNEL_BF16 / TNTVISION_KERNEL_LAYOUT")  # fmt: skip
+        what = "TNTVISION_KERNEL_ISA / TNTVISION_KERNEL_BF16 / TNTVISION_KERNEL_LAYOUT"
+        set_kernel_dispatch(isa=isa, bf16=bf16, layout=layout, what=what)
         _Build.dispatch_applied = True
     return bool(loaded)
 
