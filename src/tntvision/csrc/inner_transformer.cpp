@@ -417,16 +417,26 @@ bool bf16_gemms(bool low_precision) {
   return mode == kBf16Brgemm || (mode == kBf16Auto && amx_bf16());
 }
 
-// The automatic choice, from static facts only (the shape and the vector width W): lanes when a word's c
-// features fill at most half of a W-float vector, or a sentence's m words do (the row layout pads both:
-// each row to a multiple of W, each sentence's attention weights to a vector).
-bool lanes_by_shape(int64_t m, int64_t c, int W) { return 2 * c <= W || 2 * m <= W; }
+// Whether a word's c features, or a sentence's m words, fill at most half of a W-float vector: the row
+// layout pads each row to a multiple of W and each sentence's attention weights to a vector.
+bool small_words(int64_t m, int64_t c, int W) { return 2 * c <= W || 2 * m <= W; }
 
-// `forced_bf16`: a low-precision call while bf16 GEMMs are forced (set_kernel_dispatch's bf16 "brgemm"),
-// which only the row layout has: auto keeps to it then.
-bool use_lanes(int64_t m, int64_t c, int W, bool forced_bf16 = false) {
+// The automatic choice, from static facts only (the shape, the copy's vector width W, whether the call's
+// GEMMs run in bf16): small words always take lanes. With 16-float vectors (the avx512 copy: 32 registers
+// of 16 lanes) every shape does, unless the row layout's bf16 GEMMs run (AMX, or forced), which the lane
+// layout has not. Elsewhere (8-float copies) larger words keep rows: measured equal there on an Intel
+// AVX-512 CPU running the avx2 copy (BENCHMARKS.md), and rows are what ran on AMD.
+bool lanes_by_shape(int64_t m, int64_t c, int W, bool bf16_gemms_run) {
+  if (small_words(m, c, W)) return true;
+  return W >= 16 && !bf16_gemms_run;
+}
+
+// `bf16_run`: a low-precision call whose GEMMs would run in bf16 in the row layout (AMX, or forced); a
+// forced mode (set_kernel_dispatch's bf16 "brgemm") keeps even small words on rows.
+bool use_lanes(int64_t m, int64_t c, int W, bool bf16_run = false, bool forced_bf16 = false) {
   const int layout = g_layout.load();
-  return layout == kLayoutLanes || (layout == kLayoutAuto && !forced_bf16 && lanes_by_shape(m, c, W));
+  if (layout != kLayoutAuto) return layout == kLayoutLanes;
+  return !forced_bf16 && lanes_by_shape(m, c, W, bf16_run);
 }
 
 std::vector<std::string> kernel_dispatch() {
@@ -741,7 +751,8 @@ Call prepare_call(const at::Tensor& x_in, const at::Tensor& ln1_w, const at::Ten
   c.x = x_in.contiguous();
   c.k1 = keep_ptr(attn_scale, c.attn_scale_f32);
   c.k2 = keep_ptr(mlp_scale, c.mlp_scale_f32);
-  c.lanes = use_lanes(c.p.d.m, c.p.d.c, c.kern->W, low_precision && g_bf16.load() == kBf16Brgemm);
+  c.lanes = use_lanes(c.p.d.m, c.p.d.c, c.kern->W, bf16_gemms(low_precision),
+                      low_precision && g_bf16.load() == kBf16Brgemm);
   if (c.lanes) {  // fp32 throughout (its products are tiny; a bf16 GEMM would not be faster)
     c.ld = lane_dims(c.p.d, c.p.S, c.kern->W);
     c.lw = pack_lane_weights(c.p.d, ln1_w, ln1_b, qk_w, qk_b, v_w, v_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b,
