@@ -171,7 +171,7 @@ struct LaneWeights {
 };
 
 struct LaneScratch {
-  std::vector<float> x, xn1, qkv, o, x1, xn2, h, cdf, g, mean1, rstd1, mean2, rstd2, P;
+  std::vector<float> x, xn1, qkv, o, x1, xn2, h, dgelu, g, mean1, rstd1, mean2, rstd2, P;  // dgelu: gelu'(h)
   std::vector<float> dS, dy, dz, dg, dqkv, dx;  // backward only (empty in a forward-only scratch)
   LaneScratch(const LaneDims& d, bool backward) {
     const int64_t R = d.rows(), W = d.W, c = d.c, H = d.H;
@@ -181,7 +181,7 @@ struct LaneScratch {
     for (auto* v : {&mean1, &rstd1, &mean2, &rstd2}) v->assign(R * W, 0.f);
     P.assign(static_cast<int64_t>(d.groups) * d.heads * d.m * d.m * W, 0.f);
     if (!backward) return;
-    cdf.assign(R * H * W, 0.f);
+    dgelu.assign(R * H * W, 0.f);
     dS.assign(static_cast<int64_t>(d.m) * d.m * W, 0.f);
     for (auto* v : {&dy, &dz, &dx}) v->assign(R * c * W, 0.f);
     dg.assign(R * std::max(H, c) * W, 0.f);

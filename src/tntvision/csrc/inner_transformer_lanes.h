@@ -218,7 +218,7 @@ void lane_residual(float* dst, const float* base, const float* keep, int R, int 
 
 // Forward of one tile of R rows (the group's sentences in s.x); keep1 / keep2: per-lane drop-path scales of
 // each group, kW per group (null: none). Without `for_backward` the output goes to `out`; with it, the
-// forward stops before fc2 and keeps GELU's cdf for the backward.
+// forward stops before fc2 and keeps GELU's derivative (in s.dgelu) for the backward.
 void lanes_forward(LaneScratch& s, int R, const LaneDims& d, const LaneWeights& w, const float* keep1,
                    const float* keep2, float* out, bool for_backward) {
   const int m = d.m, c = d.c, H = d.H, c3 = 3 * d.c;
@@ -239,8 +239,11 @@ void lanes_forward(LaneScratch& s, int R, const LaneDims& d, const LaneWeights& 
   const float* h = s.h.data();
   for (int64_t i = 0; i < static_cast<int64_t>(R) * H * kW; i += kW) {
     const vf a = vld(h + i);
-    const vf cdf = 0.5f + 0.5f * verf(a * kSqrtHalf);
-    if (for_backward) vst(s.cdf.data() + i, cdf);
+    vf gauss;  // exp(-a^2 / 2)
+    const vf cdf = 0.5f + 0.5f * verf(a * kSqrtHalf, &gauss);
+    if (for_backward) {  // gelu'(a) = Phi(a) + a phi(a), for the backward
+      vst(s.dgelu.data() + i, cdf + a * (kInvSqrt2Pi * gauss));
+    }
     vst(s.g.data() + i, a * cdf);
   }
   if (for_backward) return;
@@ -270,11 +273,8 @@ void lanes_backward(LaneScratch& s, int R, const LaneDims& d, const LaneWeights&
   if (need.fc2) lane_wgrad(R, c, H, dz, s.g.data(), gr.w2.data(), gr.b2.data());
   if (!need.fc1 && !need.ln2 && !need.below_ln2()) return;
   lane_gemm(R, H, c, dz, w.w2T, nullptr, dg, false);  // dg = dz W2
-  for (int64_t i = 0; i < static_cast<int64_t>(R) * H * kW; i += kW) {  // dh = dg * (Phi(h) + h phi(h))
-    const vf a = vld(s.h.data() + i);
-    const vf pdf = kInvSqrt2Pi * vexp(-0.5f * a * a);
-    vst(dg + i, vld(dg + i) * (vld(s.cdf.data() + i) + a * pdf));
-  }
+  for (int64_t i = 0; i < static_cast<int64_t>(R) * H * kW; i += kW)  // dh = dg * gelu'(h), kept by the forward
+    vst(dg + i, vld(dg + i) * vld(s.dgelu.data() + i));
   if (need.fc1) lane_wgrad(R, H, c, dg, s.xn2.data(), gr.w1.data(), gr.b1.data());
   if (!need.ln2 && !need.below_ln2()) return;
   lane_gemm(R, c, H, dg, w.w1T, nullptr, dz, false);  // dxn2 = dh W1

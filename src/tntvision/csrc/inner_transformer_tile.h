@@ -101,11 +101,14 @@ TNT_INLINE vf vrcp(vf a) {
 }
 
 // erf(x), Abramowitz & Stegun 7.1.26 (|abs err| <= 1.5e-7), the formula PyTorch's vectorised CPU erf uses.
-TNT_INLINE vf verf(vf x) {
+// With `gauss`, also exp(-x^2), which it computes on the way (GELU's backward needs it).
+TNT_INLINE vf verf(vf x, vf* gauss = nullptr) {
   vf ax = x < 0.f ? -x : x;
   vf t = vrcp(1.0f + 0.3275911f * ax);
   vf r = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
-  vf e = 1.0f - r * vexp(-ax * ax);
+  const vf g = vexp(-ax * ax);
+  if (gauss) *gauss = g;
+  vf e = 1.0f - r * g;
   return x < 0.f ? -e : e;
 }
 
