@@ -170,22 +170,46 @@ struct LaneWeights {
   const float *wqkvT, *wpT, *w1T, *w2T;                   // transposed, for the input gradients
 };
 
+// A buffer carved out of a thread's arena (uninitialised: every buffer is written before it is read).
+struct Span {
+  float* p = nullptr;
+  int64_t n = 0;
+  float* data() const { return p; }
+  int64_t size() const { return n; }
+};
+
+// One arena per thread, kept between calls and grown when a call needs more: no allocation, zeroing or
+// page faults per call (a TNT-S batch-1 forward would otherwise fault in ~1 MB per thread per block).
+float* thread_arena(int64_t n) {
+  thread_local std::vector<float> arena;
+  if (static_cast<int64_t>(arena.size()) < n) arena.resize(n);
+  return arena.data();
+}
+
 struct LaneScratch {
-  std::vector<float> x, xn1, qkv, o, x1, xn2, h, dgelu, g, mean1, rstd1, mean2, rstd2, P;  // dgelu: gelu'(h)
-  std::vector<float> dS, dy, dz, dg, dqkv, dx;  // backward only (empty in a forward-only scratch)
+  Span x, xn1, qkv, o, x1, xn2, h, dgelu, g, mean1, rstd1, mean2, rstd2, P, out;  // dgelu: gelu'(h)
+  Span dS, dy, dz, dg, dqkv, dx;  // backward only (empty in a forward-only scratch)
+  // One per thread at a time: every LaneScratch of a thread shares its arena.
   LaneScratch(const LaneDims& d, bool backward) {
     const int64_t R = d.rows(), W = d.W, c = d.c, H = d.H;
-    for (auto* v : {&x, &xn1, &o, &x1, &xn2}) v->assign(R * c * W, 0.f);
-    qkv.assign(R * 3 * c * W, 0.f);
-    for (auto* v : {&h, &g}) v->assign(R * H * W, 0.f);
-    for (auto* v : {&mean1, &rstd1, &mean2, &rstd2}) v->assign(R * W, 0.f);
-    P.assign(static_cast<int64_t>(d.groups) * d.heads * d.m * d.m * W, 0.f);
-    if (!backward) return;
-    dgelu.assign(R * H * W, 0.f);
-    dS.assign(static_cast<int64_t>(d.m) * d.m * W, 0.f);
-    for (auto* v : {&dy, &dz, &dx}) v->assign(R * c * W, 0.f);
-    dg.assign(R * std::max(H, c) * W, 0.f);
-    dqkv.assign(R * 3 * c * W, 0.f);
+    std::vector<std::pair<Span*, int64_t>> parts = {
+        {&x, R * c * W}, {&xn1, R * c * W}, {&o, R * c * W}, {&x1, R * c * W}, {&xn2, R * c * W},
+        {&qkv, R * 3 * c * W}, {&h, R * H * W}, {&g, R * H * W}, {&mean1, R * W}, {&rstd1, R * W},
+        {&mean2, R * W}, {&rstd2, R * W}, {&P, static_cast<int64_t>(d.groups) * d.heads * d.m * d.m * W}};
+    if (backward) {
+      parts.insert(parts.end(), {{&dgelu, R * H * W}, {&dS, static_cast<int64_t>(d.m) * d.m * W}, {&dy, R * c * W},
+                                 {&dz, R * c * W}, {&dx, R * c * W}, {&dg, R * std::max(H, c) * W},
+                                 {&dqkv, R * 3 * c * W}});
+    } else {
+      parts.push_back({&out, R * c * W});
+    }
+    int64_t total = 0;
+    for (const auto& [span, n] : parts) total += (n + 15) / 16 * 16;  // 64-byte steps
+    float* base = thread_arena(total);
+    for (const auto& [span, n] : parts) {
+      *span = Span{base, n};
+      base += (n + 15) / 16 * 16;
+    }
   }
   float* weights(int group, int head, const LaneDims& d) {
     return P.data() + (static_cast<int64_t>(group) * d.heads + head) * d.m * d.m * d.W;
@@ -692,15 +716,20 @@ LanePack pack_lane_weights(const Dims& d, const at::Tensor& ln1_w, const at::Ten
   return lp;
 }
 
-// The lane layout's shapes: about 32 rows (words of W sentences) a tile, fewer groups where a tile per
-// thread needs it (batch 1).
+// The lane layout's shapes: tiles of up to about 32 rows (words of W sentences), as many groups a tile as
+// keeps the threads' shares of groups even.
 LaneDims lane_dims(const Dims& d, int64_t S, int W) {
   LaneDims ld{};
   ld.m = d.m, ld.c = d.c, ld.H = d.H, ld.heads = d.heads, ld.hd = d.hd, ld.W = W, ld.eps = d.eps, ld.scale = d.scale;
   const int64_t groups = (S + W - 1) / W;
   const int64_t threads = std::max(1, at::get_num_threads());
-  const int64_t per_thread = (groups + threads - 1) / threads;
-  ld.groups = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(1, 32 / d.m), per_thread)));
+  // the most groups any thread runs, with g groups a tile; the largest g up to the target that gives the
+  // fewest (batch 1 of TNT-S, 13 groups on 2 threads: 1 a tile, 7 + 6, not 2 a tile, 8 + 5)
+  auto busiest = [&](int64_t g) { return ((groups + g - 1) / g + threads - 1) / threads * g; };
+  int64_t best = 1;
+  for (int64_t g = 2; g <= std::max(1, 32 / d.m); ++g)
+    if (busiest(g) <= busiest(best)) best = g;
+  ld.groups = static_cast<int>(best);
   return ld;
 }
 
@@ -836,13 +865,13 @@ at::Tensor lanes_forward_call(const Call& call) {
   at::Tensor y = at::empty_like(call.x);
   at::parallel_for(0, call.ntiles, 1, [&](int64_t t0, int64_t t1) {
     LaneScratch s(d, false);
-    std::vector<float> out(s.x.size()), k1(d.groups * d.W), k2(d.groups * d.W);
+    std::vector<float> k1(d.groups * d.W), k2(d.groups * d.W);
     for (int64_t t = t0; t < t1; ++t) {
       const LaneTile tile = lane_tile(call, t);
       lanes_load(call.x, call.p.S, tile, d, s.x.data());
       call.kern->lanes_forward(s, tile.rows(d), d, call.lw.w, lane_keep(call.k1, call.p.S, tile, d.W, k1),
-                               lane_keep(call.k2, call.p.S, tile, d.W, k2), out.data(), false);
-      lanes_store(out.data(), call.p.S, tile, d, y);
+                               lane_keep(call.k2, call.p.S, tile, d.W, k2), s.out.data(), false);
+      lanes_store(s.out.data(), call.p.S, tile, d, y);
     }
   });
   return y;
