@@ -545,7 +545,8 @@ def test_unknown_or_unavailable_instruction_sets_are_config_errors():
 
 def test_the_best_copy_runs_by_default_and_the_environment_overrides_it():
     """auto takes the widest instruction set the CPU has (AVX-512 with 8-float vectors on AMD Zen 4,
-    whose AVX-512 units are 256 bits wide); TNTVISION_KERNEL_ISA picks another."""
+    whose AVX-512 units are 256 bits wide); TNTVISION_KERNEL_ISA picks another, and
+    TNTVISION_KERNEL_LAYOUT the layout."""
     cpu = _dispatch()["cpu_isas"]
     flags = Path("/proc/cpuinfo").read_text()
     if "avx512" in cpu:
@@ -554,10 +555,14 @@ def test_the_best_copy_runs_by_default_and_the_environment_overrides_it():
     else:
         assert _dispatch()["isa"] == ("avx2" if "avx2" in cpu else "baseline")
     assert ("avx2" in cpu) == (" avx2 " in flags and " fma " in flags)
-    code = "from tntvision import kernels; d = kernels.kernel_dispatch(); print(d['isa'], d['bf16'])"
+    code = (
+        "from tntvision import kernels; d = kernels.kernel_dispatch(); "
+        "print(d['isa'], d['bf16'], d['layout'], kernels.kernel_layout(4, 8))"
+    )
     env = {**os.environ, "TNTVISION_KERNEL_ISA": "baseline", "TNTVISION_KERNEL_BF16": "fp32"}
+    env["TNTVISION_KERNEL_LAYOUT"] = "rows"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.split() == ["baseline", "fp32"]
+    assert out.stdout.split() == ["baseline", "fp32", "rows", "rows"]
     env["TNTVISION_KERNEL_ISA"] = "sse9"
     bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "TNTVISION_KERNEL_ISA" in bad.stderr and "sse9" in bad.stderr
@@ -565,7 +570,12 @@ def test_the_best_copy_runs_by_default_and_the_environment_overrides_it():
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("TNTVISION_KERNEL_ISA", "sse9"), ("TNTVISION_KERNEL_BF16", "fp8"), ("TNTVISION_FUSED", "maybe")],
+    [
+        ("TNTVISION_KERNEL_ISA", "sse9"),
+        ("TNTVISION_KERNEL_BF16", "fp8"),
+        ("TNTVISION_KERNEL_LAYOUT", "columns"),
+        ("TNTVISION_FUSED", "maybe"),
+    ],
 )
 def test_a_bad_setting_fails_every_call_the_same_way(variable, value):
     """Not once and then silently ignored: three model calls and the query of the setting each raise the
