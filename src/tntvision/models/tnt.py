@@ -201,9 +201,11 @@ class TNTBlock(nn.Module):
         if self.has_inner:
             words = run_inner(self, words)  # (B*N, m, c): the inner transformer, fused or reference
             add = self.words_to_patches(words, patches.shape[0])  # (B, N, d)
-            # the class token (row 0) gets none; one add of a padded tensor costs less, with its backward,
-            # than adding to the slice of the other rows and concatenating the class token back
-            patches = patches + F.pad(add, (0, 0, 1, 0))  # (B, 1+N, d)
+            # the class token (row 0) gets none: one add of [zeros, add] costs less, with its backward, than
+            # adding to the slice of the other rows and concatenating the class token back (and unlike
+            # F.pad it exports to every ONNX opset)
+            add = torch.cat([add.new_zeros(add.shape[0], 1, add.shape[2]), add], dim=1)  # (B, 1+N, d)
+            patches = patches + add
         if sizes is None:
             patches = patches + self.drop_path(fx_leaf(self.attn_out, self.norm_out(patches)))
         else:
