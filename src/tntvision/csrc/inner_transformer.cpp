@@ -6,7 +6,10 @@
 //   x2 = x1 + mlp_scale * fc2(gelu(fc1(LN2(x1))))        exact (erf) GELU
 //
 // x is (S, m, c): S sentences of m words of c features. attn_scale / mlp_scale are optional per-sentence drop-path
-// scales (0 or 1/keep). Sentences are processed in tiles of about 256 words that stay in the L2 cache;
+// scales (0 or 1/keep). Two layouts do the work (use_lanes picks one from the shape and the copy's vector width):
+// the row layout below (inner_transformer_tile.h: a word's features along the vector) and the lane layout
+// (inner_transformer_lanes.h: one value of W sentences per vector, for words too small to fill a vector).
+// Row layout: sentences are processed in tiles of about 256 words that stay in the L2 cache;
 // every intermediate of a tile lives in a per-tile scratch buffer, and the backward pass recomputes a
 // tile's forward from x instead of keeping anything (so autograd keeps only x for this whole transformer).
 //
