@@ -1,9 +1,10 @@
 """The fused op itself (``torch.ops.tntvision.inner_transformer``) against an independent float64 formula.
 
 Every instruction-set copy of the kernel this CPU can run (and ``avx2-w16``, the AVX-512 copy's 16-float
-code on AVX2), on the word counts that take every branch of the attention code (1, 3, 4, 16, 20, 28 and
-36 words: 1-5 vectors of 8 and the general loop), head sizes that leave a tail, with and without the qkv
-bias, on one and two threads, batch 1 and many tiles: outputs and every gradient within 1e-5. Then the
+code on AVX2), in both tile layouts (rows and lanes, forced), on the word counts that take every branch
+of the attention code (1, 3, 4, 16, 20, 28 and 36 words: 1-5 vectors of 8 and the general loop), head
+sizes that leave a tail, with and without the qkv bias, on one and two threads, batch 1 and many tiles:
+outputs and every gradient within 1e-5. Then the
 bf16 GEMM path against the same formula with its GEMM operands rounded to bf16, argument checks, and the
 dispatch controls.
 """

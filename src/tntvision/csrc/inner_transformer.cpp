@@ -166,7 +166,7 @@ struct LaneDims {
   int rows() const { return groups * m; }
 };
 
-// Pointers into the tensors of Weights' unpadded fp32 copies (inner_transformer.cpp keeps the tensors).
+// Pointers into unpadded fp32 copies of the weights (LanePack keeps the tensors).
 struct LaneWeights {
   const float *ln1w, *ln1b, *ln2w, *ln2b;
   const float *wqkv, *bqkv, *wp, *bp, *w1, *b1, *w2, *b2;  // PyTorch's (out, in) layout
@@ -451,8 +451,9 @@ bool small_words(int64_t m, int64_t c, int W) { return 2 * c <= W || 2 * m <= W;
 // The automatic choice, from static facts only (the shape, the copy's vector width W, whether the call's
 // GEMMs run in bf16): small words always take lanes. With 16-float vectors (the avx512 copy: 32 registers
 // of 16 lanes) every shape does, unless the row layout's bf16 GEMMs run (AMX, or forced), which the lane
-// layout has not. Elsewhere (8-float copies) larger words keep rows: measured equal there on an Intel
-// AVX-512 CPU running the avx2 copy (BENCHMARKS.md), and rows are what ran on AMD.
+// layout has not. Elsewhere (8-float copies, what AMD Zen 3 and Zen 4 run) larger words keep rows: the
+// only layout ever measured on AMD (on an Intel CPU running those copies, lanes took 0.85-1.06x the row
+// layout's time for TNT-S, 0.70-0.81x for TNT-Ti: BENCHMARKS.md, "Issue 34").
 bool lanes_by_shape(int64_t m, int64_t c, int W, bool bf16_gemms_run) {
   if (small_words(m, c, W)) return true;
   return W >= 16 && !bf16_gemms_run;
@@ -802,7 +803,7 @@ Call prepare_call(const at::Tensor& x_in, const at::Tensor& ln1_w, const at::Ten
 
 // ---------------------------------------------------------------------------- lane-layout calls
 
-// A tile of the lane layout: its first sentence, its groups, and the transposes in and out of it.
+// A tile of the lane layout: its first sentence and its groups (the last tile may have fewer).
 struct LaneTile {
   int64_t s0;
   int groups;

@@ -164,9 +164,9 @@ def kernel_dispatch() -> dict[str, object]:
 
 def kernel_layout(words: int, dim: int) -> str | None:
     """The layout the C++ op's tiles take for sentences of ``words`` words of ``dim`` features with the
-    current choices: ``rows`` (a word's features along the vector) or ``lanes`` (sentences along the
-    vector, chosen by ``auto`` where a word's features or a sentence's words fill at most half a vector);
-    None when the kernel cannot be built."""
+    current choices, for an fp32 call: ``rows`` (a word's features along the vector) or ``lanes``
+    (sentences along the vector; ``auto`` takes it where a word's features or a sentence's words fill at
+    most half a vector, and for every shape on the 16-float copy); None when the kernel cannot be built."""
     if not _load():
         return None
     return torch.ops.tntvision.kernel_layout(words, dim)
